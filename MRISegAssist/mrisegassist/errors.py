@@ -1,0 +1,17 @@
+"""Exceptions raised by the engine. Every user-facing failure is an :class:`MRISegAssistError`."""
+
+
+class MRISegAssistError(Exception):
+    """Base class: a clear, specific message meant for the user."""
+
+
+class InputError(MRISegAssistError, ValueError):
+    """Bad input (file, volume, prompt, option). Raised before anything is written or modified."""
+
+
+class CheckpointError(MRISegAssistError):
+    """A model checkpoint is missing, corrupted, or does not fit the architecture."""
+
+
+class Cancelled(MRISegAssistError):
+    """The user cancelled a long step. Nothing partial was written."""

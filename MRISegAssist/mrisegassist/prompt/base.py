@@ -1,0 +1,154 @@
+"""The one protocol every promptable engine implements (SAM, SAM2.1, MedSAM2, the weights-free engine).
+
+Coordinates: prompts are in the volume's IJK voxel indices. The volume array is ``[k, j, i]``; slices are
+axial (constant ``k``). A :class:`Box2D` is an inclusive rectangle ``i0..i1`` x ``j0..j1`` on slice ``k``.
+
+Usage (encode once, prompt many times, as segment-anything's ``SamPredictor``)::
+
+    engine = get_engine("classical")            # or "sam-vit-b", "sam2.1-hiera-tiny", "medsam2", ...
+    prepared = engine.prepare(volume_array)      # cached per volume (and per view), reused below
+    results = engine.segment(prepared, [ObjectPrompt(1, [Box2D(k=80, i0=100, j0=90, i1=140, j1=130)])])
+    labels = fuse(results)                       # multi-object fusion, see fusion.py
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..progress import CancelToken, ProgressFn
+
+#: Logit written on slices an object was not segmented on (sigmoid ~ 2e-9).
+OUTSIDE_LOGIT = -20.0
+
+
+@dataclass(frozen=True)
+class Box2D:
+    """Inclusive voxel rectangle on axial slice ``k``: columns ``i0..i1`` (x), rows ``j0..j1`` (y)."""
+
+    k: int
+    i0: int
+    j0: int
+    i1: int
+    j1: int
+
+    def validate(self, shape: Sequence[int]) -> "Box2D":
+        """Check against a ``(k, j, i)`` volume shape; raise :class:`InputError` if empty or outside."""
+        nk, nj, ni = shape
+        if self.i1 < self.i0 or self.j1 < self.j0:
+            raise InputError(f"box {self.as_tuple()} is empty (need i0 <= i1 and j0 <= j1)")
+        if not 0 <= self.k < nk:
+            raise InputError(f"box slice k={self.k} is outside the volume (0..{nk - 1})")
+        if self.i1 < 0 or self.j1 < 0 or self.i0 >= ni or self.j0 >= nj:
+            raise InputError(f"box {self.as_tuple()} lies outside the slice (i 0..{ni - 1}, j 0..{nj - 1})")
+        return Box2D(self.k, max(self.i0, 0), max(self.j0, 0), min(self.i1, ni - 1), min(self.j1, nj - 1))
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        return (self.k, self.i0, self.j0, self.i1, self.j1)
+
+    @property
+    def xyxy(self) -> np.ndarray:
+        """``[x0, y0, x1, y1]`` float pixel coordinates as SAM takes them (x = i, y = j)."""
+        return np.array([self.i0, self.j0, self.i1, self.j1], dtype=np.float32)
+
+
+@dataclass
+class ObjectPrompt:
+    """One object: one or more boxes (each on its own slice) and an optional inclusive ``z_range``.
+
+    Without ``z_range`` the engine propagates from the prompted slices until the object vanishes.
+    """
+
+    object_id: int
+    boxes: list[Box2D]
+    z_range: Optional[tuple[int, int]] = None
+    name: str = ""
+
+    def validate(self, shape: Sequence[int]) -> "ObjectPrompt":
+        if self.object_id < 1:
+            raise InputError(f"object id must be >= 1, got {self.object_id}")
+        if not self.boxes:
+            raise InputError(f"object {self.object_id}: no box given")
+        boxes = [b.validate(shape) for b in self.boxes]
+        if len({b.k for b in boxes}) != len(boxes):
+            raise InputError(f"object {self.object_id}: two boxes on the same slice")
+        z = self.z_range
+        if z is not None:
+            z0, z1 = int(z[0]), int(z[1])
+            if z1 < z0:
+                raise InputError(f"object {self.object_id}: z-range {z0}..{z1} has zero size")
+            if z1 < 0 or z0 >= shape[0]:
+                raise InputError(f"object {self.object_id}: z-range {z0}..{z1} is outside 0..{shape[0] - 1}")
+            z = (max(z0, 0), min(z1, shape[0] - 1))
+            outside = [b.k for b in boxes if not z[0] <= b.k <= z[1]]
+            if outside:
+                raise InputError(f"object {self.object_id}: box slice(s) {outside} outside z-range {z}")
+        return ObjectPrompt(self.object_id, sorted(boxes, key=lambda b: b.k), z, self.name)
+
+
+@dataclass
+class ObjectResult:
+    """Per-object output on the full volume grid.
+
+    ``logits``: float32 ``[k, j, i]`` (``OUTSIDE_LOGIT`` where not segmented); ``mask``: bool ``[k, j, i]``
+    (``logits > 0``); ``slices``: the slice indices in the order they were segmented; ``scores``: per-slice
+    engine confidence (predicted IoU for SAM/SAM2, mean probability for the classical engine).
+    """
+
+    object_id: int
+    logits: np.ndarray
+    mask: np.ndarray
+    slices: list[int] = field(default_factory=list)
+    scores: dict[int, float] = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits))
+
+
+class PromptableEngine(ABC):
+    """Base class of promptable engines. Subclasses keep their model loaded between calls."""
+
+    #: registry name, e.g. ``"classical"``, ``"sam-vit-b"``, ``"sam2.1-hiera-tiny"``, ``"medsam2"``
+    name: str = ""
+
+    @abstractmethod
+    def prepare(self, volume: np.ndarray, *, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None):
+        """Bind a ``[k, j, i]`` volume (never modified) and return a handle for :meth:`segment`.
+
+        Encodings are cached in the handle (lazily, per slice for per-slice engines), so moving a box and
+        calling :meth:`segment` again does not re-encode the volume.
+        """
+
+    @abstractmethod
+    def segment(self, prepared, prompts: Sequence[ObjectPrompt], *, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> list[ObjectResult]:
+        """Segment each object in 3D from its box prompts; returns one :class:`ObjectResult` per prompt."""
+
+    def release(self) -> None:
+        """Free models and caches (e.g. GPU memory)."""
+
+
+class SliceEngine(PromptableEngine):
+    """An engine that segments one axial slice at a time; 3D comes from the shared slice-to-slice
+    propagation in :mod:`.propagation` (both directions from the prompted slices)."""
+
+    @abstractmethod
+    def predict_slice(self, prepared, k: int, box: np.ndarray, *,
+                      cancel: Optional[CancelToken] = None) -> tuple[np.ndarray, float]:
+        """Segment slice ``k`` inside ``box`` = ``[x0, y0, x1, y1]`` (float pixels, x = i, y = j).
+
+        Returns float32 logits ``[j, i]`` for the slice and a confidence score in 0..1. Per-slice
+        encodings are cached in ``prepared`` so the same slice is never encoded twice.
+        """
+
+    def segment(self, prepared, prompts: Sequence[ObjectPrompt], *, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> list[ObjectResult]:
+        from .propagation import propagate_objects
+
+        return propagate_objects(self, prepared, prompts, progress=progress, cancel=cancel)

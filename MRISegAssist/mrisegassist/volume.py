@@ -1,0 +1,325 @@
+"""Volumes with geometry: reading, validation, resampling onto a reference grid, atomic writing.
+
+Conventions
+-----------
+* ``Volume.array`` is indexed ``[k, j, i]`` (z, y, x), as ``SimpleITK.GetArrayFromImage`` returns it.
+* ``Geometry.size`` and ``Geometry.spacing`` are in ``(i, j, k)`` order (ITK order).
+* ``Geometry.origin`` is the LPS position (mm) of the centre of voxel ``(0, 0, 0)``; ``Geometry.direction``
+  is the 3x3 ITK direction matrix, row-major; its columns are the i, j, k axes in LPS.
+* ``ijk_to_lps`` / ``ijk_to_ras`` are 4x4 homogeneous matrices mapping voxel indices to millimetres.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+PathLike = Union[str, os.PathLike]
+READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".gipl.gz", ".dcm")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a 3D volume (ITK conventions, see module docstring)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Geometry":
+        return cls(tuple(int(s) for s in image.GetSize()), tuple(float(s) for s in image.GetSpacing()),
+                   tuple(float(o) for o in image.GetOrigin()), tuple(float(d) for d in image.GetDirection()))
+
+    @classmethod
+    def from_ijk_to_ras(cls, matrix: np.ndarray, size: Sequence[int]) -> "Geometry":
+        """Geometry from a 4x4 IJK->RAS matrix (Slicer's convention) and an ``(i, j, k)`` size."""
+        lps = LPS_TO_RAS @ np.asarray(matrix, dtype=float)
+        axes = lps[:3, :3]
+        spacing = np.linalg.norm(axes, axis=0)
+        if np.any(spacing <= 0):
+            raise InputError("IJK-to-RAS matrix has a zero-length axis")
+        return cls(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
+                   tuple(float(o) for o in lps[:3, 3]), tuple(float(d) for d in (axes / spacing).ravel()))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape ``(k, j, i)``."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def ijk_to_lps(self) -> np.ndarray:
+        m = np.eye(4)
+        m[:3, :3] = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        m[:3, 3] = self.origin
+        return m
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        return LPS_TO_RAS @ self.ijk_to_lps
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Set this geometry on ``image`` (whose size must match) and return it."""
+        if tuple(image.GetSize()) != self.size:
+            raise InputError(f"array size {image.GetSize()} does not match geometry size {self.size}")
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def corners_lps(self) -> np.ndarray:
+        """``(8, 3)`` LPS positions of the outer corners of the grid (voxel edges, not centres)."""
+        lo, hi = -0.5, np.asarray(self.size, dtype=float) - 0.5
+        idx = np.array([[x, y, z] for x in (lo, hi[0]) for y in (lo, hi[1]) for z in (lo, hi[2])])
+        return (self.ijk_to_lps @ np.c_[idx, np.ones(8)].T).T[:, :3]
+
+    def lps_to_continuous_ijk(self, points: np.ndarray) -> np.ndarray:
+        """``(N, 3)`` LPS points -> ``(N, 3)`` continuous ``(i, j, k)`` indices."""
+        inv = np.linalg.inv(self.ijk_to_lps)
+        pts = np.atleast_2d(np.asarray(points, dtype=float))
+        return (inv @ np.c_[pts, np.ones(len(pts))].T).T[:, :3]
+
+    def overlaps(self, other: "Geometry") -> bool:
+        """True when the physical boxes of the two grids intersect (checked in this grid's index space)."""
+        idx = self.lps_to_continuous_ijk(other.corners_lps())
+        lo, hi = idx.min(axis=0), idx.max(axis=0)
+        return bool(np.all(hi > -0.5) and np.all(lo < np.asarray(self.size) - 0.5))
+
+    def same_as(self, other: "Geometry", atol: float = 1e-4) -> bool:
+        return (self.size == other.size and np.allclose(self.spacing, other.spacing, atol=atol)
+                and np.allclose(self.origin, other.origin, atol=atol)
+                and np.allclose(self.direction, other.direction, atol=atol))
+
+
+@dataclass
+class Volume:
+    """A 3D scalar volume: ``array[k, j, i]`` with its :class:`Geometry`. ``name`` is for messages."""
+
+    array: np.ndarray
+    geometry: Geometry
+    name: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise InputError(f"{self.label}: expected a 3D array, got shape {self.array.shape}")
+        if tuple(self.array.shape) != self.geometry.shape:
+            raise InputError(f"{self.label}: array shape {self.array.shape} does not match geometry "
+                             f"(k, j, i) = {self.geometry.shape}")
+
+    @property
+    def label(self) -> str:
+        return self.name or "volume"
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, name: str = "") -> "Volume":
+        return cls(sitk.GetArrayFromImage(image), Geometry.from_sitk(image), name)
+
+    def to_sitk(self) -> sitk.Image:
+        return self.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(self.array)))
+
+    def with_array(self, array: np.ndarray, name: Optional[str] = None) -> "Volume":
+        """A new volume on the same grid (``array`` must have the same shape)."""
+        return Volume(array, self.geometry, self.name if name is None else name)
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _is_dicom_dir(path: Path) -> bool:
+    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+
+
+def _read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    try:
+        if path.is_dir():
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            if not ids:
+                raise InputError(f"{path}: folder holds no DICOM series")
+            if series_id is None and len(ids) > 1:
+                raise InputError(f"{path}: folder holds {len(ids)} DICOM series ({', '.join(ids)}); "
+                                 f"pass one series folder or a series id")
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_id or ids[0])
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except RuntimeError as exc:  # SimpleITK reports every I/O failure as RuntimeError
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot read as an image ({first})") from None
+
+
+def validate_array(array: np.ndarray, name: str, kind: str = "image") -> None:
+    """Raise :class:`InputError` for 4D/2D data, NaN/inf, or (``kind='image'``) an empty/constant image."""
+    if array.ndim != 3:
+        raise InputError(f"{name}: expected a 3D volume, got {array.ndim}D data of shape {array.shape}"
+                         + (" (4D / multi-component input: pass one 3D volume per sequence)"
+                            if array.ndim > 3 else ""))
+    if array.size == 0 or min(array.shape) < 1:
+        raise InputError(f"{name}: volume is empty (shape {array.shape})")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise InputError(f"{name}: {bad} voxels are NaN or infinite")
+    if kind == "image":
+        if np.all(array == array.flat[0]):
+            raise InputError(f"{name}: volume is empty (every voxel is {array.flat[0]})")
+    elif kind == "label":
+        if not (np.issubdtype(array.dtype, np.integer) or np.all(array == np.round(array))):
+            raise InputError(f"{name}: label map has non-integer values")
+        if array.min() < 0:
+            raise InputError(f"{name}: label map has negative values")
+
+
+def read_volume(path: PathLike, kind: str = "image", name: Optional[str] = None,
+                series_id: Optional[str] = None) -> Volume:
+    """Read a 3D volume (NIfTI, NRRD, MHA/MHD, GIPL, or a DICOM series folder), keeping its geometry.
+
+    ``kind`` is ``"image"`` (float32 array; constant volumes rejected) or ``"label"`` (integer array).
+    Raises :class:`InputError` with a specific message for missing/unreadable files, 4D or 2D data,
+    multi-component pixels, NaN/inf and empty volumes.
+    """
+    path = Path(path)
+    label = name or path.name
+    image = _read_image(path, series_id)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"{label}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                         f"(4D or vector image); pass one 3D scalar volume per sequence")
+    if image.GetDimension() == 4:
+        if image.GetSize()[3] != 1:
+            raise InputError(f"{label}: is 4D with {image.GetSize()[3]} time points; pass one 3D volume")
+        image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    if image.GetDimension() != 3:
+        raise InputError(f"{label}: expected a 3D volume, got a {image.GetDimension()}D image")
+    array = sitk.GetArrayFromImage(image)
+    validate_array(array, label, kind)
+    if kind == "label":
+        array = array.astype(np.int32 if array.max() > 255 else np.uint8, copy=False)
+    else:
+        array = array.astype(np.float32, copy=False)
+    volume = Volume(array, Geometry.from_sitk(image), label)
+    volume.metadata = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
+    return volume
+
+
+# ------------------------------------------------------------------------------------------ resampling
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
+                  "bspline": sitk.sitkBSpline, "label": sitk.sitkLabelGaussian}
+
+
+def resample_to(volume: Volume, geometry: Geometry, interpolation: str = "linear",
+                default: float = 0.0) -> Volume:
+    """Resample ``volume`` onto ``geometry`` (identity transform in physical space). Returns a new volume.
+
+    Raises :class:`InputError` when the two grids do not overlap physically.
+    """
+    if volume.geometry.same_as(geometry, atol=1e-6):
+        return Volume(volume.array.copy(), geometry, volume.name)
+    if not geometry.overlaps(volume.geometry):
+        raise InputError(f"{volume.label}: does not overlap the reference grid in physical space "
+                         f"(check that the sequences belong to the same study and are co-registered)")
+    reference = geometry.apply_to(sitk.Image(list(geometry.size), sitk.sitkUInt8))
+    out = sitk.Resample(volume.to_sitk(), reference, sitk.Transform(), _INTERPOLATORS[interpolation],
+                        float(default), sitk.GetImageFromArray(volume.array).GetPixelID())
+    return Volume(sitk.GetArrayFromImage(out), geometry, volume.name)
+
+
+# ----------------------------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """Several sequences of one patient on one grid: ``images[name]`` is ``[k, j, i]`` float32."""
+
+    images: dict[str, np.ndarray]
+    geometry: Geometry
+    reference: str
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def stack(self, names: Sequence[str]) -> np.ndarray:
+        """``(C, k, j, i)`` float32 array of the named sequences, in order."""
+        missing = [n for n in names if n not in self.images]
+        if missing:
+            raise InputError(f"missing sequence(s) {', '.join(missing)}; have {', '.join(self.images)}")
+        return np.stack([self.images[n] for n in names]).astype(np.float32, copy=False)
+
+    def volume(self, name: str) -> Volume:
+        return Volume(self.images[name], self.geometry, name)
+
+
+def load_case(inputs: Mapping[str, Union[PathLike, Volume]], reference: Optional[str] = None) -> Case:
+    """Read sequences (name -> path or :class:`Volume`) and resample all onto the ``reference`` one.
+
+    ``reference`` defaults to the first sequence. Inputs are never modified.
+    """
+    if not inputs:
+        raise InputError("no input sequences given")
+    names = list(inputs)
+    reference = reference or names[0]
+    if reference not in inputs:
+        raise InputError(f"reference sequence {reference!r} is not among the inputs ({', '.join(names)})")
+    volumes = {n: (v if isinstance(v, Volume) else read_volume(v, name=n)) for n, v in inputs.items()}
+    for n, v in volumes.items():
+        validate_array(v.array, n, "image")
+    geometry = volumes[reference].geometry
+    images = {}
+    for n, v in volumes.items():
+        resampled = resample_to(v, geometry, "linear")
+        images[n] = resampled.array.astype(np.float32, copy=False)
+    sources = {n: str(p) for n, p in inputs.items() if not isinstance(p, Volume)}
+    return Case(images, geometry, reference, sources)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in (".seg.nrrd", ".nii.gz", ".gipl.gz") + READABLE_SUFFIXES:
+        if name.endswith(s):
+            return s
+    return path.suffix
+
+
+def atomic_write(path: PathLike, writer) -> Path:
+    """Call ``writer(tmp_path)`` on a temporary file beside ``path`` and rename it into place.
+
+    The temporary name keeps the extension so format-by-extension writers work. On failure nothing
+    is left behind and an existing ``path`` is untouched.
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError(f"{path.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{_suffix(path)}", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_volume(volume: Volume, path: PathLike, metadata: Optional[Mapping[str, str]] = None,
+                 compress: bool = True) -> Path:
+    """Write ``volume`` with its geometry, atomically. ``metadata`` becomes NRRD/NIfTI header keys."""
+    image = volume.to_sitk()
+    for key, value in (metadata or {}).items():
+        image.SetMetaData(key, str(value))
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress))
