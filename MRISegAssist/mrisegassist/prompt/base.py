@@ -136,7 +136,16 @@ class PromptableEngine(ABC):
 
 class SliceEngine(PromptableEngine):
     """An engine that segments one axial slice at a time; 3D comes from the shared slice-to-slice
-    propagation in :mod:`.propagation` (both directions from the prompted slices)."""
+    propagation in :mod:`.propagation` (both directions from the prompted slices).
+
+    The handle returned by :meth:`prepare` must expose ``shape`` = ``(k, j, i)`` (or the engine defines
+    ``volume_shape(prepared)``). An engine may set ``propagation`` to a ``PropagationConfig`` (its defaults
+    for the walk), and ``accepts_prior = True`` to receive ``prior=SlicePrior(...)`` (the previous slice's kept
+    mask and the prompted slice's mask; ``None`` on prompted slices) as an extra keyword of :meth:`predict_slice`.
+    """
+
+    #: when True, propagation passes ``prior=propagation.SlicePrior`` to :meth:`predict_slice`
+    accepts_prior: bool = False
 
     @abstractmethod
     def predict_slice(self, prepared, k: int, box: np.ndarray, *,

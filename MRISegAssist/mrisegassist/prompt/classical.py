@@ -1,0 +1,281 @@
+"""Weights-free box-prompted engine: a random walker seeded from the box, on one axial slice at a time.
+
+Per slice (a crop around the box, so cost grows with the object, not the image):
+
+1. background statistics from the ring between the box and the crop border: median ``B`` and robust spread
+   ``sigma`` (MAD); intensities become contrast ``J = s * (I - B) / sigma``, ``s`` = +1 for objects brighter
+   than their surroundings (FLAIR lesions, enhancing tumour) and -1 for darker ones (T1 black holes, cysts);
+2. the object's contrast ``F``: the high percentile of ``J`` in the box centre (prompted slice) or where the
+   previous slice's mask was (propagated slice: polarity and expected contrast also come from that mask);
+   if ``F`` is below ``min_cnr`` (or has faded below ``min_relative_contrast`` of the previous slice's) the
+   object has vanished and the slice is returned empty;
+3. seeds: foreground = ``J >= fg_level * F`` in the box, connected to the object's core; background = the
+   ring plus ``J <= bg_level * F`` in the box; ``skimage.segmentation.random_walker`` labels the rest;
+4. logits = log-odds of the random walker's foreground probability; score = mean probability in the mask.
+
+3D comes from the shared slice propagation (:mod:`.propagation`), multi-object fusion from :mod:`.fusion`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import random_walker
+
+from ..errors import InputError
+from ..progress import CancelToken, ProgressFn, check, report
+from ..volume import validate_array
+from .base import OUTSIDE_LOGIT, SliceEngine
+from .propagation import PropagationConfig, SlicePrior
+
+MAX_LOGIT = 8.0
+
+
+@dataclass(frozen=True)
+class ClassicalParams:
+    """Tuned on expert-labelled lesions (``mrisegassist bench prompt-accuracy``)."""
+
+    pad: float = 0.5              #: crop padding around the box, fraction of the box size ...
+    min_pad: int = 5              #: ... and at least this many voxels
+    smooth_sigma: float = 0.6     #: Gaussian smoothing of each slice (voxels) before anything else
+    beta: float = 130.0           #: random-walker edge penalty (scikit-image's ``beta``)
+    fg_level: float = 0.6         #: foreground seeds: J >= fg_level * F
+    bg_level: float = 0.25        #: background seeds inside the box: J <= bg_level * F
+    core: float = 0.25            #: box centre = box shrunk by this fraction on each side
+    peak_percentile: float = 90.0  #: F = this percentile of J in the core
+    min_cnr: float = 2.0          #: the object is present when F >= min_cnr
+    min_relative_contrast: float = 0.5  #: ... and (propagated slices) F >= this fraction of the prompted one's
+    bg_percentile: float = 65.0   #: background level = this percentile of the ring (polarity-adjusted)
+    polarity: str = "auto"        #: "auto", "bright" or "dark" object
+
+
+@dataclass
+class PreparedVolume:
+    """Handle returned by :meth:`ClassicalEngine.prepare`: the normalised copy ``array`` ``[k, j, i]`` in 0..1
+    (percentile window) and lazily smoothed slices (``smoothed[k]``, ``[j, i]``)."""
+
+    array: np.ndarray
+    window: tuple[float, float]
+    smooth_sigma: float
+    noise: float = 0.0
+    smoothed: dict[int, np.ndarray] = field(default_factory=dict)
+    anchors: dict = field(default_factory=dict)
+    slice_hits: int = 0
+    slice_misses: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    def slice(self, k: int) -> np.ndarray:
+        """Smoothed slice ``k`` (``[j, i]`` float32), computed once and cached."""
+        img = self.smoothed.get(k)
+        if img is None:
+            self.slice_misses += 1
+            img = self.array[k]
+            if self.smooth_sigma > 0:
+                img = ndimage.gaussian_filter(img, self.smooth_sigma)
+            self.smoothed[k] = img = img.astype(np.float32, copy=False)
+        else:
+            self.slice_hits += 1
+        return img
+
+
+def percentile_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    """Intensity window from percentiles of the non-background voxels (voxels equal to the minimum, e.g.
+    outside a skull-stripped brain, are ignored when they are more than 10 % of the volume)."""
+    sample = array[:: max(1, array.shape[0] // 64)]
+    vmin = sample.min()
+    body = sample[sample > vmin]
+    values = body if body.size > 0.05 * sample.size and (sample == vmin).mean() > 0.1 else sample
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    return float(lo), float(hi)
+
+
+def noise_level(prepared: "PreparedVolume", n_slices: int = 12) -> float:
+    """Robust noise level of the smoothed, normalised volume: MAD of neighbour differences (along i) inside
+    the body, on a few evenly spaced slices (edges are outliers the median ignores)."""
+    nk = prepared.shape[0]
+    diffs = []
+    for k in np.unique(np.linspace(nk * 0.2, nk * 0.8, n_slices).astype(int)):
+        img = prepared.slice(int(k))
+        body = (img[:, 1:] > 0.02) & (img[:, :-1] > 0.02)
+        diffs.append(np.diff(img, axis=1)[body])
+    d = np.concatenate(diffs) if diffs else np.zeros(0)
+    if d.size < 100:
+        return 0.01
+    return max(1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0), 1e-3)
+
+
+def _fingerprint(volume: np.ndarray) -> str:
+    flat = np.ascontiguousarray(volume.reshape(-1)[:: max(1, volume.size // 65536)])
+    return hashlib.sha1(flat.tobytes() + str(volume.shape).encode() + str(volume.dtype).encode()).hexdigest()
+
+
+class ClassicalEngine(SliceEngine):
+    """Weights-free default engine (CPU, numpy/scipy/scikit-image). See the module docstring."""
+
+    name = "classical"
+    accepts_prior = True
+    propagation = PropagationConfig(margin=0.25, min_margin=3, min_area=1, min_score=0.0, max_growth=2.0)
+
+    def __init__(self, params: Optional[ClassicalParams] = None, cache_size: int = 2) -> None:
+        self.params = params or ClassicalParams()
+        self.cache_size = cache_size
+        self._prepared: "OrderedDict[str, PreparedVolume]" = OrderedDict()
+        self.normalisations = 0  #: how many volumes were actually normalised (cache misses of prepare)
+
+    # ------------------------------------------------------------------------------------------ prepare
+    def prepare(self, volume: np.ndarray, *, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> PreparedVolume:
+        """Normalise a copy of ``volume`` (``[k, j, i]``, never modified) to 0..1 by a percentile window.
+
+        The same volume (same content fingerprint) prepared again returns the cached handle.
+        """
+        volume = np.asarray(volume)
+        validate_array(volume, "prompt volume", "image")
+        check(cancel)
+        key = _fingerprint(volume)
+        cached = self._prepared.get(key)
+        if cached is not None:
+            self._prepared.move_to_end(key)
+            report(progress, 1.0, "volume already prepared")
+            return cached
+        report(progress, 0.0, "normalising volume")
+        lo, hi = percentile_window(volume)
+        array = np.clip((volume.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+        prepared = PreparedVolume(array, (lo, hi), self.params.smooth_sigma)
+        prepared.noise = noise_level(prepared)
+        self.normalisations += 1
+        self._prepared[key] = prepared
+        while len(self._prepared) > self.cache_size:
+            self._prepared.popitem(last=False)
+        report(progress, 1.0, "volume prepared")
+        return prepared
+
+    def release(self) -> None:
+        self._prepared.clear()
+
+    # ------------------------------------------------------------------------------------- one slice
+    def _crop(self, shape: tuple[int, int], x0: int, y0: int, x1: int, y1: int):
+        """Crop slices around the box (padded) and the box / ring / centre masks inside the crop."""
+        p = self.params
+        nj, ni = shape
+        pi = max(p.min_pad, math.ceil(p.pad * (x1 - x0 + 1)))
+        pj = max(p.min_pad, math.ceil(p.pad * (y1 - y0 + 1)))
+        cy0, cx0 = max(y0 - pj, 0), max(x0 - pi, 0)
+        region = (slice(cy0, min(y1 + pj, nj - 1) + 1), slice(cx0, min(x1 + pi, ni - 1) + 1))
+        cshape = (region[0].stop - cy0, region[1].stop - cx0)
+        inbox = np.zeros(cshape, dtype=bool)
+        inbox[y0 - cy0:y1 - cy0 + 1, x0 - cx0:x1 - cx0 + 1] = True
+        ring = ~inbox
+        if ring.sum() < 8:  # the box covers (almost) the whole slice: its own border is the background
+            ring = inbox & ~ndimage.binary_erosion(inbox, border_value=0)
+        core = np.zeros(cshape, dtype=bool)
+        ci, cj = math.floor(p.core * (x1 - x0)), math.floor(p.core * (y1 - y0))
+        core[y0 - cy0 + cj:y1 - cy0 - cj + 1, x0 - cx0 + ci:x1 - cx0 - ci + 1] = True
+        return region, inbox, ring, core
+
+    def _background(self, u: np.ndarray, ring: np.ndarray) -> float:
+        """Background level of polarity-adjusted intensities ``u``: a percentile of the ring (above the median,
+        so dark neighbours such as CSF next to a bright lesion do not lower it)."""
+        return float(np.percentile(u[ring], self.params.bg_percentile))
+
+    def _anchor_levels(self, prepared: PreparedVolume, k: int, mask: np.ndarray) -> tuple[float, float, float]:
+        """``(polarity, object level, background level)`` of the object on its prompted slice (levels are
+        polarity-adjusted intensities: median inside the mask, ring percentile around it), cached."""
+        key = (k, hashlib.sha1(np.packbits(mask).tobytes()).hexdigest())
+        hit = prepared.anchors.get(key)
+        if hit is None:
+            jj, ii = np.nonzero(mask)
+            region, inbox, ring, _ = self._crop(mask.shape, ii.min(), jj.min(), ii.max(), jj.max())
+            crop = prepared.slice(k)[region]
+            inside = crop[mask[region]]
+            sign = 1.0 if np.median(inside) >= np.median(crop[ring]) else -1.0
+            hit = prepared.anchors[key] = (sign, sign * float(np.median(inside)),
+                                           self._background(sign * crop, ring))
+        return hit
+
+    def predict_slice(self, prepared: PreparedVolume, k: int, box: np.ndarray, *,
+                      cancel: Optional[CancelToken] = None,
+                      prior: Optional[SlicePrior] = None) -> tuple[np.ndarray, float]:
+        """Logits ``[j, i]`` (float32, ``OUTSIDE_LOGIT`` outside the crop) and score for slice ``k`` in
+        ``box`` = ``[x0, y0, x1, y1]``; ``prior`` (previous and prompted slices' masks) on propagated slices."""
+        check(cancel)
+        if not isinstance(prepared, PreparedVolume):
+            raise InputError("predict_slice needs the handle returned by ClassicalEngine.prepare")
+        p = self.params
+        img = prepared.slice(k)
+        nj, ni = img.shape
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, ni - 1), min(y1, nj - 1)
+        if x1 < x0 or y1 < y0:
+            raise InputError(f"box {list(box)} is empty or outside slice {k}")
+        region, inbox, ring, core = self._crop(img.shape, x0, y0, x1, y1)
+        crop = img[region]
+        out = np.full((nj, ni), OUTSIDE_LOGIT, dtype=np.float32)
+        if prior is not None:
+            sign, obj_level, bg_anchor = self._anchor_levels(prepared, prior.anchor_k, prior.anchor_mask)
+            prev = ndimage.binary_dilation(prior.mask[region], iterations=1) & inbox
+            if prev.any():
+                core = prev
+        else:
+            sign = self._polarity(crop, core, inbox, prepared.noise)
+        u = sign * crop
+        base = self._background(u, ring)
+        peak = float(np.percentile(u[core], p.peak_percentile))
+        if prior is not None:  # judged against the prompted slice's object (absolute levels): no drift
+            base = max(base, bg_anchor)
+            ref = obj_level - bg_anchor
+            present = peak - base >= max(p.min_relative_contrast * ref, p.min_cnr * prepared.noise)
+            level = min(peak, obj_level) - base
+        else:
+            present = peak - base >= p.min_cnr * prepared.noise
+            level = peak - base
+        if not present:
+            out[region] = -MAX_LOGIT
+            return out, 0.0
+        contrast = (u - base) / level  # 0 = background level, 1 = object level
+        fg = inbox & (contrast >= p.fg_level)
+        labels, n = ndimage.label(fg, structure=np.ones((3, 3), bool))
+        if n > 1:
+            touching = np.unique(labels[core & fg])
+            touching = touching[touching > 0]
+            if touching.size == 0:
+                touching = [labels.flat[np.argmax(np.where(fg, contrast, -np.inf))]]
+            fg = np.isin(labels, touching)
+        seeds = np.zeros(crop.shape, dtype=np.int32)
+        seeds[ring | (inbox & (contrast <= p.bg_level))] = 1
+        seeds[fg] = 2
+        check(cancel)
+        prob = np.clip(self._random_walk(contrast, seeds), 1e-4, 1 - 1e-4)
+        out[region] = np.clip(np.log(prob / (1.0 - prob)), -MAX_LOGIT, MAX_LOGIT)
+        mask = prob > 0.5
+        return out, (float(prob[mask].mean()) if mask.any() else 0.0)
+
+    def _polarity(self, crop: np.ndarray, core: np.ndarray, inbox: np.ndarray, noise: float) -> float:
+        """+1 if the object (box centre, else the box) is brighter than the ring around it, -1 if darker."""
+        if self.params.polarity != "auto":
+            return 1.0 if self.params.polarity == "bright" else -1.0
+        z = (crop - float(np.median(crop[~inbox]))) / noise if (~inbox).any() else crop / noise
+        for region in (core, inbox):
+            centre = float(np.median(z[region]))
+            if abs(centre) >= 1.0:
+                return 1.0 if centre > 0 else -1.0
+        bright, dark = np.percentile(z[inbox], 95), np.percentile(-z[inbox], 95)
+        return 1.0 if bright >= dark else -1.0
+
+    def _random_walk(self, data: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Foreground probability ``[j, i]`` of the 2-label random walker (seeds: 1 bg, 2 fg, 0 unknown)."""
+        if not (seeds == 0).any():
+            return (seeds == 2).astype(np.float32)
+        prob = random_walker(data.astype(np.float64), seeds, beta=self.params.beta, mode="cg_j",
+                             return_full_prob=True, tol=1e-3)
+        return prob[1].astype(np.float32)

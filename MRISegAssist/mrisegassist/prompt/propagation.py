@@ -1,0 +1,208 @@
+"""Slice-to-slice propagation of box prompts into 3D, shared by every :class:`SliceEngine` (SAM, classical).
+
+For each object the engine first segments every prompted slice with its box. From each prompted slice whose
+mask is non-empty the object is then followed slice by slice: slice ``k +/- 1`` is prompted with the bounding
+box of slice ``k``'s mask enlarged by a margin (:class:`PropagationConfig`). A walk stops when the object
+vanishes (mask area below ``min_area``), the engine's score drops below ``min_score``, the mask suddenly grows
+more than ``max_growth`` times (a leak), or the end of the object's ``z_range`` (default: the volume) is reached.
+
+Several prompted slices (strategy B), ``ka < kb``: the gap between them is split at ``mid = (ka + kb) // 2``;
+slices ``ka+1..mid`` are reached from ``ka`` and ``mid+1..kb-1`` from ``kb`` (each gap slice from its nearer
+prompt, the exact middle from the lower one). A side that stops early leaves the rest of the gap to the other
+side, which then walks on until it meets an already segmented slice. A slice is never kept twice and no gap
+is left while the object is visible; the only slice ever predicted twice is one where a walk stopped, which
+the opposite walk may retry with its own box. Below the lowest and above the highest prompt the walks run
+to the ends of the z-range.
+
+Only the connected components of a slice's mask that touch its prompt box are kept (SAM sometimes returns
+far-away fragments); the logits of discarded pixels are set to :data:`OUTSIDE_LOGIT`, so ``mask == logits > 0``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import InputError
+from ..progress import CancelToken, ProgressFn, check, report
+from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, SliceEngine
+
+
+@dataclass(frozen=True)
+class SlicePrior:
+    """What an engine with ``accepts_prior = True`` is told on a propagated slice: the previous slice ``k`` and
+    its kept mask (``[j, i]`` bool), and the prompted slice this walk started from with its mask."""
+
+    k: int
+    mask: np.ndarray
+    anchor_k: int
+    anchor_mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """Parameters of the slice-to-slice walk.
+
+    ``margin``: fraction of the previous mask's bounding-box size added on each side of the next box, at least
+    ``min_margin`` voxels. ``min_area``: a slice mask with fewer pixels means the object vanished.
+    ``min_score``: a lower engine score stops the walk. ``max_growth``: stop when the mask area jumps by more than
+    this factor from one slice to the next (and by more than ``min_margin**2`` pixels); ``None`` disables it.
+    """
+
+    margin: float = 0.1
+    min_margin: int = 3
+    min_area: int = 1
+    min_score: float = 0.0
+    max_growth: Optional[float] = None
+
+    def next_box(self, mask2d: np.ndarray) -> np.ndarray:
+        """``[x0, y0, x1, y1]`` of ``mask2d`` (``[j, i]`` bool) enlarged by the margin, clipped to the slice."""
+        jj, ii = np.nonzero(mask2d)
+        i0, i1, j0, j1 = ii.min(), ii.max(), jj.min(), jj.max()
+        mi = max(self.min_margin, math.ceil(self.margin * (i1 - i0 + 1)))
+        mj = max(self.min_margin, math.ceil(self.margin * (j1 - j0 + 1)))
+        nj, ni = mask2d.shape
+        return np.array([max(i0 - mi, 0), max(j0 - mj, 0), min(i1 + mi, ni - 1), min(j1 + mj, nj - 1)],
+                        dtype=np.float32)
+
+
+def volume_shape(engine: SliceEngine, prepared) -> tuple[int, int, int]:
+    """``(k, j, i)`` shape of a prepared volume (``engine.volume_shape`` if defined, else ``prepared.shape``)."""
+    getter = getattr(engine, "volume_shape", None)
+    shape = getter(prepared) if callable(getter) else getattr(prepared, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise InputError("the prepared handle does not describe a 3D volume (no shape)")
+    return tuple(int(s) for s in shape)
+
+
+def _components_in_box(mask2d: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The connected components (8-connected) of ``mask2d`` that have a pixel inside ``box``."""
+    if not mask2d.any():
+        return mask2d
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    inside = mask2d[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1]
+    if inside.all() and mask2d.sum() == inside.size:
+        return mask2d
+    labels, n = ndimage.label(mask2d, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return mask2d if inside.any() else np.zeros_like(mask2d)
+    keep = np.unique(labels[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1])
+    return np.isin(labels, keep[keep > 0])
+
+
+class _ObjectWalk:
+    """Mutable state of one object's propagation (full-volume logits/mask, processing order, scores)."""
+
+    def __init__(self, engine: SliceEngine, prepared, prompt: ObjectPrompt, shape: tuple[int, int, int],
+                 config: PropagationConfig, cancel: Optional[CancelToken], tick) -> None:
+        self.engine, self.prepared, self.prompt, self.config = engine, prepared, prompt, config
+        self.cancel, self.tick = cancel, tick
+        self.logits = np.full(shape, OUTSIDE_LOGIT, dtype=np.float32)
+        self.mask = np.zeros(shape, dtype=bool)
+        self.kept = np.zeros(shape[0], dtype=bool)
+        self.slices: list[int] = []
+        self.scores: dict[int, float] = {}
+        self.predicted = 0
+        self.anchor_of: dict[int, tuple[int, np.ndarray]] = {}  # kept slice -> (prompted slice, its mask)
+        self._prior = bool(getattr(engine, "accepts_prior", False))
+
+    def predict(self, k: int, box: np.ndarray, prior: Optional[SlicePrior],
+                prev_area: Optional[int]) -> bool:
+        """Segment slice ``k`` in ``box``; keep it (and return True) unless the object vanished there."""
+        check(self.cancel)
+        kwargs = {"prior": prior} if self._prior else {}
+        logits2d, score = self.engine.predict_slice(self.prepared, k, box, cancel=self.cancel, **kwargs)
+        self.predicted += 1
+        self.tick()
+        logits2d = np.asarray(logits2d, dtype=np.float32)
+        fg = logits2d > 0
+        keep = _components_in_box(fg, box)
+        area = int(keep.sum())
+        cfg = self.config
+        if area < max(cfg.min_area, 1) or float(score) < cfg.min_score:
+            return False
+        if (cfg.max_growth is not None and prev_area is not None
+                and area > cfg.max_growth * prev_area and area - prev_area > cfg.min_margin ** 2):
+            return False
+        self.logits[k] = np.where(fg & ~keep, OUTSIDE_LOGIT, logits2d)
+        self.mask[k] = keep
+        self.kept[k] = True
+        self.slices.append(k)
+        self.scores[k] = float(score)
+        return True
+
+    def walk(self, start: int, step: int, limit: int) -> int:
+        """Follow the object from kept slice ``start`` in direction ``step`` up to slice ``limit`` (inclusive),
+        stopping at an already kept slice or where the object vanishes. Returns the last kept slice."""
+        k = start
+        anchor = self.anchor_of.get(start, (start, self.mask[start]))
+        while (k + step <= limit) if step > 0 else (k + step >= limit):
+            nxt = k + step
+            if self.kept[nxt]:
+                break
+            prev = self.mask[k]
+            prior = SlicePrior(k, prev, *anchor) if self._prior else None
+            if not self.predict(nxt, self.config.next_box(prev), prior, int(prev.sum())):
+                break
+            self.anchor_of[nxt] = anchor
+            k = nxt
+        return k
+
+    def run(self) -> ObjectResult:
+        p = self.prompt
+        lo, hi = p.z_range if p.z_range is not None else (0, self.mask.shape[0] - 1)
+        anchors = [b.k for b in p.boxes if self.predict(b.k, b.xyxy, None, None)]
+        if anchors:
+            self.walk(anchors[0], -1, lo)
+            for a, b in zip(anchors, anchors[1:]):
+                mid = (a + b) // 2
+                last_a = self.walk(a, +1, mid)
+                self.walk(b, -1, a + 1)
+                if last_a == mid:
+                    self.walk(mid, +1, b - 1)
+            self.walk(anchors[-1], +1, hi)
+        return ObjectResult(p.object_id, self.logits, self.mask, self.slices, self.scores, p.name)
+
+
+def validate_prompts(prompts: Sequence[ObjectPrompt], shape: Sequence[int]) -> list[ObjectPrompt]:
+    """Validate (and clip) every prompt against a ``(k, j, i)`` shape; object ids must be unique."""
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("no object prompt given")
+    ids = [p.object_id for p in prompts]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"object id(s) {dup} given more than once")
+    return [p.validate(shape) for p in prompts]
+
+
+def propagate_objects(engine: SliceEngine, prepared, prompts: Sequence[ObjectPrompt],
+                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                      config: Optional[PropagationConfig] = None) -> list[ObjectResult]:
+    """Segment each object in 3D from its box prompts by slice-to-slice propagation (see module docstring).
+
+    ``prepared`` is ``engine.prepare(volume)``; ``config`` defaults to ``engine.propagation`` if the engine
+    defines it, else :class:`PropagationConfig()`. Every prompt is validated before any slice is predicted.
+    Returns one :class:`ObjectResult` per prompt, in order; ``slices`` lists kept slices in processing order.
+    """
+    config = config or getattr(engine, "propagation", None) or PropagationConfig()
+    shape = volume_shape(engine, prepared)
+    prompts = validate_prompts(prompts, shape)
+    results = []
+    n_obj = len(prompts)
+    for n, prompt in enumerate(prompts):
+        span = (prompt.z_range[1] - prompt.z_range[0] + 1) if prompt.z_range else shape[0]
+        label = f"object {prompt.object_id} ({n + 1}/{n_obj})"
+        done = [0]
+
+        def tick(n=n, span=span, label=label, done=done) -> None:
+            done[0] += 1
+            report(progress, (n + min(done[0] / max(span, 1), 0.99)) / n_obj, label)
+
+        report(progress, n / n_obj, label)
+        results.append(_ObjectWalk(engine, prepared, prompt, shape, config, cancel, tick).run())
+    report(progress, 1.0, "propagation done")
+    return results

@@ -1,0 +1,265 @@
+"""Shared box-prompt machinery on real expert-labelled lesions: propagation extent/order, strategies A/B,
+fusion, registry, validation. Propagation is driven by an "oracle" slice engine that answers each box with the
+expert mask inside it, so the walk itself (not a model) is what is tested."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import data_path
+from scipy import ndimage
+
+from mrisegassist.errors import Cancelled, CheckpointError, InputError
+from mrisegassist.progress import CancelToken
+from mrisegassist.prompt import (ENGINES, cached_engines, get_engine, list_engines, release_engines)
+from mrisegassist.prompt.base import OUTSIDE_LOGIT, Box2D, ObjectPrompt, ObjectResult, SliceEngine
+from mrisegassist.prompt.fusion import fuse, largest_component
+from mrisegassist.prompt.propagation import PropagationConfig, propagate_objects
+from mrisegassist.prompt.strategies import boxes_for_object, objects_from_mask, prompts_from_mask, z_extent
+from mrisegassist.volume import read_volume
+
+
+@pytest.fixture(scope="module")
+def lesions() -> np.ndarray:
+    """Expert MS lesion mask of ms-lesjak patient07 (bool [k, j, i])."""
+    return read_volume(data_path("ms-lesjak", "patient07", "lesions.nii.gz"), kind="label").array > 0
+
+
+@pytest.fixture(scope="module")
+def components(lesions):
+    return objects_from_mask(lesions, mode="components", min_voxels=10)
+
+
+class OracleEngine(SliceEngine):
+    """Answers a box on slice k with the reference mask inside the box (logit +4 / -4); counts calls."""
+
+    name = "oracle"
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.reference = reference
+        self.calls: list[tuple[int, tuple[int, ...]]] = []
+
+    def prepare(self, volume, *, progress=None, cancel=None):
+        return volume
+
+    def predict_slice(self, prepared, k, box, *, cancel=None):
+        self.calls.append((k, tuple(int(v) for v in box)))
+        x0, y0, x1, y1 = (int(v) for v in box)
+        logits = np.full(self.reference.shape[1:], -4.0, np.float32)
+        inside = self.reference[k, y0:y1 + 1, x0:x1 + 1]
+        logits[y0:y1 + 1, x0:x1 + 1][inside] = 4.0
+        return logits, float(inside.any())
+
+
+def _walk_one(reference, obj, strategy="A", z_range=None, config=None):
+    engine = OracleEngine(reference)
+    prompt = ObjectPrompt(1, boxes_for_object(obj, strategy), z_range)
+    result = propagate_objects(engine, np.zeros(reference.shape, np.float32), [prompt], config=config)[0]
+    return engine, prompt, result
+
+
+def test_propagation_walks_outward_and_stops_where_the_lesion_vanishes(lesions, components):
+    _, obj = components[0]  # the largest real lesion (210 voxels)
+    k0, k1 = z_extent(obj)
+    engine, prompt, result = _walk_one(obj, obj)
+    km = prompt.boxes[0].k
+    assert k0 < km < k1
+    # processing order: the prompted slice, then downwards to k0, then upwards to k1
+    assert result.slices == [km] + list(range(km - 1, k0 - 1, -1)) + list(range(km + 1, k1 + 1))
+    assert set(result.scores) == set(result.slices)
+    # every slice predicted once, plus one probe beyond each end where the lesion has vanished
+    assert [c[0] for c in engine.calls] == result.slices[:km - k0 + 1] + [k0 - 1] + result.slices[km - k0 + 1:] + [k1 + 1]
+    np.testing.assert_array_equal(result.mask, obj)
+    assert np.all(result.logits[~result.mask] <= 0) and np.all(result.logits[:k0] == OUTSIDE_LOGIT)
+    # each propagated box is the previous slice's mask box enlarged by the margin
+    k_next, box_next = engine.calls[1]
+    jj, ii = np.nonzero(obj[km])
+    m = PropagationConfig().min_margin
+    assert k_next == km - 1 and box_next == (ii.min() - m, jj.min() - m, ii.max() + m, jj.max() + m)
+
+
+def test_propagation_respects_a_given_z_range(components):
+    _, obj = components[0]
+    k0, k1 = z_extent(obj)
+    km = boxes_for_object(obj, "A")[0].k
+    engine, _, result = _walk_one(obj, obj, z_range=(km - 1, km + 2))
+    assert sorted(result.slices) == [km - 1, km, km + 1, km + 2]
+    assert all(km - 1 <= c[0] <= km + 2 for c in engine.calls)
+    assert not result.mask[:km - 1].any() and not result.mask[km + 3:].any()
+
+
+def test_strategy_b_fills_gaps_once_from_the_nearer_prompt(components):
+    _, obj = components[0]
+    k0, k1 = z_extent(obj)
+    engine, prompt, result = _walk_one(obj, obj, "B")
+    ka, kb, kc = (b.k for b in prompt.boxes)
+    assert sorted(result.slices) == list(range(k0, k1 + 1)) and len(set(result.slices)) == len(result.slices)
+    assert len(engine.calls) == len(result.slices) + 2  # no slice predicted twice, one probe at each end
+    order = result.slices
+    assert order[:3] == [ka, kb, kc]
+    mid = (ka + kb) // 2
+    # slices up to the middle of a gap follow the lower prompt, the rest come from the upper one, walking down
+    gap = [k for k in order if ka < k < kb]
+    assert gap == list(range(ka + 1, mid + 1)) + list(range(kb - 1, mid, -1))
+
+
+def test_strategy_b_gap_is_closed_by_the_other_side_when_one_walk_stops(components):
+    _, obj = components[0]
+    ka, kb, _ = (b.k for b in boxes_for_object(obj, "B"))
+    # the lower prompt's walk is blocked right after ka: the first prediction of ka + 1 (made from ka,
+    # whose gap walk runs first) sees nothing
+    reference = obj.copy()
+    engine = OracleEngine(reference)
+    blocked = ka + 1
+    original = engine.predict_slice
+
+    def predict(prepared, k, box, *, cancel=None):
+        logits, score = original(prepared, k, box, cancel=cancel)
+        if k == blocked and [c[0] for c in engine.calls].count(k) == 1:
+            return np.full_like(logits, -4.0), 0.0
+        return logits, score
+
+    engine.predict_slice = predict
+    result = propagate_objects(engine, np.zeros(obj.shape, np.float32),
+                               [ObjectPrompt(1, boxes_for_object(obj, "B"))])[0]
+    assert set(range(ka, kb + 1)) <= set(result.slices)  # no gap: reached from kb downwards
+    assert [c[0] for c in engine.calls].count(blocked) == 2
+    assert result.slices.index(blocked) > result.slices.index(kb)
+
+
+def test_strategies_a_b_put_boxes_at_middle_and_quartiles(components):
+    for _, obj in components[:6]:
+        k0, k1 = z_extent(obj)
+        (a,) = boxes_for_object(obj, "A")
+        assert a.k == round(k0 + 0.5 * (k1 - k0))
+        b = boxes_for_object(obj, "B")
+        expected = sorted({round(k0 + f * (k1 - k0)) for f in (0.25, 0.5, 0.75)})
+        assert [x.k for x in b] == expected
+        for box in b + [a]:
+            jj, ii = np.nonzero(obj[box.k])
+            assert box.as_tuple() == (box.k, ii.min(), jj.min(), ii.max(), jj.max())
+        m = boxes_for_object(obj, "A", margin=2)[0]
+        assert (m.i0, m.j1) == (a.i0 - 2, a.j1 + 2)
+
+
+def test_strategy_b_deduplicates_boxes_of_thin_lesions(lesions):
+    thin = [m for _, m in objects_from_mask(lesions, min_voxels=1) if z_extent(m)[1] - z_extent(m)[0] <= 1]
+    assert thin, "patient07 has lesions on one or two slices"
+    for obj in thin:
+        ks = [b.k for b in boxes_for_object(obj, "B")]
+        assert len(ks) == len(set(ks)) <= 2
+
+
+def test_objects_from_mask_labels_and_components():
+    labels = read_volume(data_path("brats2013-deepmedic", "pat0001", "labels.nii.gz"), kind="label").array
+    objs = objects_from_mask(labels, mode="labels")
+    assert [i for i, _ in objs] == [int(v) for v in np.unique(labels) if v > 0]
+    for i, m in objs:
+        assert np.array_equal(m, labels == i)
+    comps = objects_from_mask(labels > 0, mode="components", min_voxels=1)
+    big = objects_from_mask(labels > 0, mode="components", min_voxels=10)
+    assert len(big) < len(comps) and all(m.sum() >= 10 for _, m in big)
+    prompts = prompts_from_mask(labels, "B", mode="labels", with_z_range=True)
+    for p, (_, m) in zip(prompts, objs):
+        assert p.z_range == z_extent(m) and 1 <= len(p.boxes) <= 3
+    with pytest.raises(InputError, match="mode"):
+        objects_from_mask(labels, mode="blobs")
+    with pytest.raises(InputError, match="strategy"):
+        boxes_for_object(labels == 1, "C")
+
+
+def _result(oid: int, mask: np.ndarray, logit: float) -> ObjectResult:
+    logits = np.where(mask, logit, OUTSIDE_LOGIT).astype(np.float32)
+    return ObjectResult(oid, logits, mask)
+
+
+def test_fusion_softmax_argmax_and_largest_component(lesions, components):
+    _, a = components[0]
+    _, island = components[-1]  # a small real lesion elsewhere in the brain
+    grown = ndimage.binary_dilation(a, iterations=2)
+    r1 = _result(1, a, 3.0)
+    r2 = _result(2, grown | island, 1.0)
+    labels = fuse([r1, r2])
+    assert labels.dtype == np.uint16 and labels.shape == a.shape
+    assert np.all(labels[a] == 1)  # overlap: the higher logit wins
+    assert np.all(labels[grown & ~a] == 2)
+    assert not labels[island].any()  # object 2's island (smaller than its main part) is removed
+    kept = fuse([r1, r2], keep_largest_component=False)
+    assert np.all(kept[island] == 2)
+    # negative logits never win against the background
+    r3 = _result(3, island, -0.5)
+    assert not fuse([r3]).any()
+    # only positive voxels matter: no voxel outside the objects is labelled
+    assert set(np.unique(labels)) == {0, 1, 2} and np.count_nonzero(labels) == grown.sum()
+
+
+def test_fusion_component_filtering_on_real_lesions(lesions):
+    """One object covering every lesion of patient07: only the largest lesion survives the filter."""
+    res = _result(1, lesions, 2.0)
+    fused = fuse([res])
+    assert np.array_equal(fused > 0, largest_component(lesions))
+    assert fused.sum() < lesions.sum()
+    with pytest.raises(InputError, match="unique"):
+        fuse([res, res])
+
+
+def test_validation_errors_come_before_any_prediction(lesions, components):
+    _, obj = components[0]
+    engine = OracleEngine(obj)
+    vol = np.zeros(obj.shape, np.float32)
+    nk, nj, ni = obj.shape
+    bad = [
+        ([ObjectPrompt(1, [Box2D(80, 50, 50, 40, 60)])], "empty"),
+        ([ObjectPrompt(1, [Box2D(nk + 3, 50, 50, 60, 60)])], "outside the volume"),
+        ([ObjectPrompt(1, [Box2D(80, ni + 5, 10, ni + 9, 20)])], "outside the slice"),
+        ([ObjectPrompt(1, [Box2D(80, 50, 50, 60, 60)], z_range=(90, 85))], "zero size"),
+        ([ObjectPrompt(1, [Box2D(80, 50, 50, 60, 60)], z_range=(82, 90))], "outside z-range"),
+        ([ObjectPrompt(1, [Box2D(80, 50, 50, 60, 60)]), ObjectPrompt(1, [Box2D(70, 5, 5, 9, 9)])], "more than once"),
+        ([ObjectPrompt(2, [Box2D(80, 50, 50, 60, 60)]), ObjectPrompt(3, [])], "no box"),
+        ([], "no object"),
+    ]
+    for prompts, message in bad:
+        with pytest.raises(InputError, match=message):
+            propagate_objects(engine, vol, prompts)
+    assert engine.calls == []
+
+
+def test_cancel_and_progress(components):
+    _, obj = components[0]
+    engine = OracleEngine(obj)
+    token = CancelToken()
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(fraction)
+        if len(seen) == 3:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        propagate_objects(engine, np.zeros(obj.shape, np.float32),
+                          [ObjectPrompt(1, boxes_for_object(obj, "A"))], progress=progress, cancel=token)
+    assert 0 < len(engine.calls) < 4
+    seen.clear()
+    propagate_objects(engine, np.zeros(obj.shape, np.float32), [ObjectPrompt(1, boxes_for_object(obj, "A"))],
+                      progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+
+
+def test_registry_names_cache_and_errors(tmp_path):
+    names = [e["name"] for e in list_engines()]
+    assert names == ["classical", "sam-vit-b", "sam-vit-l", "sam-vit-h", "sam2.1-hiera-tiny", "sam2.1-hiera-small",
+                     "sam2.1-hiera-base-plus", "sam2.1-hiera-large", "medsam2"]
+    assert {e["name"]: e["needs_weights"] for e in list_engines()}["classical"] is False
+    assert all(e["licence"] and e["description"] for e in list_engines())
+    release_engines()
+    engine = get_engine("classical")
+    assert get_engine("classical", "cpu") is engine and cached_engines() == [("classical", "cpu", None)]
+    release_engines()
+    assert cached_engines() == [] and get_engine("classical") is not engine
+    with pytest.raises(InputError, match="unknown engine 'sam3'.*classical"):
+        get_engine("sam3")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        get_engine("sam-vit-b", checkpoint=tmp_path / "missing.pth")
+    with pytest.raises(InputError, match="device"):
+        get_engine("sam-vit-b", device="tpu")
+    assert set(ENGINES) == set(names)
+    release_engines()
