@@ -1,0 +1,183 @@
+"""U-Net inference: a case (one to four sequences on one grid) -> a named label map on the reference grid.
+
+Pipeline: map the sequences onto the model grid (axis-aligned LPS at the model spacing; an exact
+transpose/flip when possible) -> per-sequence z-score in the foreground -> crop to the foreground bounding box
+-> batched slice-wise (2D) or ``monai.inferers.sliding_window_inference`` (3D) softmax -> probabilities back
+onto the reference grid (linear) -> argmax -> class-to-label mapping -> small-component removal.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..labels import LabelMap
+from ..progress import CancelToken, ProgressFn, check, report
+from ..volume import Case, PathLike, Volume, load_case
+from .entries import ModelEntry, get_model
+from .networks import size_divisor
+from .postprocess import map_classes, remove_small_components
+from .preprocess import ModelGrid, foreground_bbox, prepare_inputs
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"mps"`` (or ``None`` = cpu) -> a usable :class:`torch.device`, else InputError."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA GPU is available (use --device cpu)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device 'mps' requested but Apple MPS is not available (use --device cpu)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unsupported device {device!r} (use cpu, cuda or mps)")
+    return dev
+
+
+def _pad_to(array: np.ndarray, divisor: int, axes: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Zero-pad ``array`` at the end of ``axes`` to multiples of ``divisor``; returns it and the crop back."""
+    pads = [(0, 0)] * array.ndim
+    for a in axes:
+        pads[a] = (0, (-array.shape[a]) % divisor)
+    crop = tuple(slice(0, s) for s in array.shape)
+    return (np.pad(array, pads) if any(p[1] for p in pads) else array), crop
+
+
+@torch.inference_mode()
+def predict_probabilities(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: str,
+                          device: torch.device, roi_size: Sequence[int] = (128, 128, 128), divisor: int = 16,
+                          batch_size: int = 16, overlap: float = 0.25, progress: Optional[ProgressFn] = None,
+                          cancel: Optional[CancelToken] = None, start: float = 0.0,
+                          stop: float = 1.0) -> np.ndarray:
+    """Softmax probabilities ``(K, S, P, L)`` float32 of ``x`` ``(C, S, P, L)`` on the model grid.
+
+    Only the bounding box of ``fg`` (bool ``(S, P, L)``) is run; outside it the background class gets 1.
+    """
+    box = foreground_bbox(fg, margin=4)
+    crop = np.ascontiguousarray(x[(slice(None),) + box])
+    out: Optional[np.ndarray] = None
+    if dims == "2d":
+        crop, back = _pad_to(crop, divisor, axes=(2, 3))
+        n = crop.shape[1]
+        probs = None
+        for k0 in range(0, n, batch_size):
+            check(cancel)
+            report(progress, start + (stop - start) * k0 / n, f"slices {k0}/{n}")
+            batch = torch.from_numpy(crop[:, k0:k0 + batch_size].transpose(1, 0, 2, 3).copy()).to(device)
+            p = torch.softmax(network(batch).float(), dim=1).cpu().numpy()
+            if probs is None:
+                probs = np.zeros((p.shape[1],) + crop.shape[1:], dtype=np.float32)
+            probs[:, k0:k0 + batch_size] = p.transpose(1, 0, 2, 3)
+        out = probs[(slice(None),) + back[1:]]
+    else:
+        from monai.inferers import sliding_window_inference
+
+        check(cancel)
+        report(progress, start, "sliding window")
+        tensor = torch.from_numpy(crop[None]).to(device)
+        logits = sliding_window_inference(tensor, [int(r) for r in roi_size], sw_batch_size=1, predictor=network, overlap=overlap,
+                                          mode="gaussian", progress=False)
+        out = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    full = np.zeros((out.shape[0],) + fg.shape, dtype=np.float32)
+    full[0] = 1.0
+    full[(slice(None),) + box] = out
+    report(progress, stop, "network done")
+    return full
+
+
+class UNetSegmenter:
+    """A model loaded once onto a device; :meth:`segment` runs it on cases.
+
+    ``model`` is a registry name, a path (see :func:`~mrisegassist.unet.entries.get_model`) or a
+    :class:`ModelEntry`. ``min_component_mm3`` overrides the entry's small-component threshold.
+    """
+
+    def __init__(self, model: Union[str, Path, ModelEntry], device: Union[str, torch.device, None] = "cpu",
+                 batch_size: int = 16, overlap: float = 0.25, min_component_mm3: Optional[float] = None,
+                 network: Optional[torch.nn.Module] = None) -> None:
+        self.entry = get_model(model)
+        self.device = resolve_device(device)
+        self.batch_size = int(batch_size)
+        self.overlap = float(overlap)
+        self.min_component_mm3 = self.entry.min_component_mm3 if min_component_mm3 is None else min_component_mm3
+        self.network = network.to(self.device).eval() if network is not None else self.entry.load_network(self.device)
+        self.divisor = size_divisor(self.entry.network) if self.entry.network else 16
+        self.timings: dict[str, float] = {}
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.entry.inputs)
+
+    def probabilities(self, images: Mapping[str, np.ndarray], grid: ModelGrid,
+                      progress: Optional[ProgressFn] = None,
+                      cancel: Optional[CancelToken] = None) -> np.ndarray:
+        """``(K, S, P, L)`` class probabilities on the model grid of ``grid`` (inputs on ``grid.source``)."""
+        t0 = time.perf_counter()
+        x, fg = prepare_inputs(images, self.entry.inputs, grid, self.entry.normalization)
+        self.timings["preprocess_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        probs = predict_probabilities(self.network, x, fg, self.entry.dims, self.device, self.entry.roi_size,
+                                      self.divisor, self.batch_size, self.overlap, progress, cancel, 0.1, 0.85)
+        self.timings["network_s"] = time.perf_counter() - t0
+        return probs
+
+    def segment(self, case: Case, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> LabelMap:
+        """Label map on ``case.geometry`` (the reference sequence's grid) with the model's named labels."""
+        missing = [n for n in self.entry.inputs if n not in case.images]
+        if missing:
+            raise InputError(f"model {self.entry.name!r} needs sequence(s) {', '.join(missing)}; "
+                             f"the case has {', '.join(case.images) or 'none'}")
+        check(cancel)
+        report(progress, 0.0, "preprocessing")
+        grid = ModelGrid.for_geometry(case.geometry, self.entry.spacing)
+        probs = self.probabilities(case.images, grid, progress, cancel)
+        check(cancel)
+        report(progress, 0.85, "mapping back to the reference grid")
+        t0 = time.perf_counter()
+        classes = self._classes_on_reference(probs, grid)
+        labels = map_classes(classes, self.entry.class_to_label(probs.shape[0]))
+        labels = remove_small_components(labels, case.geometry.spacing, self.min_component_mm3)
+        self.timings["postprocess_s"] = time.perf_counter() - t0
+        report(progress, 1.0, "done")
+        volume = Volume(labels, case.geometry, f"{self.entry.name} labels")
+        return LabelMap(volume, self.entry.label_infos())
+
+    @staticmethod
+    def _classes_on_reference(probs: np.ndarray, grid: ModelGrid) -> np.ndarray:
+        if grid.exact:  # argmax commutes with a transpose/flip
+            return grid.to_reference(np.argmax(probs, axis=0).astype(np.uint8))
+        best = grid.to_reference(probs[0], default=1.0)
+        classes = np.zeros(best.shape, dtype=np.uint8)
+        for c in range(1, probs.shape[0]):
+            p = grid.to_reference(probs[c], default=0.0)
+            better = p > best
+            classes[better] = c
+            best = np.where(better, p, best)
+        return classes
+
+
+def load_model_case(segmenter: "UNetSegmenter", inputs: Mapping[str, Union[PathLike, Volume]],
+                    reference: Optional[str] = None) -> Case:
+    """Read the model's sequences (name -> path or Volume; extra ones ignored) onto the ``reference`` grid
+    (default: the model's first input). InputError names missing sequences before anything is read."""
+    missing = [n for n in segmenter.inputs if n not in inputs]
+    if missing:
+        raise InputError(f"model {segmenter.entry.name!r} needs sequence(s) {', '.join(missing)}; "
+                         f"given {', '.join(inputs) or 'none'}")
+    if reference is not None and reference not in inputs:
+        raise InputError(f"reference sequence {reference!r} is not among the inputs ({', '.join(inputs)})")
+    reference = reference or segmenter.inputs[0]
+    needed = {reference: inputs[reference], **{n: inputs[n] for n in segmenter.inputs}}
+    return load_case(needed, reference)
+
+
+def segment_files(model: Union[str, Path, ModelEntry], inputs: Mapping[str, Union[PathLike, Volume]],
+                  reference: Optional[str] = None, device: Union[str, torch.device, None] = "cpu",
+                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> LabelMap:
+    """Read the sequences (name -> path or Volume), resample onto ``reference`` (default: the model's first
+    input) and segment. Returns the label map on the reference grid."""
+    segmenter = UNetSegmenter(model, device)
+    return segmenter.segment(load_model_case(segmenter, inputs, reference), progress, cancel)

@@ -1,0 +1,328 @@
+"""Train or fine-tune a U-Net on labelled cases; writes a ready-to-use model folder.
+
+Output folder ``out``: ``last.pt`` (model + optimizer + scheduler + history, for ``resume``), ``model.pt``
+(best weights by validation score, state dict) and ``model.json`` (a :class:`ModelEntry` with sha256 and the
+best epoch's validation Dice), so ``UNetSegmenter(out)`` works directly.
+
+Loss: ``monai.losses.DiceCELoss``. Sampling: class-balanced crops (``RandCropByLabelClassesd``), 2D axial
+slices or 3D patches. Validation: full-case inference on the held-out cases (same code as ``segment``), Dice
+per label (and per BraTS region) on the model grid.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InputError
+from ..labels import LABEL_SETS, default_color
+from ..progress import CancelToken, ProgressFn, check, report
+from ..volume import atomic_write
+from .data import (CaseFiles, TrainingCase, class_indices, discover_cases, load_training_case, make_transforms,
+                   pad_case, read_manifest, synthetic_cases)
+from .entries import ModelEntry, sha256_file
+from .inference import predict_probabilities, resolve_device
+from .networks import build_network, default_spec, load_state, size_divisor
+from .postprocess import BRATS_REGIONS
+
+PRESET_ALIASES = {"brats2013": "brats"}
+
+
+def parse_labels(spec: str) -> list[dict]:
+    """A label set of :data:`mrisegassist.labels.LABEL_SETS` (``brats``/``brats2013``, ``ms``, ...) or
+    ``"1=necrosis,2=oedema"`` -> label dicts (value, name, color, terminology)."""
+    name = PRESET_ALIASES.get(spec, spec)
+    if name in LABEL_SETS:
+        return [lab.to_json() for lab in LABEL_SETS[name]]
+    out = []
+    for part in (p for p in spec.split(",") if p.strip()):
+        value, _, name = part.partition("=")
+        if not value.strip().isdigit() or not name.strip() or int(value) == 0:
+            raise InputError(f"bad --labels item {part!r}: expected VALUE=NAME with VALUE >= 1, or a preset "
+                             f"({', '.join(LABEL_SETS)})")
+        out.append({"value": int(value), "name": name.strip(), "color": list(default_color(int(value)))})
+    if not out:
+        raise InputError("no labels given")
+    return out
+
+
+@dataclass
+class TrainConfig:
+    """Training options (the CLI's flags; a recipe's JSON holds the same keys)."""
+
+    out: str = ""
+    cases: Optional[str] = None
+    manifest: Optional[str] = None
+    inputs: list[str] = field(default_factory=lambda: ["flair", "t1c"])
+    labels: str = "brats2013"
+    remap: dict = field(default_factory=dict)  # source label value -> label value, applied before training
+    dims: str = "2d"
+    epochs: int = 20
+    steps_per_epoch: int = 100
+    batch_size: int = 16
+    patch: int = 0  # 0: 160 (2D) / 96 (3D)
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    val_cases: list[str] = field(default_factory=list)
+    val_fraction: float = 0.25
+    val_every: int = 1
+    exclude_cases: list[str] = field(default_factory=list)
+    spacing: Optional[list] = None  # default [1, 1, null] (2D) / [1, 1, 1] (3D)
+    channels: Optional[list[int]] = None
+    synthetic: int = 0
+    synthetic_kind: str = "glioma"
+    class_ratios: Optional[list[float]] = None
+    regions: Optional[str] = None  # "brats"
+    min_component_mm3: float = 0.0
+    name: str = ""
+    title: str = ""
+    description: str = ""
+    licence: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0
+    max_minutes: float = 0.0
+    resume: bool = False
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"comment"})
+        if unknown:
+            raise InputError(f"{path}: unknown training option(s): {', '.join(unknown)}")
+        data = {k: v for k, v in data.items() if k in known}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def resolved_patch(self) -> int:
+        return self.patch or (160 if self.dims == "2d" else 96)
+
+    def resolved_spacing(self) -> list:
+        return self.spacing or ([1.0, 1.0, None] if self.dims == "2d" else [1.0, 1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def dice_scores(pred: np.ndarray, ref: np.ndarray, values: Sequence[int]) -> dict[int, Optional[float]]:
+    """Dice per value (None when the value is absent from both)."""
+    out: dict[int, Optional[float]] = {}
+    for v in values:
+        p, r = pred == v, ref == v
+        denom = int(p.sum()) + int(r.sum())
+        out[v] = None if denom == 0 else 2.0 * int((p & r).sum()) / denom
+    return out
+
+
+def _mean(values) -> float:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def validate(network: torch.nn.Module, cases: Sequence[TrainingCase], labels: list[dict], dims: str,
+             device: torch.device, roi: Sequence[int], divisor: int, regions: Optional[str]) -> dict:
+    """Dice per label (and per BraTS region) of each validation case, on the model grid."""
+    network.eval()
+    per_case = {}
+    values = [int(lab["value"]) for lab in labels]
+    for case in cases:
+        probs = predict_probabilities(network, case.image, case.fg, dims, device, roi, divisor)
+        classes = np.argmax(probs, axis=0)
+        lut = np.array([0] + values)
+        pred, ref = lut[classes], lut[case.label]
+        scores = {lab["name"]: d for lab, d in zip(labels, dice_scores(pred, ref, values).values())}
+        result = {"dice": scores}
+        if regions == "brats":
+            result["regions"] = {name: dice_scores(np.isin(pred, vals), np.isin(ref, vals), [True])[True]
+                                 for name, vals in BRATS_REGIONS.items()}
+        per_case[case.name] = result
+    score = _mean(_mean((r.get("regions") or r["dice"]).values()) for r in per_case.values())
+    network.train()
+    return {"score": score, "cases": per_case}
+
+
+# ------------------------------------------------------------------------------------------ training
+def _split(cases: list[CaseFiles], cfg: TrainConfig) -> tuple[list[CaseFiles], list[CaseFiles]]:
+    cases = [c for c in cases if c.name not in set(cfg.exclude_cases)]
+    if cfg.val_cases:
+        unknown = sorted(set(cfg.val_cases) - {c.name for c in cases})
+        if unknown:
+            raise InputError(f"validation case(s) {', '.join(unknown)} not found among "
+                             f"{', '.join(c.name for c in cases)}")
+        val = [c for c in cases if c.name in cfg.val_cases]
+    else:
+        n_val = int(round(len(cases) * cfg.val_fraction)) if len(cases) > 1 else 0
+        val = random.Random(cfg.seed).sample(cases, n_val) if n_val else []
+    train = [c for c in cases if c not in val]
+    if not train:
+        raise InputError("no training cases left after the validation split")
+    return train, val
+
+
+def _checkpoint(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+          log: Callable[[str], None] = print) -> dict:
+    """Train per ``cfg``; returns a summary (epochs run, best score, output paths, validation figures)."""
+    if not cfg.out:
+        raise InputError("no output folder given (--out)")
+    if cfg.dims not in ("2d", "3d"):
+        raise InputError(f"--model-dim must be 2d or 3d, got {cfg.dims!r}")
+    if cfg.epochs < 1 or cfg.steps_per_epoch < 1 or cfg.batch_size < 1:
+        raise InputError("epochs, steps per epoch and batch size must be >= 1")
+    labels = parse_labels(cfg.labels)
+    values = [int(lab["value"]) for lab in labels]
+    n_classes = len(labels) + 1
+    remap = {int(k): int(v) for k, v in cfg.remap.items()}
+    if cfg.manifest:
+        files = read_manifest(Path(cfg.manifest))
+    elif cfg.cases:
+        files = discover_cases(Path(cfg.cases))
+    else:
+        raise InputError("give --cases DIR or --manifest CSV")
+    train_files, val_files = _split(files, cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    spacing = cfg.resolved_spacing()
+    norm = {n: "zscore" for n in cfg.inputs}
+
+    def load(group: list[CaseFiles], start: float, stop: float) -> list[TrainingCase]:
+        loaded = []
+        for n, f in enumerate(group):
+            check(cancel)
+            report(progress, start + (stop - start) * n / max(len(group), 1), f"loading {f.name}")
+            loaded.append(load_training_case(f, cfg.inputs, spacing, norm, values, remap))
+        return loaded
+
+    train_cases = load(train_files, 0.0, 0.02)
+    train_cases += synthetic_cases(cfg.synthetic_kind, cfg.synthetic, 1000 + cfg.seed, cfg.inputs, spacing, norm,
+                                   values)
+    val_cases = load(val_files, 0.02, 0.04)
+    train_cases = [pad_case(c, cfg.resolved_patch(), cfg.dims) for c in train_cases]
+    for case in train_cases:
+        case.indices = class_indices(case, n_classes)
+    log(f"training on {len(train_cases)} case(s): {', '.join(c.name for c in train_cases)}; validating on "
+        f"{', '.join(c.name for c in val_cases) or 'none'}")
+
+    spec = default_spec(cfg.dims, len(cfg.inputs), n_classes)
+    if cfg.channels:
+        spec["channels"], spec["strides"] = list(cfg.channels), [2] * (len(cfg.channels) - 1)
+    network = build_network(spec).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * cfg.steps_per_epoch
+    from monai.losses import DiceCELoss
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    history: list[dict] = []
+    best_score, start_epoch, minutes_before = -1.0, 0, 0.0
+    last_path = out / "last.pt"
+    if cfg.resume:
+        if not last_path.is_file():
+            raise InputError(f"--resume: no checkpoint {last_path} to resume from")
+        state = torch.load(str(last_path), map_location="cpu", weights_only=True)
+        if state.get("spec") != spec:
+            raise CheckpointError(f"{last_path}: checkpoint architecture {state.get('spec')} differs from the "
+                                  f"requested one {spec} (inputs/labels/dims must match to resume)")
+        load_state(network, state["model"], str(last_path))
+        optimizer.load_state_dict(state["optimizer"])
+        history, best_score, start_epoch = list(state["history"]), float(state["best"]), int(state["epoch"])
+        minutes_before = float(history[-1]["minutes"]) if history else 0.0
+        log(f"resumed from {last_path} after epoch {start_epoch} (best score {best_score:.3f})")
+
+    transforms = make_transforms(cfg.dims, cfg.resolved_patch(), n_classes, cfg.class_ratios)
+    transforms.set_random_state(seed=cfg.seed + start_epoch)
+    rng = random.Random(cfg.seed + start_epoch)
+    torch.manual_seed(cfg.seed + start_epoch)
+    roi = [cfg.resolved_patch()] * 3
+    divisor = size_divisor(spec)
+    t_start = time.perf_counter()
+
+    def minutes() -> float:
+        return minutes_before + (time.perf_counter() - t_start) / 60
+
+    def out_of_time() -> bool:
+        return bool(cfg.max_minutes) and minutes() > cfg.max_minutes
+
+    network.train()
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        losses = []
+        for step in range(cfg.steps_per_epoch):
+            check(cancel)
+            # cosine decay over the steps or over the time budget, whichever runs out first
+            fraction = (epoch - 1) * cfg.steps_per_epoch + step
+            fraction = max(fraction / total_steps, minutes() / cfg.max_minutes if cfg.max_minutes else 0.0)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0))))
+            done = (epoch - 1 - start_epoch) * cfg.steps_per_epoch + step
+            report(progress, 0.05 + 0.95 * done / max((cfg.epochs - start_epoch) * cfg.steps_per_epoch, 1),
+                   f"epoch {epoch}/{cfg.epochs} loss {np.mean(losses[-20:]) if losses else float('nan'):.3f}")
+            samples = [transforms({"image": c.image, "label": c.label[None], "indices": c.indices})[0]
+                       for c in (rng.choice(train_cases) for _ in range(cfg.batch_size))]
+            x = torch.stack([s["image"] for s in samples]).float().to(device)
+            y = torch.stack([s["label"] for s in samples]).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(network(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if out_of_time():
+                break
+        record: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "steps": len(losses),
+                                  "lr": optimizer.param_groups[0]["lr"], "minutes": minutes()}
+        last = epoch == cfg.epochs or out_of_time()
+        if val_cases and (epoch % max(cfg.val_every, 1) == 0 or last):
+            record["validation"] = validate(network, val_cases, labels, cfg.dims, device, roi, divisor, cfg.regions)
+            score = record["validation"]["score"]
+        else:
+            score = None if val_cases else -record["loss"]
+        history.append(record)
+        log(f"epoch {epoch}: loss {record['loss']:.4f}, {record['minutes']:.1f} min" +
+            (f", validation score {score:.3f}" if score is not None and val_cases else ""))
+        if score is not None and score > best_score:
+            best_score = score
+            _write_model(out, network, spec, cfg, labels, train_cases, val_cases, record, spacing, norm)
+        _checkpoint(last_path, {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                                "epoch": epoch, "best": best_score,
+                                "history": history, "spec": spec, "config": _json_safe(asdict(cfg))})
+        if out_of_time():
+            log(f"stopping after epoch {epoch}: time limit of {cfg.max_minutes} min reached")
+            break
+    report(progress, 1.0, "done")
+    return {"out": str(out), "epochs": epoch, "best_score": best_score, "history": history,
+            "model": str(out / "model.json"), "checkpoint": str(last_path)}
+
+
+def _json_safe(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def _write_model(out: Path, network: torch.nn.Module, spec: dict, cfg: TrainConfig, labels: list[dict],
+                 train_cases: Sequence[TrainingCase], val_cases: Sequence[TrainingCase], record: dict,
+                 spacing: list, norm: dict) -> None:
+    weights = out / "model.pt"
+    state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    atomic_write(weights, lambda tmp: torch.save(state, tmp))
+    entry = ModelEntry(
+        name=cfg.name or out.name, title=cfg.title or cfg.name or out.name, kind="checkpoint", inputs=list(cfg.inputs),
+        labels=labels, label_mapping={str(c): int(lab["value"]) for c, lab in enumerate(labels, start=1)},
+        spacing=spacing, normalization=norm, dims=cfg.dims, roi_size=[cfg.resolved_patch()] * 3,
+        licence=cfg.licence, sha256=sha256_file(weights), weights="model.pt", description=cfg.description,
+        regions=cfg.regions, min_component_mm3=cfg.min_component_mm3, network=spec,
+        training={"cases": [c.name for c in train_cases], "validation_cases": [c.name for c in val_cases],
+                  "epoch": record["epoch"], "loss": record["loss"], "minutes": round(record["minutes"], 2),
+                  "steps_per_epoch": cfg.steps_per_epoch, "batch_size": cfg.batch_size,
+                  "patch": cfg.resolved_patch(), "lr": cfg.lr, "seed": cfg.seed, "synthetic": cfg.synthetic},
+        validation=record.get("validation", {}), folder=out)
+    entry.write(out)

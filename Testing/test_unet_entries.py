@@ -1,0 +1,134 @@
+"""Model loading paths (project checkpoint, MONAI bundle, TorchScript) and their errors, run on a real scan."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import data_path
+from mrisegassist.errors import CheckpointError, InputError
+from mrisegassist.unet.entries import ModelEntry, get_model, list_models, sha256_file
+from mrisegassist.unet.inference import UNetSegmenter
+from mrisegassist.unet.networks import build_network
+from mrisegassist.volume import load_case
+
+# strides multiply to 16, the size divisor assumed for bundles / TorchScript (inputs padded alike)
+SPEC = {"name": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 8, 8, 8],
+        "strides": [2, 2, 2, 2], "num_res_units": 1, "norm": "instance", "dropout": 0.0}
+LABELS = [{"value": 1, "name": "lesion", "color": [1.0, 0.5, 0.0]}]
+
+
+@pytest.fixture(scope="module")
+def network() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return build_network(SPEC).eval()
+
+
+@pytest.fixture(scope="module")
+def case():
+    return load_case({"flair": data_path("ms-lesjak", "patient07", "flair.nii.gz")})
+
+
+def _checkpoint_folder(folder: Path, net: torch.nn.Module, spec=SPEC) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    entry = ModelEntry(name="tiny", inputs=["flair"], labels=LABELS, dims="2d", network=spec,
+                       spacing=[1.0, 1.0, None], sha256=sha256_file(folder / "model.pt"), licence="test")
+    entry.write(folder)
+    return folder
+
+
+def _bundle_folder(folder: Path, net: torch.nn.Module) -> Path:
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    network_def = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+                   "channels": [4, 8, 8, 8, 8], "strides": [2, 2, 2, 2], "num_res_units": 1, "norm": "instance"}
+    (folder / "configs" / "inference.json").write_text(json.dumps({"network_def": network_def}))
+    meta = {"name": "tiny bundle", "license": "test", "network_data_format": {
+        "inputs": {"image": {"num_channels": 1, "spatial_shape": [128, 128], "channel_def": {"0": "FLAIR"}}},
+        "outputs": {"pred": {"num_channels": 2, "channel_def": {"0": "background", "1": "lesion"}}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    torch.save(net.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def test_three_loading_paths_give_the_same_label_map(tmp_path, network, case):
+    ckpt = get_model(_checkpoint_folder(tmp_path / "ckpt", network))
+    bundle = get_model(_bundle_folder(tmp_path / "bundle", network))
+    assert bundle.kind == "bundle" and bundle.inputs == ["flair"] and bundle.dims == "2d"
+    assert [lab["name"] for lab in bundle.labels] == ["lesion"]
+    ts_path = tmp_path / "ts" / "tiny.ts"
+    ts_path.parent.mkdir()
+    torch.jit.script(network).save(str(ts_path))
+    (ts_path.parent / "tiny.json").write_text(json.dumps(dict(ckpt.to_dict(), kind="torchscript", weights="tiny.ts",
+                                                              sha256=sha256_file(ts_path))))
+    script = get_model(ts_path)
+    assert script.kind == "torchscript"
+    maps = []
+    for entry in (ckpt, bundle, script):
+        labelmap = UNetSegmenter(entry, "cpu").segment(case)
+        assert labelmap.volume.geometry.same_as(case.geometry)  # reference geometry
+        assert set(np.unique(labelmap.volume.array)) <= {0, 1}
+        maps.append(labelmap.volume.array)
+    assert maps[0].any()
+    assert np.array_equal(maps[0], maps[1]) and np.array_equal(maps[0], maps[2])
+    # a .pt checkpoint path with model.json beside it works too
+    assert get_model(tmp_path / "ckpt" / "model.pt").network == SPEC
+
+
+def test_sha256_mismatch_is_a_clear_error(tmp_path, network):
+    folder = _checkpoint_folder(tmp_path / "m", network)
+    data = json.loads((folder / "model.json").read_text())
+    data["sha256"] = "0" * 64
+    (folder / "model.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        UNetSegmenter(folder)
+
+
+def test_wrong_architecture_names_the_mismatch(tmp_path, network):
+    wider = dict(SPEC, channels=[8, 16, 16, 16, 16])
+    folder = _checkpoint_folder(tmp_path / "w", network, spec=wider)
+    with pytest.raises(CheckpointError, match=r"does not fit the U-Net architecture: .*shape mismatches.*checkpoint \(4"):
+        UNetSegmenter(folder)
+    deeper = dict(SPEC, channels=[4, 8, 8, 8, 8, 8], strides=[2, 2, 2, 2, 2])
+    folder = _checkpoint_folder(tmp_path / "d", network, spec=deeper)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        UNetSegmenter(folder)
+
+
+def test_unsafe_or_corrupt_files_are_refused(tmp_path, network):
+    folder = _checkpoint_folder(tmp_path / "p", network)
+    torch.save({"model": network}, folder / "model.pt")  # a pickled module, not a state dict
+    entry = get_model(folder)
+    entry.sha256 = ""
+    with pytest.raises(CheckpointError, match="weights-only"):
+        entry.load_network()
+    (folder / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        entry.load_network()
+    (folder / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        entry.load_network()
+
+
+def test_registry_lookup_errors(tmp_path, monkeypatch, network):
+    monkeypatch.setenv("MRISEGASSIST_MODELS", str(tmp_path / "user"))
+    _checkpoint_folder(tmp_path / "user" / "tiny", network)
+    names = [e.name for e in list_models()]
+    assert "tiny" in names
+    assert get_model("tiny").folder == tmp_path / "user" / "tiny"
+    with pytest.raises(InputError, match="unknown model 'nope'"):
+        get_model("nope")
+    with pytest.raises(InputError, match="neither model.json"):
+        get_model(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_text(json.dumps({"name": "x", "kind": "onnx"}))
+    with pytest.raises(CheckpointError, match="unknown model kind"):
+        get_model(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            UNetSegmenter(get_model("tiny"), "cuda")
