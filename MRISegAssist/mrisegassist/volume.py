@@ -295,6 +295,15 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: PathLike, writer) -> Path:
     """Call ``writer(tmp_path)`` on a temporary file beside ``path`` and rename it into place.
 
@@ -308,6 +317,7 @@ def atomic_write(path: PathLike, writer) -> Path:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
