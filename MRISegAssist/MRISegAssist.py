@@ -198,7 +198,7 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         status = self.logic.weights_status(engine)
         self.ui.weightsStatusLabel.setText(status["message"] if not status["available"] else
                                            ("installed" if status["needs_weights"] else "no weights needed"))
-        self.ui.weightsStatusLabel.toolTip = status["path"] or status["message"]
+        self.ui.weightsStatusLabel.toolTip = status["path"] or status["details"] or status["message"]
         self.ui.licenceLabel.setText(status["licence"])
         self._weights_missing = status["needs_weights"] and not status["available"]
         self.updateButtons()

@@ -469,3 +469,17 @@ def test_auto_segment_glioma_model(env, logic):
     segmentation = seg.GetSegmentation()
     names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
     assert names == next(c for c in logic.model_choices() if c["name"] == model)["labels"]
+
+
+def test_weights_status(logic, tmp_path, monkeypatch):
+    from mrisegassist.prompt import weights
+
+    assert logic.weights_status("classical")["available"] and not logic.weights_status("classical")["needs_weights"]
+    monkeypatch.setattr(weights, "default_cache_dir", lambda: tmp_path)
+    monkeypatch.delenv(weights.WEIGHTS_ENV, raising=False)
+    status = logic.weights_status("sam-vit-b")
+    assert status["needs_weights"] and not status["available"] and status["path"] is None
+    assert "sam_vit_b_01ec64.pth" in status["details"] and status["url"].endswith("sam_vit_b_01ec64.pth")
+    assert "Apache-2.0" in status["licence"] and status["size_mb"] > 300
+    with pytest.raises(InputError, match="unknown engine"):
+        logic.weights_status("nope")

@@ -136,26 +136,32 @@ class MRISegAssistLogic:
 
     @staticmethod
     def weights_status(engine: str) -> dict:
-        """``{"engine", "needs_weights", "available", "path", "licence", "message"}`` for an engine's weights
-        (no download)."""
+        """Weights of an engine, without downloading: ``{"engine", "needs_weights", "available", "path",
+        "licence", "url", "size_mb", "message", "details"}`` (``details``: the full reason when missing)."""
         from mrisegassist.errors import CheckpointError
         from mrisegassist.prompt import engine_spec
 
         spec = engine_spec(engine)
         status = {"engine": engine, "needs_weights": spec.needs_weights, "available": not spec.needs_weights,
-                  "path": None, "licence": spec.licence, "message": "no weights needed"}
+                  "path": None, "licence": spec.licence, "url": None, "size_mb": None,
+                  "message": "no weights needed", "details": ""}
         if not spec.needs_weights:
             return status
         try:
             from mrisegassist.prompt import weights
-        except ImportError:
-            status["message"] = "weights catalog not available in this engine version"
+
+            entry = weights.catalog_entry(engine)
+        except (ImportError, InputError) as exc:
+            status.update(message="no checkpoint catalog for this engine", details=str(exc))
             return status
+        size_mb = entry.as_dict()["approx_mb"]
+        status.update(licence=f"{spec.licence}; checkpoint: {entry.licence}", url=entry.url, size_mb=size_mb)
         try:
             status["path"] = str(weights.resolve_checkpoint(engine, download=False))
             status.update(available=True, message="weights installed")
-        except (CheckpointError, InputError) as exc:
-            status["message"] = str(exc)
+        except CheckpointError as exc:
+            status.update(message=f"not installed ({size_mb} MB download)" if size_mb else "not installed",
+                          details=str(exc))
         return status
 
     def download_weights_job(self, engine: str) -> Job:
