@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, MRISegAssistError
 
 PathLike = Union[str, os.PathLike]
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".gipl.gz", ".dcm")
@@ -101,6 +101,28 @@ class Geometry:
         idx = self.lps_to_continuous_ijk(other.corners_lps())
         lo, hi = idx.min(axis=0), idx.max(axis=0)
         return bool(np.all(hi > -0.5) and np.all(lo < np.asarray(self.size) - 0.5))
+
+    def subgrid(self, lo_ijk: Sequence[int], size_ijk: Sequence[int]) -> "Geometry":
+        """The grid of the box starting at voxel ``lo_ijk`` with ``size_ijk`` voxels (``(i, j, k)`` order);
+        the matching array is ``array[k0:k0+nk, j0:j0+nj, i0:i0+ni]``."""
+        lo = np.asarray(lo_ijk, dtype=float)
+        origin = (self.ijk_to_lps @ np.array([*lo, 1.0]))[:3]
+        return Geometry(tuple(int(s) for s in size_ijk), self.spacing, tuple(float(o) for o in origin),
+                        self.direction)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (lists); inverse of :meth:`from_dict`."""
+        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Geometry":
+        try:
+            return cls(tuple(int(v) for v in data["size"]), tuple(float(v) for v in data["spacing"]),
+                       tuple(float(v) for v in data["origin"]),
+                       tuple(float(v) for v in data.get("direction", cls.direction)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"bad geometry description {dict(data)!r}: {exc}") from None
 
     def same_as(self, other: "Geometry", atol: float = 1e-4) -> bool:
         return (self.size == other.size and np.allclose(self.spacing, other.spacing, atol=atol)
@@ -189,17 +211,37 @@ def validate_array(array: np.ndarray, name: str, kind: str = "image") -> None:
             raise InputError(f"{name}: label map has negative values")
 
 
+def _nifti_nonfinite(path: Path) -> int:
+    """Number of NaN/inf voxels in a floating-point NIfTI file (ITK's NIfTI reader turns them into 0)."""
+    try:
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        if img.get_data_dtype().kind != "f":
+            return 0
+        return int(np.count_nonzero(~np.isfinite(np.asanyarray(img.dataobj))))
+    except Exception:  # nibabel missing or cannot parse: SimpleITK read the file, keep its result
+        return 0
+
+
 def read_volume(path: PathLike, kind: str = "image", name: Optional[str] = None,
-                series_id: Optional[str] = None) -> Volume:
+                series_id: Optional[str] = None, check_nan: bool = True) -> Volume:
     """Read a 3D volume (NIfTI, NRRD, MHA/MHD, GIPL, or a DICOM series folder), keeping its geometry.
 
     ``kind`` is ``"image"`` (float32 array; constant volumes rejected) or ``"label"`` (integer array).
     Raises :class:`InputError` with a specific message for missing/unreadable files, 4D or 2D data,
-    multi-component pixels, NaN/inf and empty volumes.
+    multi-component pixels, NaN/inf and empty volumes. ITK silently reads NaN voxels of NIfTI files as 0,
+    so floating-point NIfTI files are also checked with nibabel (``check_nan=False`` skips that second
+    read, ~0.5 s for a 240x240x155 float32 file).
     """
     path = Path(path)
     label = name or path.name
     image = _read_image(path, series_id)
+    if check_nan and path.name.lower().endswith((".nii", ".nii.gz")) and \
+            image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        bad = _nifti_nonfinite(path)
+        if bad:
+            raise InputError(f"{label}: {bad} voxels are NaN or infinite")
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise InputError(f"{label}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          f"(4D or vector image); pass one 3D scalar volume per sequence")
@@ -217,6 +259,8 @@ def read_volume(path: PathLike, kind: str = "image", name: Optional[str] = None,
         array = array.astype(np.float32, copy=False)
     volume = Volume(array, Geometry.from_sitk(image), label)
     volume.metadata = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
+    volume.metadata["source_pixel_type"] = image.GetPixelIDTypeAsString()
+    volume.metadata["source_path"] = str(path)
     return volume
 
 
@@ -225,20 +269,53 @@ _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor
                   "bspline": sitk.sitkBSpline, "label": sitk.sitkLabelGaussian}
 
 
-def resample_to(volume: Volume, geometry: Geometry, interpolation: str = "linear",
-                default: float = 0.0) -> Volume:
-    """Resample ``volume`` onto ``geometry`` (identity transform in physical space). Returns a new volume.
+def as_transform(transform: Union[None, PathLike, sitk.Transform], name: str = "") -> Optional[sitk.Transform]:
+    """A SimpleITK transform from a transform object or an ITK transform file (``.txt``, ``.tfm``, ``.h5``)."""
+    if transform is None or isinstance(transform, sitk.Transform):
+        return transform
+    path = Path(transform)
+    if not path.is_file():
+        raise InputError(f"{name + ': ' if name else ''}transform file {path} does not exist")
+    try:
+        return sitk.ReadTransform(str(path))
+    except RuntimeError as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise InputError(f"{name + ': ' if name else ''}cannot read {path} as an ITK transform ({last})") from None
 
-    Raises :class:`InputError` when the two grids do not overlap physically.
+
+def _overlaps_through(moving: Geometry, reference: Geometry, transform: sitk.Transform) -> bool:
+    """True when the reference grid, mapped through ``transform`` (reference -> moving points), meets ``moving``."""
+    corners = reference.corners_lps()
+    centre = corners.mean(axis=0, keepdims=True)
+    points = np.array([transform.TransformPoint(p.tolist()) for p in np.vstack([corners, centre])])
+    idx = moving.lps_to_continuous_ijk(points)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    return bool(np.all(hi > -0.5) and np.all(lo < np.asarray(moving.size) - 0.5))
+
+
+def resample_to(volume: Volume, geometry: Geometry, interpolation: str = "linear", default: float = 0.0,
+                transform: Union[None, PathLike, sitk.Transform] = None) -> Volume:
+    """Resample ``volume`` onto ``geometry``. Returns a new volume; the input is never modified.
+
+    ``transform`` (a SimpleITK transform or an ITK transform file) maps physical points of the reference
+    grid to points of ``volume`` (ITK's resampling convention: what a registration with the reference as
+    fixed image and ``volume`` as moving image returns); default: identity. ``interpolation`` is ``linear``,
+    ``nearest`` (label maps), ``bspline`` or ``label`` (label Gaussian). Raises :class:`InputError` when the
+    two grids do not overlap in physical space.
     """
-    if volume.geometry.same_as(geometry, atol=1e-6):
+    if interpolation not in _INTERPOLATORS:
+        raise InputError(f"unknown interpolation {interpolation!r}; use one of {', '.join(_INTERPOLATORS)}")
+    tx = as_transform(transform, volume.label)
+    if tx is None and volume.geometry.same_as(geometry, atol=1e-6):
         return Volume(volume.array.copy(), geometry, volume.name)
-    if not geometry.overlaps(volume.geometry):
+    overlaps = _overlaps_through(volume.geometry, geometry, tx) if tx is not None else geometry.overlaps(volume.geometry)
+    if not overlaps:
         raise InputError(f"{volume.label}: does not overlap the reference grid in physical space "
                          f"(check that the sequences belong to the same study and are co-registered)")
     reference = geometry.apply_to(sitk.Image(list(geometry.size), sitk.sitkUInt8))
-    out = sitk.Resample(volume.to_sitk(), reference, sitk.Transform(), _INTERPOLATORS[interpolation],
-                        float(default), sitk.GetImageFromArray(volume.array).GetPixelID())
+    moving = volume.to_sitk()
+    out = sitk.Resample(moving, reference, tx if tx is not None else sitk.Transform(), _INTERPOLATORS[interpolation],
+                        float(default), moving.GetPixelID())
     return Volume(sitk.GetArrayFromImage(out), geometry, volume.name)
 
 
@@ -251,6 +328,8 @@ class Case:
     geometry: Geometry
     reference: str
     sources: dict[str, str] = field(default_factory=dict)
+    #: sequences that were resampled (different grid or a co-registration transform)
+    resampled: list[str] = field(default_factory=list)
 
     def stack(self, names: Sequence[str]) -> np.ndarray:
         """``(C, k, j, i)`` float32 array of the named sequences, in order."""
@@ -263,10 +342,16 @@ class Case:
         return Volume(self.images[name], self.geometry, name)
 
 
-def load_case(inputs: Mapping[str, Union[PathLike, Volume]], reference: Optional[str] = None) -> Case:
+def load_case(inputs: Mapping[str, Union[PathLike, Volume]], reference: Optional[str] = None,
+              transforms: Optional[Mapping[str, Union[PathLike, sitk.Transform]]] = None,
+              interpolation: str = "linear") -> Case:
     """Read sequences (name -> path or :class:`Volume`) and resample all onto the ``reference`` one.
 
-    ``reference`` defaults to the first sequence. Inputs are never modified.
+    ``reference`` defaults to the first sequence. ``transforms`` optionally co-registers sequences:
+    name -> SimpleITK transform or ITK transform file mapping reference-grid points to that sequence's
+    points (e.g. ``ms-longitudinal``'s ``study1_T1W_intrastudy_to_FLAIR.txt`` with FLAIR as reference);
+    sequences without one are resampled with the identity (same scanner space). Every input is read and
+    checked before anything is resampled; inputs are never modified.
     """
     if not inputs:
         raise InputError("no input sequences given")
@@ -274,16 +359,27 @@ def load_case(inputs: Mapping[str, Union[PathLike, Volume]], reference: Optional
     reference = reference or names[0]
     if reference not in inputs:
         raise InputError(f"reference sequence {reference!r} is not among the inputs ({', '.join(names)})")
-    volumes = {n: (v if isinstance(v, Volume) else read_volume(v, name=n)) for n, v in inputs.items()}
+    transforms = dict(transforms or {})
+    unknown = [n for n in transforms if n not in inputs]
+    if unknown:
+        raise InputError(f"transform(s) given for unknown sequence(s) {', '.join(unknown)}; inputs are "
+                         f"{', '.join(names)}")
+    if transforms.get(reference) is not None:
+        raise InputError(f"the reference sequence {reference!r} defines the grid; it takes no transform")
+    txs = {n: as_transform(t, n) for n, t in transforms.items()}
+    volumes = {n: (v if isinstance(v, Volume) else read_volume(v, name=f"{n} ({Path(v).name})"))
+               for n, v in inputs.items()}
     for n, v in volumes.items():
         validate_array(v.array, n, "image")
     geometry = volumes[reference].geometry
-    images = {}
+    images, resampled = {}, []
     for n, v in volumes.items():
-        resampled = resample_to(v, geometry, "linear")
-        images[n] = resampled.array.astype(np.float32, copy=False)
+        out = resample_to(v, geometry, interpolation, transform=txs.get(n))
+        if n != reference and (txs.get(n) is not None or not v.geometry.same_as(geometry, atol=1e-6)):
+            resampled.append(n)
+        images[n] = out.array.astype(np.float32, copy=False)
     sources = {n: str(p) for n, p in inputs.items() if not isinstance(p, Volume)}
-    return Case(images, geometry, reference, sources)
+    return Case(images, geometry, reference, sources, resampled)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -326,10 +422,29 @@ def atomic_write(path: PathLike, writer) -> Path:
     return path
 
 
+WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".gipl", ".gipl.gz")
+
+
 def write_volume(volume: Volume, path: PathLike, metadata: Optional[Mapping[str, str]] = None,
                  compress: bool = True) -> Path:
-    """Write ``volume`` with its geometry, atomically. ``metadata`` becomes NRRD/NIfTI header keys."""
+    """Write ``volume`` with its geometry, atomically. ``metadata`` becomes NRRD/MHA header keys.
+
+    Formats: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.seg.nrrd``), MetaImage (``.mha``), GIPL.
+    Two-file formats (``.nhdr``, ``.mhd``) are refused: they cannot be renamed into place atomically.
+    On failure nothing is left behind and an existing file at ``path`` is untouched.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(WRITABLE_SUFFIXES):
+        raise InputError(f"{path.name}: cannot write this format; use one of {', '.join(WRITABLE_SUFFIXES)}")
     image = volume.to_sitk()
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, str(value))
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, compress))
+
+    def write(tmp: str) -> None:
+        try:
+            sitk.WriteImage(image, tmp, compress)
+        except RuntimeError as exc:
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "write failed"
+            raise MRISegAssistError(f"{path}: cannot write ({last})") from None
+
+    return atomic_write(path, write)
