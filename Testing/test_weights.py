@@ -5,7 +5,6 @@ import hashlib
 import http.server
 import io
 import threading
-from pathlib import Path
 
 import pytest
 import torch

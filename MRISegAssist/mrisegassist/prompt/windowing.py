@@ -190,14 +190,18 @@ class SliceCache:
                 _, (_, evicted) = self._items.popitem(last=False)
                 self.bytes -= evicted
 
+    def add_computed(self, key: Hashable, value: Any) -> None:
+        """Keep a freshly computed ``value`` and count it as a miss (one encoder call)."""
+        with self._lock:
+            self.misses += 1
+            self.computed.append(key)
+        self.put(key, value)
+
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         value = self.get(key)
         if value is None:
             value = compute()
-            with self._lock:
-                self.misses += 1
-                self.computed.append(key)
-            self.put(key, value)
+            self.add_computed(key, value)
         return value
 
     def clear(self) -> None:

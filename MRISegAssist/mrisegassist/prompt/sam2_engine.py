@@ -1,0 +1,359 @@
+"""SAM 2.1 and MedSAM2 through the official ``sam2`` video predictor, fed straight from the volume array.
+
+The axial slices of the volume are the frames of a video (frame ``f`` of a window ``z0..z1`` is slice
+``k = z0 + f``). Instead of ``SAM2VideoPredictor.init_state(video_path)`` (which only reads JPEG folders or
+MP4 files and loads every frame), :func:`Sam2Engine._state` builds the same inference-state dictionary with
+
+* ``images``: a lazy frame sequence; frame ``f`` is made on demand by :meth:`.windowing.FrameSource.sam2_tensor`
+  (the resize + ImageNet normalisation of ``sam2.utils.misc.load_video_frames``), only when the predictor asks
+  for it, i.e. on an image-feature cache miss;
+* ``cached_features``: sam2 1.1.0's ``_get_image_feature`` looks a frame up with
+  ``inference_state["cached_features"].get(frame_idx)`` and, on a miss, runs ``forward_image`` and *replaces*
+  the dict with ``{frame_idx: (image, backbone_out)}`` (it keeps one frame). Our state routes that lookup to
+  the prepared volume's persistent LRU (:class:`~.windowing.SliceCache`, keyed by slice ``k``) and turns the
+  replacement into an insertion, so each slice is encoded once per prepared volume, across prompts, objects,
+  windows and :meth:`Sam2Engine.segment` calls. Stored per slice: the three ``backbone_fpn`` levels; the
+  ``vision_pos_enc`` (identical for every frame of one size) is kept once; the ``image`` element of the
+  tuple, which sam2 1.1.0 never reads after encoding, is a broadcast placeholder.
+
+Prompts: every box of every object of a window goes into one inference state (``add_new_points_or_box``,
+``box=``, memory not reset between them), then ``propagate_in_video`` runs forward from the first prompted
+slice and backward (``reverse=True``) from it, over the window. Without a ``z_range`` the window is the whole
+volume and a direction stops early once every object has been empty for ``vanish_frames`` frames past its
+outermost prompt. Prompt state is reset (``reset_state``) at every call; image features are kept.
+
+MedSAM2 = the packaged ``sam2.1_hiera_t.yaml`` with ``image_size=512`` and memory-attention RoPE
+``feat_sizes=[32, 32]``. ``fill_hole_area = 0`` (the ``_C`` extension is not built). fp32 on CPU (bf16
+autocast on CPU is ~10x slower); bf16 autocast on CUDA. Logits are full resolution ``[k, j, i]``.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..progress import CancelToken, ProgressFn, check, report
+from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, PromptableEngine
+from .sam import FoundationEngineMixin, PreparedVolume
+from .weights import load_into, load_state_dict, resolve_checkpoint
+from .windowing import Window
+
+DEFAULT_CACHE_BYTES = 3 << 29  # 1.5 GiB: ~370 slices at 512 px, ~90 at 1024 px
+DEFAULT_VANISH_FRAMES = 3
+
+
+@dataclass(frozen=True)
+class Sam2Variant:
+    """A registry name's packaged config, image size, extra Hydra overrides and catalog checkpoint."""
+
+    config: str
+    image_size: int
+    weights: str
+    overrides: tuple[str, ...] = ()
+
+
+def rope_overrides(image_size: int) -> tuple[str, ...]:
+    """Hydra overrides for another input size: ``image_size`` and the memory-attention RoPE feature size."""
+    side = image_size // 16
+    return (f"++model.image_size={image_size}",
+            f"++model.memory_attention.layer.self_attention.feat_sizes=[{side},{side}]",
+            f"++model.memory_attention.layer.cross_attention.feat_sizes=[{side},{side}]")
+
+
+SAM2_VARIANTS = {
+    "sam2.1-hiera-tiny": Sam2Variant("configs/sam2.1/sam2.1_hiera_t.yaml", 1024, "sam2.1-hiera-tiny"),
+    "sam2.1-hiera-small": Sam2Variant("configs/sam2.1/sam2.1_hiera_s.yaml", 1024, "sam2.1-hiera-small"),
+    "sam2.1-hiera-base-plus": Sam2Variant("configs/sam2.1/sam2.1_hiera_b+.yaml", 1024, "sam2.1-hiera-base-plus"),
+    "sam2.1-hiera-large": Sam2Variant("configs/sam2.1/sam2.1_hiera_l.yaml", 1024, "sam2.1-hiera-large"),
+    "medsam2": Sam2Variant("configs/sam2.1/sam2.1_hiera_t.yaml", 512, "medsam2", rope_overrides(512)),
+}
+
+
+def sam2_variant(variant: str) -> Sam2Variant:
+    spec = SAM2_VARIANTS.get(variant)
+    if spec is None:
+        raise InputError(f"unknown SAM 2 variant {variant!r}; use one of {', '.join(SAM2_VARIANTS)}")
+    return spec
+
+
+def build_sam2_predictor(variant: str, device: str = "cpu", image_size: Optional[int] = None):
+    """An official ``SAM2VideoPredictor`` for ``variant`` at (seedable) random initialisation, eval mode,
+    ``fill_hole_area = 0``. ``image_size`` overrides the variant's input size (multiple of 16)."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    spec = sam2_variant(variant)
+    overrides = list(spec.overrides)
+    if image_size is not None and image_size != spec.image_size:
+        if image_size % 16:
+            raise InputError(f"SAM 2 image size must be a multiple of 16, got {image_size}")
+        overrides = [o for o in overrides if "image_size" not in o and "feat_sizes" not in o]
+        overrides += rope_overrides(image_size)
+    predictor = build_sam2_video_predictor(spec.config, None, device=device, hydra_overrides_extra=overrides)
+    predictor.fill_hole_area = 0
+    return predictor
+
+
+@dataclass
+class Sam2Prepared(PreparedVolume):
+    """A volume bound to a :class:`Sam2Engine`: the per-slice image-feature cache (kept across
+    :meth:`Sam2Engine.segment` calls) and the inference states per frame window (reset on each call)."""
+
+    image_size: int = 1024
+    pos_enc: Optional[list] = None
+    states: dict = field(default_factory=dict)
+
+
+class _LazyFrames:
+    """``inference_state["images"]``: frame ``f`` -> ``[3, S, S]`` normalised tensor of slice ``z0 + f``."""
+
+    def __init__(self, prepared: Sam2Prepared, z0: int, count: int, device) -> None:
+        self.prepared, self.z0, self.count, self.device = prepared, z0, count, device
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, f: int):
+        if not 0 <= f < self.count:
+            raise IndexError(f)
+        return self.prepared.frames.sam2_tensor(self.z0 + f, self.prepared.image_size).to(self.device)
+
+
+class _FeatureView:
+    """``inference_state["cached_features"]`` routed to the prepared volume's persistent slice cache."""
+
+    def __init__(self, prepared: Sam2Prepared, z0: int, device) -> None:
+        self.prepared, self.z0 = prepared, z0
+        size = prepared.image_size
+        self.placeholder = torch.zeros(1, 1, 1, 1, device=device).expand(1, 3, size, size)
+
+    def get(self, f: int, default=(None, None)):
+        fpn = self.prepared.cache.get(self.z0 + f)
+        if fpn is None:
+            return default
+        return self.placeholder, {"backbone_fpn": list(fpn), "vision_pos_enc": list(self.prepared.pos_enc)}
+
+    def store(self, computed: dict) -> None:
+        for f, (_image, backbone_out) in computed.items():
+            if self.prepared.pos_enc is None:
+                self.prepared.pos_enc = list(backbone_out["vision_pos_enc"])
+            self.prepared.cache.add_computed(self.z0 + f, list(backbone_out["backbone_fpn"]))
+
+
+class _InferenceState(dict):
+    """The predictor's state dict; assigning ``cached_features`` (a fresh one-frame dict) stores into the view."""
+
+    def __setitem__(self, key, value) -> None:
+        view = self.get("cached_features")
+        if key == "cached_features" and isinstance(view, _FeatureView) and not isinstance(value, _FeatureView):
+            view.store(value)
+        else:
+            super().__setitem__(key, value)
+
+
+def _upcast_memory(state: dict, frame: Optional[int] = None) -> None:
+    """Store the memory features of ``frame`` (all frames if ``None``) as fp32 instead of sam2's bf16.
+
+    sam2 1.1.0 keeps ``maskmem_features`` in bf16 and relies on ``torch.cat`` with the fp32 object pointers to
+    promote them before memory attention. An object followed on frames before its first prompted frame (another
+    object of the same state was prompted earlier) has no past pointers there, the memory stays bf16 and fp32
+    inference fails with a dtype error. bf16 -> fp32 is exact, so where the official path works the numbers are
+    the same ones it promotes to.
+    """
+    for outputs in state["output_dict_per_obj"].values():
+        for frames in (outputs["cond_frame_outputs"], outputs["non_cond_frame_outputs"]):
+            for out in (frames.values() if frame is None else [frames.get(frame)]):
+                feats = None if out is None else out.get("maskmem_features")
+                if feats is not None and feats.dtype == torch.bfloat16:
+                    out["maskmem_features"] = feats.float()
+
+
+class _Vanish:
+    """Early stop of one propagation direction: an object is finished once it has been empty on
+    ``frames`` consecutive frames beyond its outermost prompted frame in the direction of travel."""
+
+    def __init__(self, frames: int, outermost: dict[int, int], reverse: bool) -> None:
+        self.frames, self.outermost, self.reverse = frames, outermost, reverse
+        self.empty = {oid: 0 for oid in outermost}
+        self.done: set[int] = set()
+
+    def update(self, f: int, oid: int, nonempty: bool) -> None:
+        beyond = f < self.outermost[oid] if self.reverse else f > self.outermost[oid]
+        if not beyond or oid in self.done:
+            return
+        self.empty[oid] = 0 if nonempty else self.empty[oid] + 1
+        if self.empty[oid] >= self.frames:
+            self.done.add(oid)
+
+    @property
+    def all_done(self) -> bool:
+        return len(self.done) == len(self.outermost)
+
+
+class Sam2Engine(FoundationEngineMixin, PromptableEngine):
+    """SAM 2.1 (tiny/small/base-plus/large) or MedSAM2 video propagation over the slices.
+
+    ``Sam2Engine(variant, device="cpu", checkpoint=None)`` loads the verified catalog checkpoint
+    (``download=True`` fetches it); :meth:`from_model` wraps an already built ``SAM2VideoPredictor``.
+    ``vanish_frames``: empty frames after which an unbounded propagation stops.
+    """
+
+    _model_attr = "predictor"
+
+    def __init__(self, variant: str = "sam2.1-hiera-tiny", device: str = "cpu",
+                 checkpoint: Optional[Union[str, Path]] = None, *, download: bool = False,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, vanish_frames: int = DEFAULT_VANISH_FRAMES,
+                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> None:
+        spec = sam2_variant(variant)
+        path = resolve_checkpoint(spec.weights, checkpoint, download=download, progress=progress, cancel=cancel)
+        predictor = build_sam2_predictor(variant, "cpu")
+        load_into(predictor, load_state_dict(path), variant, path)
+        self._setup(predictor.to(device), variant, cache_bytes, vanish_frames)
+        self.checkpoint = path
+
+    @classmethod
+    def from_model(cls, predictor, name: str = "sam2.1-hiera-tiny", cache_bytes: int = DEFAULT_CACHE_BYTES,
+                   vanish_frames: int = DEFAULT_VANISH_FRAMES) -> "Sam2Engine":
+        """Wrap a built ``SAM2VideoPredictor`` (e.g. :func:`build_sam2_predictor` after ``torch.manual_seed``)."""
+        engine = cls.__new__(cls)
+        engine._setup(predictor, name, cache_bytes, vanish_frames)
+        engine.checkpoint = None
+        return engine
+
+    def _setup(self, predictor, name: str, cache_bytes: int, vanish_frames: int) -> None:
+        if int(vanish_frames) < 1:
+            raise InputError(f"vanish_frames must be >= 1, got {vanish_frames}")
+        predictor.fill_hole_area = 0
+        self._init_engine(name, cache_bytes)
+        self.predictor = predictor.eval()
+        self.vanish_frames = int(vanish_frames)
+
+    @property
+    def device(self):
+        return self.predictor.device
+
+    @property
+    def image_size(self) -> int:
+        return int(self.predictor.image_size)
+
+    # ---------------------------------------------------------------------------------------- protocol
+    def prepare(self, volume: np.ndarray, *, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None,
+                window: Optional[Union[Window, Sequence[float]]] = None) -> Sam2Prepared:
+        """Bind ``volume`` ``[k, j, i]`` (not copied, never modified); frames are encoded lazily."""
+        return Sam2Prepared(*self._frames(volume, window, cancel), self._id, self.image_size)
+
+    def segment(self, prepared: Sam2Prepared, prompts: Sequence[ObjectPrompt], *,
+                progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> list[ObjectResult]:
+        """Segment every object in 3D; objects sharing a frame window share one inference state."""
+        self._check_prepared(prepared)
+        shape = prepared.shape
+        prompts = [p.validate(shape) for p in prompts]
+        ids = [p.object_id for p in prompts]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"object ids must be unique, got {ids}")
+        groups: OrderedDict[tuple[int, int, bool], list[ObjectPrompt]] = OrderedDict()
+        for p in prompts:
+            z0, z1 = p.z_range if p.z_range is not None else (0, shape[0] - 1)
+            groups.setdefault((z0, z1, p.z_range is None), []).append(p)
+        results = {p.object_id: ObjectResult(p.object_id, np.full(shape, OUTSIDE_LOGIT, np.float32),
+                                             np.zeros(shape, bool), name=p.name) for p in prompts}
+        total = sum(z1 - z0 + 2 for z0, z1, _ in groups)
+        done = [0]
+
+        def tick(k: int) -> None:
+            done[0] += 1
+            report(progress, done[0] / total, f"slice {k}")
+
+        with self._lock, self._autocast():
+            for (z0, z1, unbounded), group in groups.items():
+                self._run_window(prepared, z0, z1, unbounded, group, results, tick, cancel)
+        report(progress, 1.0, "done")
+        for r in results.values():
+            r.mask = r.logits > 0
+        return [results[i] for i in ids]
+
+    # ------------------------------------------------------------------------------------ internals
+    def _autocast(self):
+        if self.predictor.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _state(self, prepared: Sam2Prepared, z0: int, z1: int) -> dict:
+        """The inference state of frames ``z0..z1`` (as ``init_state`` makes it), prompts reset."""
+        state = prepared.states.get((z0, z1))
+        if state is not None:
+            self.predictor.reset_state(state)
+            return state
+        device = self.predictor.device
+        state = _InferenceState()
+        state["cached_features"] = _FeatureView(prepared, z0, device)
+        state["images"] = _LazyFrames(prepared, z0, z1 - z0 + 1, device)
+        state["num_frames"] = z1 - z0 + 1
+        state["offload_video_to_cpu"] = False
+        state["offload_state_to_cpu"] = False
+        state["video_height"], state["video_width"] = prepared.shape[1], prepared.shape[2]
+        state["device"] = device
+        state["storage_device"] = device
+        state["point_inputs_per_obj"] = {}
+        state["mask_inputs_per_obj"] = {}
+        state["constants"] = {}
+        state["obj_id_to_idx"] = OrderedDict()
+        state["obj_idx_to_id"] = OrderedDict()
+        state["obj_ids"] = []
+        state["output_dict_per_obj"] = {}
+        state["temp_output_dict_per_obj"] = {}
+        state["frames_tracked_per_obj"] = {}
+        prepared.states[(z0, z1)] = state
+        return state
+
+    def _run_window(self, prepared: Sam2Prepared, z0: int, z1: int, unbounded: bool,
+                    group: list[ObjectPrompt], results: dict, tick, cancel: Optional[CancelToken]) -> None:
+        predictor = self.predictor
+        state = self._state(prepared, z0, z1)
+        for p in group:
+            for box in p.boxes:
+                check(cancel)
+                predictor.add_new_points_or_box(state, frame_idx=box.k - z0, obj_id=p.object_id, box=box.xyxy)
+        predictor.propagate_in_video_preflight(state)  # encodes the prompted frames' memory (idempotent)
+        _upcast_memory(state)
+        for reverse in (False, True):
+            outermost = {p.object_id: (min if reverse else max)(b.k for b in p.boxes) - z0 for p in group}
+            vanish = _Vanish(self.vanish_frames, outermost, reverse)
+            for f, obj_ids, masks in predictor.propagate_in_video(state, reverse=reverse):
+                check(cancel)
+                _upcast_memory(state, f)
+                k = z0 + f
+                logits = masks[:, 0].float().cpu().numpy()
+                for idx, oid in enumerate(obj_ids):
+                    if oid in vanish.done:
+                        continue
+                    result = results[oid]
+                    result.logits[k] = logits[idx]
+                    if k not in result.scores:
+                        result.slices.append(k)
+                    result.scores[k] = self._presence(state, idx, f)
+                    if unbounded:
+                        vanish.update(f, oid, bool((logits[idx] > 0).any()))
+                tick(k)
+                if unbounded and vanish.all_done:
+                    break
+        predictor.reset_state(state)  # free the per-frame outputs; the image features stay cached
+
+    @staticmethod
+    def _presence(state: dict, obj_idx: int, f: int) -> float:
+        """SAM 2's object-presence probability (sigmoid of ``object_score_logits``) on frame ``f``."""
+        outputs = state["output_dict_per_obj"][obj_idx]
+        out = outputs["cond_frame_outputs"].get(f) or outputs["non_cond_frame_outputs"].get(f)
+        if out is None or out.get("object_score_logits") is None:
+            return float("nan")
+        return float(out["object_score_logits"].float().sigmoid().reshape(-1)[0])
+
+
+Sam2Engine._prepared_type = Sam2Prepared
