@@ -93,9 +93,10 @@ def _check_device(device: str) -> str:
 
 
 def get_engine(name: str = DEFAULT_ENGINE, device: str = "cpu",
-               checkpoint: Optional[Union[str, Path]] = None) -> PromptableEngine:
+               checkpoint: Optional[Union[str, Path]] = None, *, download: bool = False) -> PromptableEngine:
     """A loaded engine, cached per ``(name, device, checkpoint)``.
 
+    ``download=True`` lets a weights engine fetch its official checkpoint into the cache when it is missing.
     Raises :class:`InputError` for an unknown name or device, :class:`CheckpointError` when a given
     ``checkpoint`` file does not exist (engines that need weights resolve ``checkpoint=None`` through
     their own weights catalog and raise :class:`CheckpointError` if it is not available).
@@ -122,7 +123,8 @@ def get_engine(name: str = DEFAULT_ENGINE, device: str = "cpu",
                                  f"(install the optional dependencies, e.g. pip install 'mrisegassist[sam,sam2]')"
                                  ) from None
             factory = getattr(module, spec.cls)
-            engine = factory() if spec.variant is None else factory(spec.variant, device, ckpt)
+            extra = {"download": True} if download else {}
+            engine = factory() if spec.variant is None else factory(spec.variant, device, ckpt, **extra)
             engine.name = name
             _cache[key] = engine
     return engine

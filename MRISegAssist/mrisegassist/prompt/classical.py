@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -49,8 +50,11 @@ class ClassicalParams:
     core: float = 0.25            #: box centre = box shrunk by this fraction on each side
     peak_percentile: float = 90.0  #: F = this percentile of J in the core
     min_cnr: float = 2.0          #: the object is present when F >= min_cnr
-    min_relative_contrast: float = 0.5  #: ... and (propagated slices) F >= this fraction of the prompted one's
+    min_relative_contrast: float = 0.7  #: ... and (propagated slices) F >= this fraction of the prompted one's
     bg_percentile: float = 65.0   #: background level = this percentile of the ring (polarity-adjusted)
+    min_span: float = 0.8         #: prompted slice: the mask should span this fraction of the box ...
+    span_scales: tuple = (1.0, 0.75, 0.5)  #: ... else seed levels are scaled down by these factors in turn
+    anchor_level: bool = True     #: propagated slices: thresholds from the prompted slice's object level
     polarity: str = "auto"        #: "auto", "bright" or "dark" object
 
 
@@ -114,6 +118,14 @@ def noise_level(prepared: "PreparedVolume", n_slices: int = 12) -> float:
     return max(1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0), 1e-3)
 
 
+def _span(mask: np.ndarray, inbox: np.ndarray) -> float:
+    """How far ``mask`` spans the box: the smaller of its width and height fractions of the box's."""
+    mj, mi = np.nonzero(mask)
+    bj, bi = np.nonzero(inbox)
+    return min((mi.max() - mi.min() + 1) / (bi.max() - bi.min() + 1),
+               (mj.max() - mj.min() + 1) / (bj.max() - bj.min() + 1))
+
+
 def _fingerprint(volume: np.ndarray) -> str:
     flat = np.ascontiguousarray(volume.reshape(-1)[:: max(1, volume.size // 65536)])
     return hashlib.sha1(flat.tobytes() + str(volume.shape).encode() + str(volume.dtype).encode()).hexdigest()
@@ -124,7 +136,8 @@ class ClassicalEngine(SliceEngine):
 
     name = "classical"
     accepts_prior = True
-    propagation = PropagationConfig(margin=0.25, min_margin=3, min_area=1, min_score=0.0, max_growth=2.0)
+    propagation = PropagationConfig(margin=0.1, min_margin=2, min_area=1, min_score=0.0, max_growth=1.5,
+                                    max_area_ratio=1.5)
 
     def __init__(self, params: Optional[ClassicalParams] = None, cache_size: int = 2) -> None:
         self.params = params or ClassicalParams()
@@ -235,7 +248,7 @@ class ClassicalEngine(SliceEngine):
             base = max(base, bg_anchor)
             ref = obj_level - bg_anchor
             present = peak - base >= max(p.min_relative_contrast * ref, p.min_cnr * prepared.noise)
-            level = min(peak, obj_level) - base
+            level = (obj_level - base) if p.anchor_level else (min(peak, obj_level) - base)
         else:
             present = peak - base >= p.min_cnr * prepared.noise
             level = peak - base
@@ -243,7 +256,24 @@ class ClassicalEngine(SliceEngine):
             out[region] = -MAX_LOGIT
             return out, 0.0
         contrast = (u - base) / level  # 0 = background level, 1 = object level
-        fg = inbox & (contrast >= p.fg_level)
+        # prompted slice: the object should span the box; lower the seed levels until it does (box prior)
+        scales = (1.0,) if prior is not None else p.span_scales
+        for scale in scales:
+            check(cancel)
+            prob = self._walk_levels(contrast, inbox, ring, core, scale)
+            mask = prob > 0.5
+            if not mask.any() or _span(mask, inbox) >= p.min_span:
+                break
+        prob = np.clip(prob, 1e-4, 1 - 1e-4)
+        out[region] = np.clip(np.log(prob / (1.0 - prob)), -MAX_LOGIT, MAX_LOGIT)
+        return out, (float(prob[mask].mean()) if mask.any() else 0.0)
+
+    def _walk_levels(self, contrast: np.ndarray, inbox: np.ndarray, ring: np.ndarray, core: np.ndarray,
+                     scale: float) -> np.ndarray:
+        """Seeds from the contrast (foreground ``>= scale * fg_level`` connected to the core, background the
+        ring and ``<= scale * bg_level`` in the box) and the random walker's foreground probability."""
+        p = self.params
+        fg = inbox & (contrast >= scale * p.fg_level)
         labels, n = ndimage.label(fg, structure=np.ones((3, 3), bool))
         if n > 1:
             touching = np.unique(labels[core & fg])
@@ -251,31 +281,44 @@ class ClassicalEngine(SliceEngine):
             if touching.size == 0:
                 touching = [labels.flat[np.argmax(np.where(fg, contrast, -np.inf))]]
             fg = np.isin(labels, touching)
-        seeds = np.zeros(crop.shape, dtype=np.int32)
-        seeds[ring | (inbox & (contrast <= p.bg_level))] = 1
+        seeds = np.zeros(contrast.shape, dtype=np.int32)
+        seeds[ring | (inbox & (contrast <= scale * p.bg_level))] = 1
         seeds[fg] = 2
-        check(cancel)
-        prob = np.clip(self._random_walk(contrast, seeds), 1e-4, 1 - 1e-4)
-        out[region] = np.clip(np.log(prob / (1.0 - prob)), -MAX_LOGIT, MAX_LOGIT)
-        mask = prob > 0.5
-        return out, (float(prob[mask].mean()) if mask.any() else 0.0)
+        return self._random_walk(contrast, seeds)
 
     def _polarity(self, crop: np.ndarray, core: np.ndarray, inbox: np.ndarray, noise: float) -> float:
-        """+1 if the object (box centre, else the box) is brighter than the ring around it, -1 if darker."""
+        """+1 if the boxed object is brighter than its surroundings, -1 if darker.
+
+        For each polarity the candidate object is the largest connected region of the box at least half-way
+        from the ring's median to the box's extreme; the polarity whose candidate spans the box clearly
+        better wins (a box is drawn around its object), else the one with the stronger extreme contrast.
+        """
         if self.params.polarity != "auto":
             return 1.0 if self.params.polarity == "bright" else -1.0
-        z = (crop - float(np.median(crop[~inbox]))) / noise if (~inbox).any() else crop / noise
-        for region in (core, inbox):
-            centre = float(np.median(z[region]))
-            if abs(centre) >= 1.0:
-                return 1.0 if centre > 0 else -1.0
-        bright, dark = np.percentile(z[inbox], 95), np.percentile(-z[inbox], 95)
-        return 1.0 if bright >= dark else -1.0
+        ring = ~inbox if (~inbox).any() else inbox
+        z = (crop - float(np.median(crop[ring]))) / noise
+        spans, peaks = {}, {}
+        for sign in (1.0, -1.0):
+            zs = sign * z
+            peak = peaks[sign] = float(np.percentile(zs[inbox], 98))
+            cand = inbox & (zs >= 0.5 * peak) if peak > 0 else np.zeros_like(inbox)
+            labels, n = ndimage.label(cand, structure=np.ones((3, 3), bool))
+            if n == 0:
+                spans[sign] = 0.0
+                continue
+            largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+            spans[sign] = _span(largest, inbox)
+        if abs(spans[1.0] - spans[-1.0]) > 0.25:
+            return 1.0 if spans[1.0] > spans[-1.0] else -1.0
+        return 1.0 if peaks[1.0] >= peaks[-1.0] else -1.0
 
     def _random_walk(self, data: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """Foreground probability ``[j, i]`` of the 2-label random walker (seeds: 1 bg, 2 fg, 0 unknown)."""
-        if not (seeds == 0).any():
-            return (seeds == 2).astype(np.float32)
-        prob = random_walker(data.astype(np.float64), seeds, beta=self.params.beta, mode="cg_j",
-                             return_full_prob=True, tol=1e-3)
+        if not (seeds == 0).any() or not (seeds == 2).any() or not (seeds == 1).any():
+            return (seeds == 2).astype(np.float32) if (seeds != 1).any() and (seeds == 2).any() else \
+                np.zeros(seeds.shape, np.float32)
+        with warnings.catch_warnings():  # "probability range is outside [0, 1]": clipped by the caller
+            warnings.filterwarnings("ignore", message="The probability range", category=UserWarning)
+            prob = random_walker(data.astype(np.float64), seeds, beta=self.params.beta, mode="cg_j",
+                                 return_full_prob=True, tol=1e-3)
         return prob[1].astype(np.float32)

@@ -49,7 +49,9 @@ class PropagationConfig:
     ``margin``: fraction of the previous mask's bounding-box size added on each side of the next box, at least
     ``min_margin`` voxels. ``min_area``: a slice mask with fewer pixels means the object vanished.
     ``min_score``: a lower engine score stops the walk. ``max_growth``: stop when the mask area jumps by more than
-    this factor from one slice to the next (and by more than ``min_margin**2`` pixels); ``None`` disables it.
+    this factor from one slice to the next (and by more than ``min_margin**2`` pixels); ``max_area_ratio``: stop
+    when a propagated mask is larger than this factor times the largest prompted-slice mask of the object
+    (gradual leaks into neighbouring tissue). ``None`` disables either check.
     """
 
     margin: float = 0.1
@@ -57,6 +59,7 @@ class PropagationConfig:
     min_area: int = 1
     min_score: float = 0.0
     max_growth: Optional[float] = None
+    max_area_ratio: Optional[float] = None
 
     def next_box(self, mask2d: np.ndarray) -> np.ndarray:
         """``[x0, y0, x1, y1]`` of ``mask2d`` (``[j, i]`` bool) enlarged by the margin, clipped to the slice."""
@@ -106,6 +109,7 @@ class _ObjectWalk:
         self.slices: list[int] = []
         self.scores: dict[int, float] = {}
         self.predicted = 0
+        self.anchor_area = 0
         self.anchor_of: dict[int, tuple[int, np.ndarray]] = {}  # kept slice -> (prompted slice, its mask)
         self._prior = bool(getattr(engine, "accepts_prior", False))
 
@@ -124,9 +128,12 @@ class _ObjectWalk:
         cfg = self.config
         if area < max(cfg.min_area, 1) or float(score) < cfg.min_score:
             return False
-        if (cfg.max_growth is not None and prev_area is not None
-                and area > cfg.max_growth * prev_area and area - prev_area > cfg.min_margin ** 2):
-            return False
+        if prev_area is not None:  # a propagated slice: leak checks
+            slack = max(cfg.min_margin, 1) ** 2
+            if cfg.max_growth is not None and area > cfg.max_growth * prev_area and area - prev_area > slack:
+                return False
+            if cfg.max_area_ratio is not None and area > cfg.max_area_ratio * self.anchor_area + slack:
+                return False
         self.logits[k] = np.where(fg & ~keep, OUTSIDE_LOGIT, logits2d)
         self.mask[k] = keep
         self.kept[k] = True
@@ -155,6 +162,7 @@ class _ObjectWalk:
         p = self.prompt
         lo, hi = p.z_range if p.z_range is not None else (0, self.mask.shape[0] - 1)
         anchors = [b.k for b in p.boxes if self.predict(b.k, b.xyxy, None, None)]
+        self.anchor_area = max((int(self.mask[k].sum()) for k in anchors), default=0)
         if anchors:
             self.walk(anchors[0], -1, lo)
             for a, b in zip(anchors, anchors[1:]):

@@ -1,0 +1,222 @@
+"""``mrisegassist prompt``: box-prompted 3D segmentation with any registered engine.
+
+Boxes are voxel rectangles on axial slices: ``K,X0,Y0,X1,Y1`` with ``K`` the slice index (k) and ``X``/``Y``
+the voxel column (i) / row (j), inclusive. Objects:
+
+* ``--box K,X0,Y0,X1,Y1`` (repeatable): each box without a prefix is a new object;
+* ``--box ID:K,X0,Y0,X1,Y1``: boxes with the same ``ID`` prefix belong to one object (e.g. three boxes on three
+  slices of one lesion, strategy B); ``--object-boxes "K,X0,Y0,X1,Y1;K,X0,Y0,X1,Y1"`` is one object too;
+* ``--boxes-from-mask REF --strategy A|B``: one object per connected component (``--mode components``) or per
+  label value (``--mode labels``) of a reference mask, boxes from its rectangles (the MedSAM2 seed);
+* ``--z-range Z0,Z1`` limits every object to slices Z0..Z1 (``ID:Z0,Z1`` one object only).
+
+The fused label map (uint16, 0 = background, values = object ids) is written in the input's geometry,
+atomically, after every input was checked; ``--ref-mask`` adds overlap metrics against a reference.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import InputError
+from . import add_json_flag, emit
+
+_INT = r"-?\d+"
+_BOX = re.compile(rf"^(?:(\d+):)?\s*({_INT}),\s*({_INT}),\s*({_INT}),\s*({_INT}),\s*({_INT})$")
+_ZR = re.compile(rf"^(?:(\d+):)?\s*({_INT}),\s*({_INT})$")
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def parse_box(text: str):
+    """``[ID:]K,X0,Y0,X1,Y1`` -> ``(object id or None, Box2D)``; :class:`InputError` if malformed."""
+    from ..prompt.base import Box2D
+
+    m = _BOX.match(text.strip())
+    if not m:
+        raise InputError(f"--box {text!r}: expected [ID:]K,X0,Y0,X1,Y1 (slice index, then voxel i/j corners)")
+    oid = int(m.group(1)) if m.group(1) else None
+    k, x0, y0, x1, y1 = (int(g) for g in m.groups()[1:])
+    return oid, Box2D(k=k, i0=x0, j0=y0, i1=x1, j1=y1)
+
+
+def parse_z_range(text: str) -> tuple[Optional[int], tuple[int, int]]:
+    """``[ID:]Z0,Z1`` -> ``(object id or None, (z0, z1))``."""
+    m = _ZR.match(text.strip())
+    if not m:
+        raise InputError(f"--z-range {text!r}: expected [ID:]Z0,Z1 (inclusive slice indices)")
+    return (int(m.group(1)) if m.group(1) else None), (int(m.group(2)), int(m.group(3)))
+
+
+def prompts_from_args(args: argparse.Namespace, reference: Optional[np.ndarray]) -> list:
+    """Build the :class:`ObjectPrompt` list from ``--box``/``--object-boxes``/``--boxes-from-mask``/``--z-range``."""
+    from ..prompt.base import ObjectPrompt
+    from ..prompt.strategies import prompts_from_mask
+
+    grouped: dict[int, list] = {}
+    loose = [parse_box(b) for b in args.box or []]
+    for oid, box in loose:
+        if oid is not None:
+            grouped.setdefault(oid, []).append(box)
+    groups = [[parse_box(b)[1] for b in spec.split(";") if b.strip()] for spec in args.object_boxes or []]
+    if any(not g for g in groups):
+        raise InputError("--object-boxes: no box given")
+    used = set(grouped)
+    next_id = iter(i for i in range(1, 65536) if i not in used)
+    for oid, box in loose:
+        if oid is None:
+            grouped[next(next_id)] = [box]
+    for boxes in groups:
+        grouped[next(next_id)] = boxes
+    prompts = [ObjectPrompt(oid, boxes) for oid, boxes in sorted(grouped.items())]
+    if reference is not None:
+        first = max(grouped, default=0) + 1
+        derived = prompts_from_mask(reference, args.strategy, mode=args.mode, min_voxels=args.min_voxels,
+                                    margin=args.box_margin, with_z_range=args.with_z_range)
+        prompts += [ObjectPrompt(p.object_id + first - 1 if prompts else p.object_id, p.boxes, p.z_range)
+                    for p in derived]
+    if not prompts:
+        raise InputError("no object: give --box, --object-boxes or --boxes-from-mask")
+    ids = {p.object_id for p in prompts}
+    for spec in args.z_range or []:
+        oid, z = parse_z_range(spec)
+        if oid is not None and oid not in ids:
+            raise InputError(f"--z-range {spec!r}: there is no object {oid} (objects: {sorted(ids)})")
+        for p in prompts:
+            if oid is None or p.object_id == oid:
+                p.z_range = z
+    return prompts
+
+
+def _check_output(path: Path) -> None:
+    if not path.name.lower().endswith(OUTPUT_SUFFIXES):
+        raise InputError(f"-o {path}: unsupported output format; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise InputError(f"-o {path}: output folder {path.parent} does not exist")
+
+
+def _read_mask(path: str, geometry, what: str) -> np.ndarray:
+    from ..volume import read_volume, resample_to
+
+    vol = read_volume(path, kind="label", name=f"{what} {Path(path).name}")
+    if not vol.geometry.same_as(geometry):
+        vol = resample_to(vol, geometry, "nearest")
+    return vol.array
+
+
+def run_prompt(args: argparse.Namespace) -> dict:
+    """Check every input, segment, fuse, write; returns the result document (see module docstring)."""
+    from ..progress import tqdm_progress
+    from ..prompt import get_engine
+    from ..prompt.fusion import fuse
+    from ..prompt.propagation import validate_prompts
+    from ..volume import read_volume, write_volume
+
+    if not args.input or not args.output:
+        raise InputError("--input and -o/--output are required (or use --list-engines)")
+    output = Path(args.output)
+    _check_output(output)
+    volume = read_volume(args.input, name=Path(args.input).name)
+    reference = _read_mask(args.boxes_from_mask, volume.geometry, "--boxes-from-mask") \
+        if args.boxes_from_mask else None
+    ref_mask = _read_mask(args.ref_mask, volume.geometry, "--ref-mask") if args.ref_mask else None
+    prompts = validate_prompts(prompts_from_args(args, reference), volume.array.shape)
+    engine = get_engine(args.engine, device=args.device, checkpoint=args.checkpoint, download=args.download)
+
+    quiet = args.json or args.quiet
+    bar, close = tqdm_progress(f"{args.engine}: prepare", disable=quiet)
+    try:
+        prepared = engine.prepare(volume.array, progress=bar)
+    finally:
+        close()
+    bar, close = tqdm_progress(f"{args.engine}: segment", disable=quiet)
+    try:
+        results = engine.segment(prepared, prompts, progress=bar)
+    finally:
+        close()
+    labels = fuse(results, keep_largest_component=not args.keep_all_components)
+    write_volume(volume.with_array(labels, name="labels"), output)
+
+    voxel_ml = volume.geometry.voxel_volume_ml
+    objects = []
+    for p, r in zip(prompts, results):
+        objects.append({"object_id": p.object_id, "boxes": [list(b.as_tuple()) for b in p.boxes],
+                        "z_range": list(p.z_range) if p.z_range else None,
+                        "slices": [int(k) for k in r.slices], "slice_range": [min(r.slices), max(r.slices)]
+                        if r.slices else None,
+                        "mean_score": float(np.mean(list(r.scores.values()))) if r.scores else 0.0,
+                        "volume_ml": float(np.count_nonzero(labels == p.object_id)) * voxel_ml})
+    doc = {"engine": args.engine, "input": str(args.input), "output": str(output), "objects": objects,
+           "total_volume_ml": float(np.count_nonzero(labels)) * voxel_ml}
+    if ref_mask is not None:
+        from ..metrics import overlap_metrics
+
+        doc["metrics"] = overlap_metrics(labels > 0, ref_mask > 0, volume.geometry.spacing)
+    return doc
+
+
+def format_text(doc: dict) -> str:
+    lines = [f"{doc['engine']}: wrote {doc['output']} ({len(doc['objects'])} object(s), "
+             f"{doc['total_volume_ml']:.3f} ml)"]
+    for o in doc["objects"]:
+        rng = f"slices {o['slice_range'][0]}..{o['slice_range'][1]} ({len(o['slices'])})" if o["slices"] \
+            else "nothing found"
+        lines.append(f"  object {o['object_id']}: {rng}, {o['volume_ml']:.3f} ml, mean score {o['mean_score']:.2f}")
+    m = doc.get("metrics")
+    if m:
+        hd = f", HD95 {m['hd95_mm']:.1f} mm" if m.get("hd95_mm") is not None else ""
+        lines.append(f"  vs --ref-mask: Dice {m['dice']:.3f}, IoU {m['iou']:.3f}{hd}, "
+                     f"volume {m['volume_pred_ml']:.3f} / {m['volume_ref_ml']:.3f} ml")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list_engines:
+        from ..prompt import list_engines
+
+        engines = list_engines()
+        emit(args, engines, lambda es: "\n".join(
+            f"{e['name']:24s} {'weights' if e['needs_weights'] else 'no weights':10s} {e['description']} "
+            f"[{e['licence']}]" for e in es))
+        return 0
+    emit(args, run_prompt(args), format_text)
+    return 0
+
+
+def register(sub) -> None:
+    from ..prompt import DEFAULT_ENGINE
+
+    p = sub.add_parser("prompt", help="box-prompted 3D segmentation (classical, SAM, SAM 2.1, MedSAM2)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"engine name (default {DEFAULT_ENGINE}; "
+                   "see --list-engines)")
+    p.add_argument("--input", "-i", help="MRI volume (NIfTI, NRRD, MHA, GIPL or DICOM folder)")
+    p.add_argument("--output", "-o", help="output label map (.nii.gz, .nrrd, .mha)")
+    p.add_argument("--box", action="append", metavar="[ID:]K,X0,Y0,X1,Y1",
+                   help="a box on slice K (voxel i/j corners, inclusive); same ID = same object")
+    p.add_argument("--object-boxes", action="append", metavar="K,X0,Y0,X1,Y1;K,...",
+                   help="several boxes (';'-separated, on different slices) of one object")
+    p.add_argument("--z-range", action="append", metavar="[ID:]Z0,Z1", help="limit propagation to slices Z0..Z1")
+    p.add_argument("--boxes-from-mask", metavar="REF", help="derive one object per component/label of REF")
+    p.add_argument("--strategy", choices=("A", "B"), default="A",
+                   help="with --boxes-from-mask: A = one box at the middle slice, B = boxes at 1/4, 1/2, 3/4")
+    p.add_argument("--mode", choices=("components", "labels"), default="components",
+                   help="with --boxes-from-mask: objects are connected components or label values")
+    p.add_argument("--min-voxels", type=int, default=1, help="with --boxes-from-mask: ignore smaller objects")
+    p.add_argument("--box-margin", type=int, default=0, help="with --boxes-from-mask: enlarge boxes (voxels)")
+    p.add_argument("--with-z-range", action="store_true",
+                   help="with --boxes-from-mask: give each object its reference z-range")
+    p.add_argument("--checkpoint", help="model checkpoint for engines that need weights")
+    p.add_argument("--download", action="store_true",
+                   help="allow downloading the engine's official checkpoint into the cache if it is missing")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (foundation models)")
+    p.add_argument("--ref-mask", help="reference mask: print overlap metrics of the result against it")
+    p.add_argument("--keep-all-components", action="store_true",
+                   help="do not reduce each object to its largest connected component")
+    p.add_argument("--list-engines", action="store_true", help="list the engines and exit")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_json_flag(p)
+    p.set_defaults(func=_run)

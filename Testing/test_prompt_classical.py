@@ -1,0 +1,125 @@
+"""The weights-free classical engine on real MRI with expert labels: accuracy (through the accuracy
+benchmark), bright and dark objects, thick slices, re-prompting without re-preparing, input left untouched."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import DATA, data_path
+
+from mrisegassist.bench.prompt_accuracy import CASES, run_case
+from mrisegassist.cli import main
+from mrisegassist.prompt.base import Box2D, ObjectPrompt
+from mrisegassist.prompt.classical import ClassicalEngine
+from mrisegassist.prompt.fusion import fuse
+from mrisegassist.prompt.strategies import boxes_for_object, objects_from_mask, prompts_from_mask
+from mrisegassist.volume import read_volume
+
+
+def _dice(a, b) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+@pytest.fixture(scope="module")
+def ms07():
+    flair = read_volume(data_path("ms-lesjak", "patient07", "flair.nii.gz"))
+    lesions = read_volume(data_path("ms-lesjak", "patient07", "lesions.nii.gz"), kind="label").array > 0
+    return flair, lesions
+
+
+def test_accuracy_on_expert_ms_lesions(ms07):
+    """MS lesions (FLAIR, expert consensus): one box per lesion; a broken engine scores near 0."""
+    data_path("ms-lesjak", "patient07")
+    result = run_case(CASES["ms07"], DATA, ClassicalEngine(), strategies=("A", "B"))
+    a, b = result["strategies"]["A"], result["strategies"]["B"]
+    print(f"ms07 classical Dice vs expert: A {a['dice']:.3f} (lesion median {a['lesion_dice_median']:.2f}), "
+          f"B {b['dice']:.3f} (lesion median {b['lesion_dice_median']:.2f}), {result['lesions']} lesions")
+    assert result["labels"] == "expert" and result["lesions"] >= 20
+    assert a["dice"] >= 0.5 and b["dice"] >= 0.65
+    assert b["lesion_dice_median"] >= 0.65 and b["lesions_dice_ge_0.5"] >= 0.75
+    assert a["slices_segmented"] > result["lesions"]  # propagation went beyond the prompted slices
+
+
+def test_accuracy_command_on_thick_slice_lesions(tmp_path, capsys):
+    """``mrisegassist bench prompt-accuracy`` on the 6.5 mm post-contrast T1 lesions (expert labels)."""
+    data_path("radiomics-brain", "brain1_image.nrrd")
+    code = main(["bench", "prompt-accuracy", "--cases", "radiomics1", "--data", str(DATA), "--out",
+                 str(tmp_path), "--json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    case = doc["cases"][0]
+    assert doc["labels"] == "expert" and case["case"] == "radiomics1" and case["lesions"] == 2
+    assert case["strategies"]["A"]["dice"] >= 0.4 and case["strategies"]["B"]["dice"] >= 0.6
+    assert (tmp_path / "prompt_accuracy_dice.png").stat().st_size > 10_000
+    assert (tmp_path / "prompt_accuracy_radiomics1_B.png").is_file()
+
+
+def test_bright_tumour_on_flair():
+    """BraTS whole tumour on FLAIR (expert), one box on the middle slice: good 3D extent from propagation."""
+    flair = read_volume(data_path("brats2013-deepmedic", "pat0002", "flair.nii.gz"))
+    labels = read_volume(data_path("brats2013-deepmedic", "pat0002", "labels.nii.gz"), kind="label").array
+    tumour = labels > 0
+    engine = ClassicalEngine()
+    prompts = prompts_from_mask(tumour, "A", min_voxels=1000)
+    result = engine.segment(engine.prepare(flair.array), prompts)
+    fused = fuse(result)
+    assert _dice(fused > 0, tumour) >= 0.8
+    ks = np.nonzero(tumour.any(axis=(1, 2)))[0]
+    got = sorted(result[0].slices)
+    assert got[0] <= ks[0] + 5 and got[-1] >= ks[-1] - 5
+
+
+def test_dark_structure_is_found_without_being_told():
+    """Temporal horns of the lateral ventricles are dark on T1 (manual labels): polarity found automatically."""
+    t1 = read_volume(data_path("itksnap-mricrop", "t1.gipl.gz"))
+    labels = read_volume(data_path("itksnap-mricrop", "labels.gipl.gz"), kind="label").array
+    horns = labels == 6
+    engine = ClassicalEngine()
+    prepared = engine.prepare(t1.array)
+    fused = fuse(engine.segment(prepared, prompts_from_mask(horns, "B", min_voxels=50)))
+    assert _dice(fused > 0, horns) >= 0.75
+    assert np.median(t1.array[fused > 0]) < np.median(t1.array[labels > 0])
+
+
+def test_box_on_normal_white_matter_finds_nothing(ms07):
+    flair, lesions = ms07
+    engine = ClassicalEngine()
+    box = Box2D(80, 120, 80, 128, 88)
+    assert not lesions[75:86, 75:94, 115:134].any()
+    result = engine.segment(engine.prepare(flair.array), [ObjectPrompt(1, [box])])[0]
+    assert result.mask.sum() == 0 and result.slices == []
+
+
+def test_reprompting_reuses_the_prepared_volume(ms07):
+    flair, lesions = ms07
+    before = flair.array.copy()
+    engine = ClassicalEngine()
+    prepared = engine.prepare(flair.array)
+    assert engine.prepare(flair.array) is prepared and engine.normalisations == 1
+    assert np.array_equal(flair.array, before)  # the input is never modified
+    _, lesion = objects_from_mask(lesions, min_voxels=10)[0]
+    (box,) = boxes_for_object(lesion, "A")
+    first = engine.segment(prepared, [ObjectPrompt(1, [box])])[0]
+    misses, hits = prepared.slice_misses, prepared.slice_hits
+    moved = Box2D(box.k, box.i0 + 1, box.j0, box.i1 + 1, box.j1 + 1)  # the user nudges the box
+    second = engine.segment(prepared, [ObjectPrompt(1, [moved])])[0]
+    assert engine.normalisations == 1
+    assert prepared.slice_hits > hits
+    new_slices = set(second.slices) - set(first.slices)
+    assert prepared.slice_misses - misses <= len(new_slices) + 2
+    assert _dice(first.mask, second.mask) > 0.7
+
+
+def test_prepare_rejects_bad_volumes():
+    engine = ClassicalEngine()
+    from mrisegassist.errors import InputError
+
+    with pytest.raises(InputError, match="empty"):
+        engine.prepare(np.zeros((4, 16, 16), np.float32))
+    with pytest.raises(InputError, match="3D"):
+        engine.prepare(np.ones((16, 16), np.float32))
+    bad = np.ones((4, 16, 16), np.float32)
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        engine.prepare(bad)
