@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from mrisegassist.cli import main
 from mrisegassist.errors import InputError
@@ -87,7 +88,7 @@ def test_labels_inside_brain_with_sensible_volumes(cases, tissue):
         assert set(vols) <= values, kind
         if kind == "glioma":
             assert set(vols) == {1, 2, 3, 4}
-            assert 10 < sum(vols.values()) < 250 and 2 < vols[1] + vols[3] + vols[4] < 60
+            assert 20 < sum(vols.values()) < 350 and 5 < vols[1] + vols[3] + vols[4] < 100  # BraTS-like
             wm_frac = tissue["wm"][lab == 2].mean()
             assert wm_frac > 0.5  # oedema follows white matter
         elif kind == "metastases":
@@ -95,7 +96,7 @@ def test_labels_inside_brain_with_sensible_volumes(cases, tissue):
             assert 2 <= n <= 5 and 0.2 < vols[1] < 30 and vols[2] > vols[1]
         elif kind == "ms":
             n = ndimage.label(lab == 1, structure=np.ones((3, 3, 3)))[1]
-            assert 4 <= n <= 20 and 0.2 < vols[1] < 20
+            assert 4 <= n <= 25 and 0.5 < vols[1] < 20
             assert tissue["wm"][lab == 1].mean() > 0.6  # white-matter lesions
         else:
             assert vols == {} and case.label_info == []
@@ -140,9 +141,64 @@ def test_write_case_layouts_and_cli(cases, tmp_path, capsys):
     assert np.array_equal(seg.volume.array == 3, lab == 4)
     with pytest.raises(InputError, match="unknown naming"):
         write_case(case, tmp_path / "x", naming="nnunet")
-    rc = main(["synth", "--kind", "metastases", "--seed", "5", "-o", str(tmp_path / "cli"), "--json"])
+    rc = main(["synth", "--kind", "metastases", "--seed", "3", "-o", str(tmp_path / "cli"), "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out[0]["seed"] == 5 and (tmp_path / "cli" / "labels.nii.gz").exists()
+    assert out[0]["seed"] == 3 and (tmp_path / "cli" / "labels.nii.gz").exists()
     assert np.array_equal(read_volume(tmp_path / "cli" / "labels.nii.gz", kind="label").array,
-                          make_case("metastases", seed=5).labels.array)
+                          cases["metastases"].labels.array)
+    assert out[0]["label_volumes_ml"]["metastasis"] == pytest.approx((cases["metastases"].labels.array == 1).sum() / 1000)
+
+
+# -------------------------------------------------------------------------------------------- overlays
+def _lps_grids(geometry):
+    """LPS x, y, z of every voxel centre as ``[k, j, i]`` arrays."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in geometry.shape], indexing="ij")
+    pts = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ geometry.ijk_to_lps.T
+    return pts[..., 0], pts[..., 1], pts[..., 2]
+
+
+@pytest.mark.parametrize("direction", [
+    (1, 0, 0, 0, -1, 0, 0, 0, 1),            # ms-lesjak / radiomics
+    (-1, 0, 0, 0, -1, 0, 0, 0, 1),           # MNI template (RAS-stored NIfTI)
+    (0, 0, -1, 1, 0, 0, 0, -1, 0),           # sagittal acquisition, axes permuted
+    tuple(Rotation.from_rotvec([0.15, 0.3, 0.45]).as_matrix().ravel()),  # oblique
+])
+def test_canonical_orientation(direction):
+    """After reorientation the display array runs inferior->superior, anterior->posterior, right->left."""
+    from mrisegassist.viz import canonical_axes, to_canonical
+    from mrisegassist.volume import Geometry
+
+    g = Geometry((7, 6, 5), (1.0, 2.0, 3.0), (10.0, -20.0, 30.0), tuple(float(v) for v in direction))
+    x, y, z = (to_canonical(a, canonical_axes(g.direction_matrix)) for a in _lps_grids(g))
+    assert np.all(np.diff(z, axis=0) > 0)  # S increases along axis 0
+    assert np.all(np.diff(y, axis=1) > 0)  # P increases along axis 1: anterior at the top of an axial view
+    assert np.all(np.diff(x, axis=2) > 0)  # L increases along axis 2: patient left on the right (radiological)
+
+
+def test_overlay_png_of_synthetic_case(cases, artifacts, tmp_path):
+    import matplotlib.image as mpimg
+
+    from mrisegassist.errors import InputError as Err
+    from mrisegassist.viz import overlay_png, plot_bars, plot_benchmark
+
+    case = cases["glioma"]
+    pred = np.where(case.labels.array == 3, 0, case.labels.array)  # a "prediction" missing one label
+    out = overlay_png(case.images["flair"], case.labels.with_array(pred), artifacts / "synth_glioma_overlay.png",
+                      label_info=case.label_info, reference=case.labels.array, title="synthetic glioma, seed 3")
+    png = mpimg.imread(out)
+    assert png.shape[0] > 700 and png.shape[1] > 1000
+    rgb = png[..., :3]
+    saturated = np.count_nonzero(rgb.max(axis=-1) - rgb.min(axis=-1) > 0.25)
+    plain = mpimg.imread(overlay_png(case.images["flair"], None, tmp_path / "plain.png"))[..., :3]
+    assert saturated > 20 * max(np.count_nonzero(plain.max(axis=-1) - plain.min(axis=-1) > 0.25), 1)
+    with pytest.raises(Err, match="differs from image shape"):
+        overlay_png(case.images["flair"], np.zeros((3, 3, 3)), tmp_path / "x.png")
+    with pytest.raises(Err, match="outside the volume"):
+        overlay_png(case.images["flair"], None, tmp_path / "x.png", slices=(500, 1, 1))
+    bars = plot_bars({"necrosis": {"2d": 0.7, "3d": 0.8}, "oedema": {"2d": 0.6, "3d": 0.65}},
+                     tmp_path / "bars.png", title="Dice", ylabel="Dice")
+    bench = plot_benchmark({"MONAI sliding window": 12.0, "ours": 9.0}, tmp_path / "bench.png",
+                           baseline="MONAI sliding window", title="inference")
+    assert mpimg.imread(bars).size and mpimg.imread(bench).size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bars.png", "bench.png", "plain.png"]

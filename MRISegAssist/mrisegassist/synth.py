@@ -127,11 +127,14 @@ def _template() -> dict[str, sitk.Image]:
     return maps
 
 
-def _brain_centre_lps(image: sitk.Image) -> np.ndarray:
-    brain = sitk.GetArrayFromImage(image) > 0.5
+@lru_cache(maxsize=1)
+def _template_brain_centre() -> tuple[float, float, float]:
+    """LPS centre of the template brain's bounding box."""
+    image = _template()["brain"]
+    brain = sitk.GetArrayViewFromImage(image) > 0.5
     kji = [(np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != ax)))) for ax in range(3)]
     centre_ijk = [(kji[ax][0] + kji[ax][-1]) / 2.0 for ax in (2, 1, 0)]
-    return np.asarray(image.TransformContinuousIndexToPhysicalPoint(centre_ijk))
+    return tuple(image.TransformContinuousIndexToPhysicalPoint(centre_ijk))
 
 
 def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
@@ -156,7 +159,7 @@ def _anatomy(grid: str, rng: np.random.Generator, jitter: bool) -> tuple[Geometr
         transform = sitk.AffineTransform(3)
         transform.SetCenter(centre[:3].tolist())
         transform.SetMatrix((_rotation(*angles) / scale).ravel().tolist())
-        transform.SetTranslation((_brain_centre_lps(maps["brain"]) - centre[:3]).tolist())
+        transform.SetTranslation((np.asarray(_template_brain_centre()) - centre[:3]).tolist())
         # Resample only the part of the grid the brain can reach (the template's box through the transform).
         template_box = Geometry.from_sitk(maps["brain"]).corners_lps()
         inverse = transform.GetInverse()
@@ -227,7 +230,7 @@ def _glioma(rng, tissue, labels, lesions) -> None:
     stride = 2
     wm = tissue["wm"][::stride, ::stride, ::stride]
     depth = _strided_distance(tissue["brain"], stride)
-    radius = rng.uniform(10.0, 18.0)
+    radius = rng.uniform(13.0, 22.0)
     centre = _pick(rng, (wm > 0.85) & (depth > radius + 12), [], radius, stride)
     if centre is None:
         centre = _pick(rng, (wm > 0.5) & (depth > radius), [], radius, stride)
@@ -243,7 +246,7 @@ def _glioma(rng, tissue, labels, lesions) -> None:
     patches = _smooth_noise(rng, shape, 3.0)
     allowed = tissue["brain"][box] & (tissue["csf"][box] < 0.5)
     core = (r < 1.0) & allowed
-    necrosis = core & (r < rng.uniform(0.45, 0.65))
+    necrosis = core & (r < rng.uniform(0.5, 0.7))
     rim = core & ~necrosis & (r > 1.0 - rng.uniform(2.0, 5.0) / radius)
     enhancing = rim & (patches < 0.9)
     nonenhancing = core & ~necrosis & ~enhancing
@@ -268,7 +271,7 @@ def _metastases(rng, tissue, labels, lesions, soft) -> None:
         if centre is None:
             continue
         taken.append((centre, radius * 2.5))
-        spread = rng.uniform(2.0, 3.5)
+        spread = rng.uniform(1.8, 3.0)
         box = _box(centre, int(radius * spread * 1.4) + 4, labels.shape)
         shape = tuple(s.stop - s.start for s in box)
         axes = radius * rng.uniform(0.85, 1.15, size=3)
@@ -299,14 +302,14 @@ def _ms(rng, tissue, labels, lesions) -> None:
              "deep white matter": (wm_s > 0.9) & (to_vent > 10) & (to_gm > 5)}
     grad = np.stack(np.gradient(ndimage.gaussian_filter(to_vent, 1.0)), axis=-1)
     taken: list[tuple[np.ndarray, float]] = []
-    for _ in range(int(rng.integers(6, 20))):
+    for _ in range(int(rng.integers(6, 26))):
         site = rng.choice(list(sites), p=[0.55, 0.3, 0.15])
-        long_axis = rng.uniform(2.5, 6.0)
+        long_axis = rng.uniform(3.0, 10.0)
         centre = _pick(rng, sites[site], taken, long_axis, stride)
         if centre is None:
             continue
         taken.append((centre, long_axis))
-        short = rng.uniform(1.3, 3.0, size=2)
+        short = rng.uniform(1.5, 4.5, size=2)
         if site == "periventricular":  # ovoid, long axis perpendicular to the ventricle wall
             g = grad[tuple(np.minimum(centre // stride, np.array(grad.shape[:3]) - 1))]
             direction = g / max(np.linalg.norm(g), 1e-6)

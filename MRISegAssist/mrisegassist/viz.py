@@ -103,7 +103,7 @@ def overlay_png(image: ArrayLike, labels: Optional[ArrayLike], path: PathLike,
                 label_info: Optional[Sequence[LabelInfo]] = None, slices: Optional[Sequence[int]] = None,
                 reference: Optional[ArrayLike] = None, title: Optional[str] = None,
                 spacing: Optional[Sequence[float]] = None, direction: Optional[Sequence[float]] = None,
-                alpha: float = 0.45, dpi: int = 110) -> Path:
+                alpha: float = 0.45, dpi: int = 110, crop: bool = True) -> Path:
     """PNG with axial / coronal / sagittal views of ``image`` and a translucent label overlay.
 
     ``image`` and ``labels`` are ``[k, j, i]`` arrays (or Volume / LabelMap, whose geometry is used);
@@ -112,7 +112,7 @@ def overlay_png(image: ArrayLike, labels: Optional[ArrayLike], path: PathLike,
     input array (default: the label voxel nearest the lesion's centre of mass, else the volume centre).
     ``reference`` adds a second row with the reference labels and draws its outline (white) on the
     prediction row. ``label_info`` names and colours the labels (default: the LabelMap's, else palette).
-    Returns ``path``.
+    ``crop`` zooms on the non-zero part of the image (the brain of skull-stripped data). Returns ``path``.
     """
     img = _array(image)
     if img is None or img.ndim != 3:
@@ -138,16 +138,26 @@ def overlay_png(image: ArrayLike, labels: Optional[ArrayLike], path: PathLike,
     csp = [spacing_kji[a] for a, _ in axes]  # spacing of (S, P, L)
     cpos = [(img.shape[a] - 1 - int(centre[a])) if flip else int(centre[a]) for a, flip in axes]
     lo, hi = _window(img)
+    if crop:  # zoom on the non-zero part of the image (skull-stripped data), keeping the cut planes inside
+        nz = np.argwhere(cimg != 0)
+        if len(nz):
+            start = np.minimum(nz.min(axis=0) - 4, cpos).clip(0)
+            stop = np.maximum(nz.max(axis=0) + 5, np.add(cpos, 1)).clip(None, cimg.shape)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+            cimg = cimg[box]
+            clab = None if clab is None else clab[box]
+            cref = None if cref is None else cref[box]
+            cpos = [int(c - a) for c, a in zip(cpos, start)]
 
     # (name, slicer, row spacing, col spacing, origin)
     views = [("axial", lambda a: a[cpos[0]], csp[1], csp[2], "upper"),
              ("coronal", lambda a: a[:, cpos[1]], csp[0], csp[2], "lower"),
              ("sagittal", lambda a: a[:, :, cpos[2]], csp[0], csp[1], "lower")]
-    rows = [("prediction" if cref is not None else "labels", clab, cref)]
+    rows = [("prediction" if cref is not None else ("labels" if clab is not None else "image"), clab, cref)]
     if cref is not None:
         rows.append(("reference", cref, None))
     plt = _plt()
-    fig, axs = plt.subplots(len(rows), 3, figsize=(12, 4.3 * len(rows)), squeeze=False)
+    fig, axs = plt.subplots(len(rows), 3, figsize=(12, 4.3 * len(rows) + 0.8), squeeze=False, layout="constrained")
     for r, (row_name, overlay, outline) in enumerate(rows):
         for c, (view, cut, row_sp, col_sp, origin) in enumerate(views):
             ax = axs[r, c]
@@ -157,7 +167,9 @@ def overlay_png(image: ArrayLike, labels: Optional[ArrayLike], path: PathLike,
                 ax.imshow(_rgba(cut(overlay), infos, alpha), origin=origin, aspect=row_sp / col_sp,
                           interpolation="nearest")
             if outline is not None and np.any(cut(outline)):
-                ax.contour(cut(outline) > 0, levels=[0.5], colors="white", linewidths=0.8, origin=origin)
+                mask = cut(outline) > 0  # explicit pixel-centre coordinates match imshow for either origin
+                ax.contour(np.arange(mask.shape[1]), np.arange(mask.shape[0]), mask, levels=[0.5], colors="white",
+                           linewidths=0.8)
             ax.set_title(f"{row_name}: {view}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -174,11 +186,11 @@ def overlay_png(image: ArrayLike, labels: Optional[ArrayLike], path: PathLike,
         handles = [mpatches.Patch(color=(infos[v].color if v in infos else default_color(v)),
                                   label=(infos[v].name if v in infos else f"label {v}")) for v in sorted(present)]
         if cref is not None:
-            handles.append(mpatches.Patch(facecolor="none", edgecolor="white", label="reference outline"))
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+            handles.append(mpatches.Patch(facecolor="none", edgecolor="0.4", label="reference outline (white)"))
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8,
+                   frameon=False)
     fig.suptitle((title + "\n" if title else "") + f"slices k={centre[0]} j={centre[1]} i={centre[2]} "
                  f"(radiological: patient right on the left)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05 if present else 0, 1, 0.95))
     return _save(fig, path, dpi)
 
 
