@@ -70,7 +70,7 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for sequence in SEQUENCES:
             self.ui.promptSequenceComboBox.addItem(sequence)
 
-        self.ui.guessInputsButton.connect("clicked(bool)", self.onGuessInputs)
+        self.ui.guessInputsButton.connect("clicked(bool)", self.onGuessInputsClicked)
         for selector in self.selectors.values():
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
@@ -158,17 +158,21 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = busy
         self.ui.releaseModelsButton.enabled = not busy
 
-    def onGuessInputs(self, *_args) -> None:
-        guessed = self.logic.guess_inputs()
-        for sequence, node in guessed.items():
-            if self.selectors[sequence].currentNode() is None or _args:
+    def onGuessInputs(self, force: bool = False) -> None:
+        """Fill the sequence selectors from node names (only empty ones unless ``force``)."""
+        for sequence, node in self.logic.guess_inputs().items():
+            if force or self.selectors[sequence].currentNode() is None:
                 self.selectors[sequence].setCurrentNode(node)
         self.onInputChanged()
+
+    def onGuessInputsClicked(self, *_args) -> None:
+        self.onGuessInputs(force=True)
 
     def onNodeAdded(self, caller, event) -> None:
         qt.QTimer.singleShot(0, self.onGuessInputs)  # the node's name is set after NodeAddedEvent
 
     def onSceneClosed(self, caller, event) -> None:
+        self.logic.forget_scene()
         self._objects, self._atlas_rois = [], []
         self.ui.objectsListWidget.clear()
         self.updateButtons()
@@ -311,13 +315,15 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                         segmentation_node=self._segmentation()),
                     self._show_result)
 
-    def _prompt_job(self, rois):
+    def _strategy(self) -> str:
+        return "A" if self.ui.oneBoxRadioButton.checked else "B"
+
+    def _prompt_job(self, rois, cascade=None):
         z_range = ((self.ui.zMinSpinBox.value, self.ui.zMaxSpinBox.value)
                    if self.ui.zRangeCheckBox.checked else None)
-        strategy = "A" if self.ui.oneBoxRadioButton.checked else "B"
         return self.logic.segment_from_rois_job(self.prompt_volume(), rois, engine=self.ui.engineComboBox.currentData,
-                                                segmentation_node=self._segmentation(), strategy=strategy,
-                                                z_range=z_range)
+                                                segmentation_node=self._segmentation(), strategy=self._strategy(),
+                                                z_range=z_range, cascade=cascade)
 
     def onPropagate(self, *_args) -> None:
         rois = [[slicer.mrmlScene.GetNodeByID(i) for i in ids if slicer.mrmlScene.GetNodeByID(i)]
@@ -327,17 +333,25 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._start(lambda: self._prompt_job(rois), self._show_result, deps.extras_for_engine(engine))
 
     def onAtlasBoxes(self, *_args) -> None:
+        """Register the reference set onto the T1 (else the prompted sequence) and place one ROI per structure."""
+        target = self.inputs().get("t1") or self.prompt_volume()
+
         def done(rois):
             self._atlas_rois = [r.GetID() for r in rois]
-            self.ui.statusLabel.setText(f"{len(rois)} boxes placed: review them, then press Segment boxes")
+            missing = self.logic.last_summary.get("not_found", [])
+            text = f"{len(rois)} boxes placed: review them, then press Segment boxes."
+            if missing:
+                text += " Not found: " + "; ".join(f"{m['name']} ({m['reason']})" for m in missing)
+            self.ui.statusLabel.setText(text)
 
-        self._start(lambda: self.logic.atlas_boxes_job(self.inputs(), self.ui.atlasReferenceComboBox.currentText,
-                                                       cascade=self.ui.cascadeCheckBox.checked), done, ("atlas",))
+        self._start(lambda: self.logic.atlas_boxes_job(target, self.ui.atlasReferenceComboBox.currentText,
+                                                       strategy=self._strategy()), done, ("atlas",))
 
     def onAtlasSegment(self, *_args) -> None:
         rois = [slicer.mrmlScene.GetNodeByID(i) for i in self._atlas_rois if slicer.mrmlScene.GetNodeByID(i)]
         engine = self.ui.engineComboBox.currentData
-        self._start(lambda: self._prompt_job(rois), self._show_result, deps.extras_for_engine(engine))
+        cascade = "D" if self.ui.cascadeCheckBox.checked else None
+        self._start(lambda: self._prompt_job(rois, cascade), self._show_result, deps.extras_for_engine(engine))
 
     def onDownloadWeights(self, *_args) -> None:
         engine = self.ui.engineComboBox.currentData

@@ -28,6 +28,8 @@ from mrisegassist.volume import read_volume, resample_to
 FLAIR07 = ("ms-lesjak", "patient07", "flair.nii.gz")
 BRAIN1 = ("radiomics-brain", "brain1_image.nrrd")
 OBLIQUE = ("ms-longitudinal", "patient01", "study1_FLAIR.nii.gz")
+TUMOUR = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered "
+          "Structure~SCT^108369006^Neoplasm~^^~Anatomic codes - DICOM master list~^^~^^")
 
 
 @pytest.fixture
@@ -265,9 +267,7 @@ def test_segments_on_input_geometry(env, parts, label_parts):
         labels = np.digitize(image, q).astype(np.uint16) * (image > 0)
     values = [int(v) for v in np.unique(labels) if v]
     infos = [LabelInfo(v, f"label {v}", (0.2 * v % 1, 0.5, 0.9), None) for v in values]
-    tumour = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically "
-              "Altered Structure~SCT^108369006^Neoplasm~^^~Anatomic codes - DICOM master list~^^~^^")
-    infos[0] = LabelInfo(infos[0].value, infos[0].name, infos[0].color, tumour)
+    infos[0] = LabelInfo(infos[0].value, infos[0].name, infos[0].color, TUMOUR)
     before = fingerprint(node)
     seg = nodes.new_segmentation_node(env.scene, node)
     ids = nodes.write_segments(seg, node, labels, infos)
@@ -279,7 +279,7 @@ def test_segments_on_input_geometry(env, parts, label_parts):
     reference = seg.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
     assert reference is node
     segment = seg.GetSegmentation().GetSegment(ids[0])
-    assert segment.GetName() == infos[0].name and segment.GetTerminology() == tumour
+    assert segment.GetName() == infos[0].name and segment.GetTerminology() == TUMOUR
     assert np.allclose(segment.GetColor(), infos[0].color)
     assert fingerprint(node) == before
 
@@ -382,6 +382,8 @@ def test_background_job_progress_and_cancel(env, logic):
     assert runner.wait(timeout=120)
     assert done and done[0].IsA("vtkMRMLSegmentationNode") and seen and max(seen) <= 1.0
     assert logic.can_undo
+    logic.forget_scene()  # scene closed: no undo into nodes that are gone
+    assert not logic.can_undo
     # Cancel before the worker starts computing: Cancelled reaches on_error, nothing is written.
     count = env.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     errors = []
@@ -419,18 +421,40 @@ def test_bad_inputs_fail_before_writing(env, logic):
     assert not logic.can_undo
 
 
-def test_atlas_boxes_unavailable_or_rois(env, logic):
-    node = env.load_volume(data_path(*FLAIR07), "flair")
+def test_atlas_boxes_to_rois_and_cascade(env, logic, tmp_path):
+    """Atlas boxes through the logic on real labelled anatomy (itksnap-mricrop T1, manual labels), the reference
+    set being that same labelled scan (a CSV manifest): registration is then near identity, so each ROI must
+    cover its manual structure's voxels; segmenting the ROIs (with cascade D) gives segments in the structures'
+    colours; undo removes the ROIs."""
     ok, reason = logic.atlas_available()
+    t1_path, labels_path = data_path("itksnap-mricrop", "t1.gipl.gz"), data_path("itksnap-mricrop", "labels.gipl.gz")
+    node = nodes.node_from_volume(env.scene, read_volume(t1_path), "t1")
     if not ok:
         with pytest.raises(InputError, match="atlas"):
-            logic.atlas_boxes({"flair": node})
+            logic.atlas_boxes(node)
         assert logic.list_atlas_references() == []
         return
-    references = logic.list_atlas_references()
-    assert references
-    rois = logic.atlas_boxes({"flair": node}, reference=references[0])
-    assert rois and all(r.IsA("vtkMRMLMarkupsROINode") for r in rois)
+    assert logic.list_atlas_references() and all(r.startswith("builtin:") for r in logic.list_atlas_references())
+    manifest = tmp_path / "refs.csv"
+    manifest.write_text(f"image,labels,name\n{t1_path},{labels_path},mricrop\n")
+    wanted = ["label-2", "label-4"]  # third ventricle, right hippocampus (labels.label)
+    rois = logic.atlas_boxes(node, str(manifest), structures=wanted)
+    assert [r.GetName() for r in rois] == wanted and logic.last_summary["not_found"] == []
+    manual = read_volume(labels_path, kind="label").array
+    for roi, value in zip(rois, (2, 4)):
+        kk, jj, ii = np.nonzero(manual == value)
+        i0, i1, j0, j1, k0, k1 = nodes.roi_extent(roi, node)
+        assert i0 <= ii.min() + 1 and ii.max() - 1 <= i1 and j0 <= jj.min() + 1 and jj.max() - 1 <= j1
+        assert k0 <= kk.min() + 1 and kk.max() - 1 <= k1
+    seg = logic.segment_from_rois(node, rois, cascade="D")
+    assert logic.last_summary["cascade"] == "D"
+    for roi in rois:
+        segment = seg.GetSegmentation().GetSegment(seg.GetSegmentation().GetSegmentIdBySegmentName(roi.GetName()))
+        assert np.allclose(segment.GetColor(), [float(c) for c in roi.GetAttribute("MRISegAssist.Color").split(",")])
+    assert logic.undo_last().startswith("box prompts") and logic.undo_last().startswith("atlas boxes")
+    assert all(env.scene.GetNodeByID(r.GetID()) is None for r in rois)
+    with pytest.raises(InputError, match="cascade"):
+        logic.segment_from_rois(node, [nodes.roi_from_extent(env.scene, node, (5, 20, 5, 20, 5, 9))], cascade="E")
 
 
 def test_devices_and_release(logic):
@@ -446,13 +470,64 @@ def test_devices_and_release(logic):
 
 
 # ---------------------------------------------------------------------------------- auto-segmentation
-def test_auto_segment_needs_its_sequences(env, logic):
-    model = logic.default_model()
-    if model is None:
-        pytest.skip("no U-Net model is installed yet")
-    node = env.load_volume(data_path("brats2013-deepmedic", "pat0004", "t1c.nii.gz"), "t1c")
+def tiny_model(folder, inputs=("flair", "t1")):
+    """A seeded random-weight 2D U-Net model folder (project checkpoint format) with 2 named labels."""
+    import torch
+
+    from mrisegassist.unet.entries import ModelEntry, get_model, sha256_file
+    from mrisegassist.unet.networks import build_network
+
+    spec = {"name": "UNet", "spatial_dims": 2, "in_channels": len(inputs), "out_channels": 3,
+            "channels": [4, 8, 8, 8, 8], "strides": [2, 2, 2, 2], "num_res_units": 1, "norm": "instance",
+            "dropout": 0.0}
+    torch.manual_seed(5)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(build_network(spec).state_dict(), folder / "model.pt")
+    labels = [{"value": 1, "name": "Oedema", "color": [0.2, 0.8, 0.3]},
+              {"value": 3, "name": "Tumour", "color": [0.9, 0.2, 0.1], "terminology": TUMOUR}]
+    ModelEntry(name="tiny-test", inputs=list(inputs), labels=labels, dims="2d", network=spec,
+               label_mapping={"2": 3}, spacing=[1.0, 1.0, None], sha256=sha256_file(folder / "model.pt"),
+               licence="test").write(folder)
+    return get_model(folder)
+
+
+def test_auto_segment_on_input_grid(env, logic, tmp_path):
+    """A (random-weight) U-Net through the logic on a real study whose sequences lie on different oblique grids
+    (ms-longitudinal: FLAIR 4 mm, T1 on its own grid): the segments equal the engine's label map on the FLAIR
+    grid voxel for voxel, with the model's names, colours and terminology; inputs unchanged; undo."""
+    from mrisegassist.unet.inference import UNetSegmenter
+    from mrisegassist.volume import load_case
+
+    flair = env.load_volume(data_path("ms-longitudinal", "patient01", "study1_FLAIR.nii.gz"), "study1_FLAIR")
+    t1 = env.load_volume(data_path("ms-longitudinal", "patient01", "study1_T1W.nii.gz"), "study1_T1W")
+    inputs = logic.guess_inputs()
+    assert inputs == {"flair": flair, "t1": t1}
+    assert not nodes.volume_from_node(t1).geometry.same_as(nodes.volume_from_node(flair).geometry)
+    entry = tiny_model(tmp_path / "tiny")
+    before = {n.GetName(): fingerprint(n) for n in (flair, t1)}
+    seen = []
+    seg = logic.auto_segment(inputs, model=str(entry.folder), progress=lambda f, m: seen.append(f))
+    assert seen and seen[-1] == 1.0
+    case = load_case({"flair": nodes.volume_from_node(flair), "t1": nodes.volume_from_node(t1)}, "flair")
+    direct = UNetSegmenter(entry).segment(case).volume.array
+    assert len(np.unique(direct)) >= 2
+    segmentation = seg.GetSegmentation()
+    ids = [segmentation.GetSegmentIdBySegmentName(n) for n in ("Oedema", "Tumour")]
+    exported = nodes.read_segments(seg, flair, ids)
+    assert np.array_equal(np.choose(exported, [0, 1, 3]), direct)
+    assert segmentation.GetSegment(ids[1]).GetTerminology() == TUMOUR
+    assert np.allclose(segmentation.GetSegment(ids[0]).GetColor(), (0.2, 0.8, 0.3))
+    assert {n.GetName(): fingerprint(n) for n in (flair, t1)} == before
+    assert logic.last_summary["voxels"] == {"Oedema": int((direct == 1).sum()), "Tumour": int((direct == 3).sum())}
+    # A second run into the same node replaces the segments; undo restores the first run's.
+    first = segmentation_state(seg, flair)
+    logic.auto_segment({"flair": flair, "t1": flair}, model=str(entry.folder), segmentation_node=seg)
+    assert segmentation.GetNumberOfSegments() == 2
+    logic.undo_last()
+    restored = segmentation_state(seg, flair)
+    assert restored["meta"] == first["meta"] and np.array_equal(restored["voxels"], first["voxels"])
     with pytest.raises(InputError, match="needs sequence"):
-        logic.auto_segment({"t1c": node, "flair": None}, model=model)
+        logic.auto_segment({"flair": flair}, model=str(entry.folder))
 
 
 def test_auto_segment_glioma_model(env, logic):

@@ -35,6 +35,10 @@ from .tasks import Job
 DEFAULT_ENGINE = "classical"
 ATLAS_UNAVAILABLE = ("registration-atlas boxes are not available in this version of the engine "
                      "(mrisegassist.atlas has no atlas_boxes)")
+#: ROI node attributes set by :meth:`MRISegAssistLogic.atlas_boxes`: segment colour ("r,g,b") and whether the
+#: structure takes part in the cascade ("1" / "0").
+ROI_COLOR = "MRISegAssist.Color"
+ROI_CASCADE = "MRISegAssist.Cascade"
 #: Colours of prompted objects (object n gets entry (n - 1) % len).
 OBJECT_COLORS = [(0.90, 0.10, 0.10), (0.10, 0.60, 0.95), (0.95, 0.75, 0.10), (0.20, 0.75, 0.30),
                  (0.70, 0.30, 0.85), (0.95, 0.45, 0.10), (0.10, 0.80, 0.80), (0.85, 0.40, 0.60)]
@@ -69,7 +73,7 @@ class UndoEntry:
     or ``None`` when the run created the node; ``created`` = IDs of nodes the run added."""
 
     description: str
-    segmentation_id: str
+    segmentation_id: Optional[str]
     snapshot: object = None
     created: list[str] = field(default_factory=list)
 
@@ -244,24 +248,28 @@ class MRISegAssistLogic:
     # ---------------------------------------------------------------------------------- box prompts
     def segment_from_rois(self, volume_node, rois: Sequence[RoiGroup], engine: str = DEFAULT_ENGINE,
                           segmentation_node=None, strategy: str = "A", z_range: Optional[tuple[int, int]] = None,
-                          names: Optional[Sequence[str]] = None, checkpoint: Optional[str] = None,
-                          device: Optional[str] = None, progress: Optional[ProgressFn] = None,
-                          cancel: Optional[CancelToken] = None):
+                          names: Optional[Sequence[str]] = None, cascade: Optional[str] = None,
+                          checkpoint: Optional[str] = None, device: Optional[str] = None,
+                          progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
         """Segment objects in 3D from Markups ROIs on ``volume_node``; returns the segmentation node.
 
         ``rois``: one entry per object, either a ROI node or a list of ROI nodes (boxes on several slices of
         one object). A ROI spanning several slices also bounds the object's slices; ``strategy`` ``"A"``
         prompts its middle slice, ``"B"`` its quartile slices; a flat ROI prompts its slice and the engine
         propagates until the object vanishes. ``z_range`` (inclusive slice indices ``k``) overrides the
-        slice bounds of every object. Segments are named after the ROIs (or ``names``) and replaced on re-run.
+        slice bounds of every object. Segments are named after the ROIs (or ``names``) and replaced on re-run;
+        ROIs from :meth:`atlas_boxes` give their structure's colour. ``cascade`` (``"C"`` or ``"D"``, needs the
+        atlas package) adds a second pass prompted from each first-pass mask (``D``: boxes enlarged 10 % in area,
+        slices 20 %), skipping atlas structures marked as not cascading.
         """
         return self.segment_from_rois_job(volume_node, rois, engine, segmentation_node, strategy, z_range, names,
-                                          checkpoint, device).run(progress, cancel)
+                                          cascade, checkpoint, device).run(progress, cancel)
 
     def segment_from_rois_job(self, volume_node, rois: Sequence[RoiGroup], engine: str = DEFAULT_ENGINE,
                               segmentation_node=None, strategy: str = "A",
                               z_range: Optional[tuple[int, int]] = None, names: Optional[Sequence[str]] = None,
-                              checkpoint: Optional[str] = None, device: Optional[str] = None) -> Job:
+                              cascade: Optional[str] = None, checkpoint: Optional[str] = None,
+                              device: Optional[str] = None) -> Job:
         from mrisegassist.prompt import engine_spec
 
         engine_spec(engine)  # unknown names fail here, before any work
@@ -269,11 +277,23 @@ class MRISegAssistLogic:
             raise InputError("no ROI given: place a box (Markups ROI) on the lesion first")
         if names is not None and len(names) != len(rois):
             raise InputError(f"{len(names)} names given for {len(rois)} objects")
-        prompts = []
+        atlas = None
+        if cascade is not None:
+            atlas = self._atlas()
+            if atlas is None:
+                raise InputError(f"cascade needs the atlas package: {ATLAS_UNAVAILABLE}")
+            if cascade not in ("C", "D"):
+                raise InputError(f"unknown cascade {cascade!r}; use 'C' or 'D'")
+        prompts, infos, no_cascade = [], [], []
         for n, group in enumerate(rois, start=1):
             group = list(group) if isinstance(group, (list, tuple)) else [group]
-            prompts.append(nodes.prompt_from_rois(volume_node, group, n, strategy, z_range,
-                                                  names[n - 1] if names else ""))
+            prompt = nodes.prompt_from_rois(volume_node, group, n, strategy, z_range, names[n - 1] if names else "")
+            prompts.append(prompt)
+            color = group[0].GetAttribute(ROI_COLOR)
+            color = tuple(float(c) for c in color.split(",")) if color else OBJECT_COLORS[(n - 1) % len(OBJECT_COLORS)]
+            infos.append(LabelInfo(n, prompt.name, color))
+            if group[0].GetAttribute(ROI_CASCADE) == "0":
+                no_cascade.append(n)
         volume = nodes.volume_from_node(volume_node)
         device = device or self.device
         key = (engine, device, checkpoint, volume_node.GetID(), volume_node.GetImageData().GetMTime(),
@@ -285,16 +305,19 @@ class MRISegAssistLogic:
 
             model = get_engine(engine, device=device, checkpoint=checkpoint)
             handle = self._prepared_handle(key, model, volume.array, sub_progress(progress, 0.0, 0.3), cancel)
-            results = model.segment(handle, prompts, progress=sub_progress(progress, 0.3, 0.95), cancel=cancel)
+            stop = 0.95 if atlas is None else 0.6
+            results = model.segment(handle, prompts, progress=sub_progress(progress, 0.3, stop), cancel=cancel)
+            if atlas is not None:
+                report(progress, stop, f"cascade {cascade}")
+                results = atlas.run_cascade(model, handle, results, cascade, strategy, no_cascade,
+                                            progress=sub_progress(progress, stop, 0.95), cancel=cancel)
             check(cancel)
             report(progress, 0.95, "fusing objects")
             return results, fuse(results)
 
         def apply(outcome):
             results, labels = outcome
-            infos = [LabelInfo(p.object_id, p.name, OBJECT_COLORS[(p.object_id - 1) % len(OBJECT_COLORS)])
-                     for p in prompts]
-            self.last_summary = {"workflow": "prompt", "engine": engine, "objects": [
+            self.last_summary = {"workflow": "prompt", "engine": engine, "cascade": cascade, "objects": [
                 {"name": p.name, "boxes": [b.as_tuple() for b in p.boxes], "z_range": p.z_range,
                  "slices": sorted(r.slices), "voxels": int(np.count_nonzero(labels == p.object_id))}
                 for p, r in zip(prompts, results)]}
@@ -319,13 +342,13 @@ class MRISegAssistLogic:
     # ------------------------------------------------------------------------------------------- atlas
     @staticmethod
     def _atlas():
-        """The engine's atlas module if it offers ``list_references()`` and ``atlas_boxes(...)``, else ``None``."""
+        """The engine's atlas package if it offers reference sets and boxes, else ``None``."""
         try:
             import mrisegassist.atlas as atlas
         except ImportError:
             return None
-        ok = all(callable(getattr(atlas, name, None)) for name in ("list_references", "atlas_boxes"))
-        return atlas if ok else None
+        needed = ("atlas_boxes", "load_reference_set", "builtin_names", "run_cascade")
+        return atlas if all(callable(getattr(atlas, name, None)) for name in needed) else None
 
     @classmethod
     def atlas_available(cls) -> tuple[bool, str]:
@@ -334,47 +357,57 @@ class MRISegAssistLogic:
 
     @classmethod
     def list_atlas_references(cls) -> list[str]:
-        """Names of the atlas reference sets (empty when the atlas is unavailable)."""
+        """Built-in reference sets (``builtin:NAME``); a folder or manifest path is accepted too. Empty when the
+        atlas is unavailable."""
         atlas = cls._atlas()
-        return [] if atlas is None else [getattr(r, "name", r) for r in atlas.list_references()]
+        return [] if atlas is None else [f"builtin:{name}" for name in atlas.builtin_names()]
 
-    def atlas_boxes(self, input_nodes: Mapping[str, object], reference: Optional[str] = None,
-                    structures: Optional[Sequence[str]] = None, cascade: bool = False,
-                    progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> list:
-        """Register an atlas reference set to the study and return one Markups ROI per structure (named after
-        it) on the first input's grid, for review before :meth:`segment_from_rois`. Raises
-        :class:`InputError` while the engine has no atlas module."""
-        return self.atlas_boxes_job(input_nodes, reference, structures, cascade).run(progress, cancel)
+    def atlas_boxes(self, volume_node, reference: Optional[str] = None, structures: Optional[Sequence[str]] = None,
+                    strategy: str = "A", progress: Optional[ProgressFn] = None,
+                    cancel: Optional[CancelToken] = None) -> list:
+        """Register an atlas reference set onto ``volume_node`` (usually the T1) and place one Markups ROI per
+        structure found (named after it, in its colour), for review before :meth:`segment_from_rois`.
 
-    def atlas_boxes_job(self, input_nodes: Mapping[str, object], reference: Optional[str] = None,
-                        structures: Optional[Sequence[str]] = None, cascade: bool = False) -> Job:
+        ``reference``: ``builtin:NAME`` (default: the first built-in) or a reference folder / manifest;
+        ``structures`` restricts it by name. Structures not found are listed with their reason in
+        ``last_summary["not_found"]`` (never given a silent empty box). Undo removes the ROIs."""
+        return self.atlas_boxes_job(volume_node, reference, structures, strategy).run(progress, cancel)
+
+    def atlas_boxes_job(self, volume_node, reference: Optional[str] = None,
+                        structures: Optional[Sequence[str]] = None, strategy: str = "A") -> Job:
         atlas = self._atlas()
         if atlas is None:
             raise InputError(ATLAS_UNAVAILABLE)
-
-        if not input_nodes:
-            raise InputError("no input volume selected")
-        sequence, volume_node = next(iter(input_nodes.items()))
-        volumes = {s: nodes.volume_from_node(n, s) for s, n in input_nodes.items()}
+        reference = reference or (self.list_atlas_references() or [None])[0]
+        volume = nodes.volume_from_node(volume_node)
 
         def compute(progress, cancel):
-            return atlas.atlas_boxes(volumes, reference=reference, structures=structures, cascade=cascade,
-                                     progress=progress, cancel=cancel)
+            refset = atlas.load_reference_set(reference, structures, progress=sub_progress(progress, 0.0, 0.2),
+                                              cancel=cancel)
+            return atlas.atlas_boxes(volume, refset, strategy, progress=sub_progress(progress, 0.2, 1.0),
+                                     cancel=cancel)
 
-        def apply(prompts):
-            created = []
-            for prompt in prompts:
-                i0 = min(b.i0 for b in prompt.boxes)
-                i1 = max(b.i1 for b in prompt.boxes)
-                j0 = min(b.j0 for b in prompt.boxes)
-                j1 = max(b.j1 for b in prompt.boxes)
-                ks = [b.k for b in prompt.boxes]
-                k0, k1 = prompt.z_range if prompt.z_range is not None else (min(ks), max(ks))
-                created.append(nodes.roi_from_extent(self.scene, volume_node, (i0, i1, j0, j1, k0, k1),
-                                                     prompt.name or f"Object {prompt.object_id}"))
-            return created
+        def apply(boxes):
+            if volume_node.GetScene() is not self.scene:
+                raise InputError(f"volume {volume_node.GetName()!r} was removed from the scene during the run")
+            rois = []
+            for found in boxes.found():
+                i0, j0, k0, i1, j1, k1 = found.bbox
+                roi = nodes.roi_from_extent(self.scene, volume_node, (i0, i1, j0, j1, k0, k1), found.name)
+                roi.CreateDefaultDisplayNodes()
+                roi.GetDisplayNode().SetSelectedColor(*found.color)
+                roi.SetAttribute(ROI_COLOR, ",".join(f"{c:.4f}" for c in found.color))
+                roi.SetAttribute(ROI_CASCADE, "1" if found.cascade else "0")
+                rois.append(roi)
+            self._undo.append(UndoEntry(f"atlas boxes ({boxes.reference_set})", None, None,
+                                        [r.GetID() for r in rois]))
+            del self._undo[:-self.max_undo]
+            self.last_summary = {"workflow": "atlas", "reference": reference, "strategy": strategy,
+                                 "found": [f.name for f in boxes.found()],
+                                 "not_found": [{"name": f.name, "reason": f.reason} for f in boxes.not_found()]}
+            return rois
 
-        return Job(f"atlas boxes on {sequence}", compute, apply)
+        return Job(f"atlas boxes ({reference}) on {volume_node.GetName()}", compute, apply)
 
     # -------------------------------------------------------------------------------------- undo, memory
     def _write(self, description: str, volume_node, segmentation_node, labels: np.ndarray,
@@ -405,8 +438,9 @@ class MRISegAssistLogic:
         return bool(self._undo)
 
     def undo_last(self) -> Optional[str]:
-        """Restore the segmentation changed by the last run exactly as it was (removing nodes the run
-        created). Returns the run's description, or ``None`` when there is nothing to undo."""
+        """Restore the segmentation changed by the last run exactly as it was, and remove the nodes the run
+        created (a new segmentation, atlas ROIs). Returns the run's description, or ``None`` when there is
+        nothing to undo."""
         if not self._undo:
             return None
         entry = self._undo.pop()
@@ -414,12 +448,18 @@ class MRISegAssistLogic:
             node = self.scene.GetNodeByID(node_id)
             if node is not None:
                 self.scene.RemoveNode(node)
-        node = self.scene.GetNodeByID(entry.segmentation_id)
+        node = self.scene.GetNodeByID(entry.segmentation_id) if entry.segmentation_id else None
         if entry.snapshot is not None and node is not None:
             was_modified = node.StartModify()
             node.GetSegmentation().DeepCopy(entry.snapshot)
             node.EndModify(was_modified)
         return entry.description
+
+    def forget_scene(self) -> None:
+        """Drop undo states and prepared volumes (call when the scene is closed); models stay loaded."""
+        with self._lock:
+            self._prepared.clear()
+        self._undo.clear()
 
     def release_models(self) -> None:
         """Free every loaded model and engine cache (and GPU memory)."""
