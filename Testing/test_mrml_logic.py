@@ -419,6 +419,13 @@ def test_bad_inputs_fail_before_writing(env, logic):
         logic.segment_from_rois(None, [roi])
     assert env.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
     assert not logic.can_undo
+    # The output node is deleted while the engine runs: the result is not written anywhere.
+    seg = nodes.new_segmentation_node(env.scene, node)
+    job = logic.segment_from_rois_job(node, [roi], segmentation_node=seg)
+    env.scene.RemoveNode(seg)
+    with pytest.raises(InputError, match="not in the scene"):
+        job.run()
+    assert not logic.can_undo
 
 
 def test_atlas_boxes_to_rois_and_cascade(env, logic, tmp_path):

@@ -417,6 +417,9 @@ class MRISegAssistLogic:
 
         if volume_node.GetScene() is not self.scene:
             raise InputError(f"volume {volume_node.GetName()!r} was removed from the scene during the run")
+        if segmentation_node is not None and segmentation_node.GetScene() is not self.scene:
+            raise InputError(f"segmentation {segmentation_node.GetName()!r} is not in the scene (removed during "
+                             f"the run?)")
         entry = UndoEntry(description, "")
         if segmentation_node is None:
             segmentation_node = nodes.new_segmentation_node(self.scene, volume_node)
