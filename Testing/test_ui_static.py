@@ -189,3 +189,43 @@ def test_dependency_plan_and_engine_extras():
         "numpy<1", "no-such-package-mrisegassist==1.0"]
     todo = deps.plan(("sam", "sam2"))  # this environment has every dependency installed
     assert todo == {"torch": [], "pip": [], "no_deps": [], "skipped": []}
+
+
+def test_ensure_dependencies_asks_then_installs(monkeypatch):
+    """The in-Slicer install flow with Slicer's dialogs and pip replaced by recorders: nothing happens without
+    consent; PyTorch goes through PyTorchUtils with the pinned range, the rest through pip."""
+    import sys
+    import types
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core provides slicer.util")
+    from MRISegAssistLib import deps
+
+    calls = []
+    monkeypatch.setattr(deps, "REQUIREMENTS", ["numpy>=1", "torch>=99", "no-such-package-mrisegassist==1.0"])
+    monkeypatch.setattr(slicer.util, "pip_install", lambda reqs: calls.append(("pip", reqs)), raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: calls.append(("error", text)),
+                        raising=False)
+    answer = {"ok": False}
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda text, *a, **k: calls.append(("ask", text)) or answer["ok"], raising=False)
+    assert deps.plan() == {"torch": ["torch>=99"], "pip": ["no-such-package-mrisegassist==1.0"], "no_deps": [],
+                           "skipped": []}
+    assert deps.ensure_dependencies() is False  # declined
+    assert [c[0] for c in calls] == ["ask"] and "torch>=99" in calls[0][1] and "no-such-package" in calls[0][1]
+
+    calls.clear()
+    answer["ok"] = True
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
+    assert deps.ensure_dependencies() is False
+    assert [c[0] for c in calls] == ["ask", "error"] and "PyTorch" in calls[1][1]
+
+    calls.clear()
+
+    class FakeTorchLogic:
+        def installTorch(self, askConfirmation=False, torchVersionRequirement=None):
+            calls.append(("torch", askConfirmation, torchVersionRequirement))
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=FakeTorchLogic))
+    assert deps.ensure_dependencies() is False  # the recorders installed nothing, so still missing
+    assert calls[1:] == [("torch", False, ">=99"), ("pip", ["no-such-package-mrisegassist==1.0"])]
