@@ -14,8 +14,8 @@ from scipy import ndimage
 from conftest import data_path
 from mrisegassist.cli import main
 from mrisegassist.errors import InputError
-from mrisegassist.metrics import (BRATS_REGIONS, evaluate_files, evaluate_labels, format_report, lesion_detection,
-                                  overlap_metrics, union_bbox)
+from mrisegassist.metrics import (BRATS_REGIONS, aggregate, evaluate_files, evaluate_labels, format_report,
+                                  lesion_detection, overlap_metrics, union_bbox)
 from mrisegassist.volume import read_volume, write_volume
 
 BRATS_NAMES = {1: "necrosis", 2: "oedema", 3: "non-enhancing tumour", 4: "enhancing tumour"}
@@ -233,8 +233,24 @@ def test_evaluate_files_resamples_and_cli(tmp_path, capsys):
     assert out["regions"]["tumour core"]["dice"] == pytest.approx(direct["regions"]["tumour core"]["dice"])
     assert set(out["labels"]) == set(BRATS_NAMES.values())
     rc = main(["evaluate", str(same_grid), str(ref_path), "--labels", "1=nec,2=oed,3=net,4=et", "--regions",
-               "wt=1+2+3+4", "--lesionwise", "--no-distances"])
+               "wt=1+2+3+4", "--lesionwise", "--no-distances", "--image",
+               str(data_path("brats2013-deepmedic", "pat0002", "flair.nii.gz")), "--overlay",
+               str(tmp_path / "overlay.png")])
     text = capsys.readouterr().out
     assert rc == 0 and "wt" in text and "lesion-wise" in text and "n/a" in text
+    assert f"overlay: {tmp_path / 'overlay.png'}" in text and (tmp_path / "overlay.png").stat().st_size > 10000
+    assert main(["evaluate", str(same_grid), str(ref_path), "--labels", "1=nec,2"]) == 2
+    assert "has no name" in capsys.readouterr().err
     assert main(["evaluate", str(same_grid), str(tmp_path / "missing.nii.gz")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_aggregate_over_cases():
+    a = {"labels": {"x": {"dice": 0.5, "hd95_mm": 2.0}}, "regions": {}}
+    b = {"labels": {"x": {"dice": 0.9, "hd95_mm": None}, "y": {"dice": 1.0, "hd95_mm": 0.0}}, "regions": {}}
+    s = aggregate([a, b], keys=("dice", "hd95_mm"))
+    assert s["cases"] == 2
+    assert s["labels"]["x"]["dice"] == {"n": 2, "undefined": 0, "mean": 0.7, "median": 0.7,
+                                        "std": pytest.approx(0.2), "min": 0.5, "max": 0.9}
+    assert s["labels"]["x"]["hd95_mm"]["n"] == 1 and s["labels"]["x"]["hd95_mm"]["undefined"] == 1
+    assert s["labels"]["y"]["dice"]["n"] == 1

@@ -302,6 +302,28 @@ def evaluate_files(pred_path: Union[str, Path], ref_path: Union[str, Path], labe
     return result
 
 
+def aggregate(results: Sequence[dict], keys: Sequence[str] = ("dice", "iou", "precision", "sensitivity",
+                                                               "hd95_mm", "volume_diff_ml")) -> dict:
+    """Summary over cases of :func:`evaluate_labels` results: ``{"labels"|"regions": {name: {key: {"mean",
+    "median", "std", "min", "max", "n"}}}, "cases": N}``. ``None`` values (undefined, e.g. HD95 with an
+    empty mask) are left out and counted in ``"undefined"``."""
+    out: dict = {"labels": {}, "regions": {}, "cases": len(results)}
+    for group in ("labels", "regions"):
+        names = list(dict.fromkeys(n for r in results for n in r.get(group, {})))
+        for name in names:
+            entry = {}
+            for key in keys:
+                values = [r[group][name].get(key) for r in results if name in r.get(group, {})]
+                vals = np.array([v for v in values if v is not None], dtype=float)
+                stats = {"n": int(vals.size), "undefined": len(values) - int(vals.size)}
+                if vals.size:
+                    stats.update(mean=float(vals.mean()), median=float(np.median(vals)), std=float(vals.std()),
+                                 min=float(vals.min()), max=float(vals.max()))
+                entry[key] = stats
+            out[group][name] = entry
+    return out
+
+
 # -------------------------------------------------------------------------------------------- reporting
 def _fmt(value, digits: int = 3) -> str:
     if value is None:

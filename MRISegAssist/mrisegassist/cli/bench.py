@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCH_MODULES = ("unet", "prompt", "prompt_accuracy", "atlas", "web")
+BENCH_MODULES = ("unet", "prompt", "prompt_accuracy", "atlas", "web", "metrics")
 
 
 def register(sub) -> None:
