@@ -98,6 +98,7 @@ def test_gipl_case_through_storage_node(env, tmp_path):
     volume = nodes.volume_from_node(loaded)
     assert volume.geometry.same_as(engine.geometry, atol=1e-6)
     assert np.array_equal(volume.array, engine.array)
+    assert np.array_equal(array_of(env.load_volume(path, "t1 direct")), engine.array)  # HeadlessScene reads GIPL
     labels = read_volume(data_path("itksnap-mricrop", "labels.gipl.gz"), kind="label")
     infos = [LabelInfo(v, f"structure {v}", (v / 8, 0.5, 1 - v / 8)) for v in range(1, 9)]
     seg = nodes.new_segmentation_node(env.scene, loaded)
@@ -435,7 +436,7 @@ def test_atlas_boxes_to_rois_and_cascade(env, logic, tmp_path):
     colours; undo removes the ROIs."""
     ok, reason = logic.atlas_available()
     t1_path, labels_path = data_path("itksnap-mricrop", "t1.gipl.gz"), data_path("itksnap-mricrop", "labels.gipl.gz")
-    node = nodes.node_from_volume(env.scene, read_volume(t1_path), "t1")
+    node = env.load_volume(t1_path, "t1")
     if not ok:
         with pytest.raises(InputError, match="atlas"):
             logic.atlas_boxes(node)

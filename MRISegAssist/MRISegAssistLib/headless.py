@@ -14,6 +14,9 @@ import slicer
 
 from mrisegassist.errors import InputError
 
+#: Formats slicer-core cannot read (no ITK GIPL reader in its build): read with SimpleITK instead.
+ENGINE_READ_SUFFIXES = (".gipl", ".gipl.gz")
+
 
 def _share_directory() -> Optional[Path]:
     """trame-slicer ships Slicer's terminology JSON files; use them as the share folder when installed."""
@@ -54,9 +57,19 @@ class HeadlessScene:
         return logic
 
     def load_volume(self, path, name: str = "", label: bool = False):
-        """Load a volume file with Slicer's reader (``vtkSlicerVolumesLogic.AddArchetypeVolume``)."""
+        """Load a volume file with Slicer's reader (``vtkSlicerVolumesLogic.AddArchetypeVolume``). GIPL, which
+        slicer-core's readers lack, is read by the engine (SimpleITK) into a node with the same geometry."""
         path = Path(path)
-        node = self.volumes_logic.AddArchetypeVolume(str(path), name or path.name, 1 if label else 0)
+        name = name or path.name
+        if path.name.lower().endswith(ENGINE_READ_SUFFIXES):
+            from mrisegassist.volume import read_volume
+
+            from .nodes import node_from_volume
+
+            node = node_from_volume(self.scene, read_volume(path, "label" if label else "image", name), name, label)
+            node.CreateDefaultDisplayNodes()
+            return node
+        node = self.volumes_logic.AddArchetypeVolume(str(path), name, 1 if label else 0)
         if node is None:
             raise InputError(f"{path}: Slicer cannot read this file as a volume")
         return node
