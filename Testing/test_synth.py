@@ -112,14 +112,24 @@ def test_deterministic_and_seed_dependent(cases):
         {tuple(les["centre_ijk"]) for les in cases["ms"].lesions})
 
 
-def test_mni_grid_and_bad_options():
-    case = make_case("healthy", seed=0, grid="mni", noise=0.0, bias_field=0.0)
+def test_mni_grid_progress_cancel_and_bad_options():
+    from mrisegassist.errors import Cancelled
+    from mrisegassist.progress import CancelToken
+
+    seen = []
+    case = make_case("healthy", seed=0, grid="mni", noise=0.0, bias_field=0.0,
+                     progress=lambda f, m: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
     assert case.geometry.size == (197, 233, 189)
     assert case.geometry.origin == pytest.approx((98.0, 134.0, -72.0))
     with pytest.raises(InputError, match="unknown synthetic case kind"):
         make_case("lymphoma")
     with pytest.raises(InputError, match="unknown grid"):
         make_case("ms", grid="colin")
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        make_case("ms", cancel=token)
 
 
 def test_write_case_layouts_and_cli(cases, tmp_path, capsys):

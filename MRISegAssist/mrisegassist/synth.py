@@ -54,6 +54,7 @@ from scipy import ndimage
 from .errors import InputError, MRISegAssistError
 from .labels import BRATS_LABELS, BRATS2023_LABELS, LabelInfo, LabelMap, METASTASIS_LABELS, MS_LABELS, \
     write_labelmap
+from .progress import CancelToken, ProgressFn, check, report
 from .volume import Geometry, Volume, write_volume
 
 SYNTH_KINDS = ("glioma", "metastases", "ms", "healthy")
@@ -385,19 +386,25 @@ def _union_box(masks: list[np.ndarray], shape: Sequence[int], margin: int = 3) -
 
 # ------------------------------------------------------------------------------------------ public API
 def make_case(kind: str = "glioma", seed: int = 0, grid: str = "brats", noise: float = 0.03,
-              bias_field: float = 0.15, jitter: bool = True) -> SynthCase:
+              bias_field: float = 0.15, jitter: bool = True, progress: Optional[ProgressFn] = None,
+              cancel: Optional[CancelToken] = None) -> SynthCase:
     """Generate a synthetic case (see the module docstring for contrasts, labels and grids).
 
     ``noise``: Rician noise sigma relative to the white-matter T1 signal; ``bias_field``: amplitude of
     the log bias field (0 disables); ``jitter``: seeded random brain scale/rotation on the BraTS grid.
-    Deterministic for a given ``(kind, seed, grid, noise, bias_field, jitter)``.
+    Deterministic for a given ``(kind, seed, grid, noise, bias_field, jitter)``. Takes a few seconds;
+    ``progress``/``cancel`` as every long step.
     """
     if kind not in SYNTH_KINDS:
         raise InputError(f"unknown synthetic case kind {kind!r}; use one of {', '.join(SYNTH_KINDS)}")
     if noise < 0 or bias_field < 0:
         raise InputError("noise and bias_field must be >= 0")
     rng = np.random.default_rng([int(seed), SYNTH_KINDS.index(kind)])
+    check(cancel)
+    report(progress, 0.0, "anatomy from the MNI152 template")
     geometry, tissue = _anatomy(grid, rng, jitter)
+    check(cancel)
+    report(progress, 0.35, f"placing {kind} lesions")
     labels = np.zeros(geometry.shape, dtype=np.uint8)
     lesions: list[dict] = []
     classes: dict[str, np.ndarray] = {}
@@ -418,8 +425,11 @@ def make_case(kind: str = "glioma", seed: int = 0, grid: str = "brats", noise: f
     else:
         info = []
     labels[~tissue["brain"]] = 0
+    check(cancel)
+    report(progress, 0.55, "simulating T1, T1c, T2, FLAIR")
     arrays = _images(rng, tissue, classes, noise, bias_field)
     images = {seq: Volume(a, geometry, seq) for seq, a in arrays.items()}
+    report(progress, 1.0, "synthetic case ready")
     return SynthCase(kind, int(seed), images, Volume(labels, geometry, "labels"), info,
                      Volume(tissue["brain"].astype(np.uint8), geometry, "brainmask"), lesions)
 

@@ -92,8 +92,10 @@ def _synth(args: argparse.Namespace) -> int:
         for n in range(args.count):
             seed = args.seed + n
             progress(n / args.count, f"{args.kind} seed {seed}")
-            case = make_case(args.kind, seed=seed, grid=args.grid, noise=args.noise, bias_field=args.bias_field)
+            case = make_case(args.kind, seed=seed, grid=args.grid, noise=args.noise, bias_field=args.bias_field,
+                             progress=lambda f, m, n=n: progress((n + 0.8 * f) / args.count, m))
             folder = out if args.count == 1 else out / f"synth-{args.kind}-{seed:04d}"
+            progress((n + 0.8) / args.count, f"writing {folder}")
             paths = write_case(case, folder, naming=args.naming)
             if args.overlay:
                 from ..viz import overlay_png
