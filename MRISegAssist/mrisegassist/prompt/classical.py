@@ -54,6 +54,7 @@ class ClassicalParams:
     bg_percentile: float = 65.0   #: background level = this percentile of the ring (polarity-adjusted)
     min_span: float = 0.8         #: prompted slice: the mask should span this fraction of the box ...
     span_scales: tuple = (1.0, 0.75, 0.5)  #: ... else seed levels are scaled down by these factors in turn
+    anchor_percentile: float = 75.0  #: object level on the prompted slice: this percentile inside its mask
     anchor_level: bool = True     #: propagated slices: thresholds from the prompted slice's object level
     polarity: str = "auto"        #: "auto", "bright" or "dark" object
 
@@ -75,6 +76,10 @@ class PreparedVolume:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.array.shape)
+
+    def body(self, k: int) -> np.ndarray:
+        """``[j, i]`` bool: voxels of slice ``k`` above the window's low end (not background/air)."""
+        return self.array[k] > 0
 
     def slice(self, k: int) -> np.ndarray:
         """Smoothed slice ``k`` (``[j, i]`` float32), computed once and cached."""
@@ -177,8 +182,10 @@ class ClassicalEngine(SliceEngine):
         self._prepared.clear()
 
     # ------------------------------------------------------------------------------------- one slice
-    def _crop(self, shape: tuple[int, int], x0: int, y0: int, x1: int, y1: int):
-        """Crop slices around the box (padded) and the box / ring / centre masks inside the crop."""
+    def _crop(self, shape: tuple[int, int], x0: int, y0: int, x1: int, y1: int,
+              body: Optional[np.ndarray] = None):
+        """Crop slices around the box (padded) and the box / ring / centre masks inside the crop, plus the ring
+        part inside the body (``body``: the slice's voxels above the window's low end) for statistics."""
         p = self.params
         nj, ni = shape
         pi = max(p.min_pad, math.ceil(p.pad * (x1 - x0 + 1)))
@@ -194,7 +201,11 @@ class ClassicalEngine(SliceEngine):
         core = np.zeros(cshape, dtype=bool)
         ci, cj = math.floor(p.core * (x1 - x0)), math.floor(p.core * (y1 - y0))
         core[y0 - cy0 + cj:y1 - cy0 - cj + 1, x0 - cx0 + ci:x1 - cx0 - ci + 1] = True
-        return region, inbox, ring, core
+        stats = ring
+        if body is not None:  # outside a skull-stripped brain (or in air) is not the object's background
+            inside = ring & body[region]
+            stats = inside if inside.sum() >= max(8, 0.1 * ring.sum()) else ring
+        return region, inbox, ring, core, stats
 
     def _background(self, u: np.ndarray, ring: np.ndarray) -> float:
         """Background level of polarity-adjusted intensities ``u``: a percentile of the ring (above the median,
@@ -204,15 +215,17 @@ class ClassicalEngine(SliceEngine):
     def _anchor_levels(self, prepared: PreparedVolume, k: int, mask: np.ndarray) -> tuple[float, float, float]:
         """``(polarity, object level, background level)`` of the object on its prompted slice (levels are
         polarity-adjusted intensities: median inside the mask, ring percentile around it), cached."""
-        key = (k, hashlib.sha1(np.packbits(mask).tobytes()).hexdigest())
+        p = self.params
+        key = (k, hashlib.sha1(np.packbits(mask).tobytes()).hexdigest(), p.anchor_percentile)
         hit = prepared.anchors.get(key)
         if hit is None:
             jj, ii = np.nonzero(mask)
-            region, inbox, ring, _ = self._crop(mask.shape, ii.min(), jj.min(), ii.max(), jj.max())
+            region, _, _, _, ring = self._crop(mask.shape, ii.min(), jj.min(), ii.max(), jj.max(),
+                                               prepared.body(k))
             crop = prepared.slice(k)[region]
             inside = crop[mask[region]]
             sign = 1.0 if np.median(inside) >= np.median(crop[ring]) else -1.0
-            hit = prepared.anchors[key] = (sign, sign * float(np.median(inside)),
+            hit = prepared.anchors[key] = (sign, float(np.percentile(sign * inside, p.anchor_percentile)),
                                            self._background(sign * crop, ring))
         return hit
 
@@ -231,7 +244,7 @@ class ClassicalEngine(SliceEngine):
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, ni - 1), min(y1, nj - 1)
         if x1 < x0 or y1 < y0:
             raise InputError(f"box {list(box)} is empty or outside slice {k}")
-        region, inbox, ring, core = self._crop(img.shape, x0, y0, x1, y1)
+        region, inbox, ring, core, stats = self._crop(img.shape, x0, y0, x1, y1, prepared.body(k))
         crop = img[region]
         out = np.full((nj, ni), OUTSIDE_LOGIT, dtype=np.float32)
         if prior is not None:
@@ -240,9 +253,9 @@ class ClassicalEngine(SliceEngine):
             if prev.any():
                 core = prev
         else:
-            sign = self._polarity(crop, core, inbox, prepared.noise)
+            sign = self._polarity(crop, inbox, stats, prepared.noise)
         u = sign * crop
-        base = self._background(u, ring)
+        base = self._background(u, stats)
         peak = float(np.percentile(u[core], p.peak_percentile))
         if prior is not None:  # judged against the prompted slice's object (absolute levels): no drift
             base = max(base, bg_anchor)
@@ -286,7 +299,7 @@ class ClassicalEngine(SliceEngine):
         seeds[fg] = 2
         return self._random_walk(contrast, seeds)
 
-    def _polarity(self, crop: np.ndarray, core: np.ndarray, inbox: np.ndarray, noise: float) -> float:
+    def _polarity(self, crop: np.ndarray, inbox: np.ndarray, ring: np.ndarray, noise: float) -> float:
         """+1 if the boxed object is brighter than its surroundings, -1 if darker.
 
         For each polarity the candidate object is the largest connected region of the box at least half-way
@@ -295,7 +308,6 @@ class ClassicalEngine(SliceEngine):
         """
         if self.params.polarity != "auto":
             return 1.0 if self.params.polarity == "bright" else -1.0
-        ring = ~inbox if (~inbox).any() else inbox
         z = (crop - float(np.median(crop[ring]))) / noise
         spans, peaks = {}, {}
         for sign in (1.0, -1.0):
