@@ -1,0 +1,255 @@
+"""``mrisegassist bench atlas`` (speed/memory of atlas boxes) and ``mrisegassist bench atlas-eval`` (accuracy
+table of automatic prompts per structure).
+
+**atlas**: N references (the built-in Colin27 + MNI152 atlases and smooth random deformations of them) ->
+boxes for one real target (default ``ms-lesjak/patient07/t1.nii.gz``; ``--quick``: the ITK-SNAP T1 crop and 3
+references). Three runs in this process, same target and references:
+
+* ``ours, cold``: empty registration cache: references registered into the common space (3 mm, in parallel),
+  target registered once, references warped by composed transforms, score maps, boxes;
+* ``ours, warm``: the same with the reference registrations read from the cache (the usual case: that work
+  does not depend on the patient);
+* ``baseline``: serial, full resolution: each reference registered directly onto the target at its native
+  spacing (rigid, affine, B-spline; 3 levels), warped, score maps, boxes.
+
+Time: wall seconds. Memory: peak resident memory during the run minus the resident memory before it (Linux
+``VmHWM`` reset through ``/proc/self/clear_refs``). Box agreement: per structure, IoU of our strategy-A box
+rectangle with the baseline's and the difference of z-ranges.
+
+**atlas-eval**: see :mod:`mrisegassist.atlas.evaluation` (Dice per structure with reference-mask boxes,
+automatic boxes, cascades C and D; box quality), printed as a table, ``--json`` and ``--png``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import measure
+
+DATA = Path(os.environ.get("MRISEGASSIST_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+TARGET = "ms-lesjak/patient07/t1.nii.gz"
+QUICK_TARGET = "itksnap-mricrop/t1.gipl.gz"
+
+
+def register(sub) -> None:
+    from ..cli import add_json_flag
+
+    p = sub.add_parser("atlas", help="atlas boxes: N references -> boxes for one target, wall time and peak "
+                                     "memory vs a serial full-resolution baseline")
+    p.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
+    p.add_argument("--target", help=f"target image inside --data (default {TARGET}; --quick: {QUICK_TARGET})")
+    p.add_argument("--references", type=int, help="number of references (default 15; --quick: 3)")
+    p.add_argument("--baseline-references", type=int,
+                   help="references for the baseline (default: all; fewer = its time is not comparable)")
+    p.add_argument("--workers", type=int, help="thread pool size (default: CPU count)")
+    p.add_argument("--quick", action="store_true", help="small target, 3 references (CI)")
+    add_json_flag(p)
+    p.set_defaults(func=run_speed)
+
+    p = sub.add_parser("atlas-eval", help="automatic prompts accuracy per structure (Dice with reference-mask "
+                                          "boxes vs atlas boxes vs cascade; box quality)")
+    p.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
+    p.add_argument("--dataset", default="itksnap,colin27-loo,mni152-loo",
+                   help="comma-separated: itksnap, colin27-loo, mni152-loo")
+    p.add_argument("--references", type=int, default=6, help="references per dataset (default 6)")
+    p.add_argument("--engine", default="classical")
+    p.add_argument("--strategy", choices=["A", "B"], default="A")
+    p.add_argument("--png", help="bar chart of the Dice columns")
+    p.add_argument("--quick", action="store_true", help="itksnap only, 3 references")
+    add_json_flag(p)
+    p.set_defaults(func=run_eval)
+
+
+def _progress(args, desc):
+    from ..progress import tqdm_progress
+
+    return tqdm_progress(desc, disable=getattr(args, "json", False))
+
+
+def baseline_boxes(target, refset, settings, strategy: str = "A", progress=None, cancel=None):
+    """The seed's way: every reference registered directly onto the target (serially), then score maps/boxes."""
+    from ..atlas.boxes import boxes_from_scores, score_maps
+    from ..atlas.registration import register as reg, warp_labels
+
+    labels = []
+    n = len(refset.references)
+    for m, ref in enumerate(refset.references):
+        sub = None if progress is None else (lambda f, msg, m=m: progress((m + f) / n, msg))
+        t = reg(target, ref.image, settings, progress=sub, cancel=cancel, names=(target.label, ref.name))
+        labels.append(warp_labels(ref.labels, target.geometry, t))
+    return boxes_from_scores(score_maps(labels, refset.structures), target.geometry, strategy,
+                             reference_set=refset.name, n_references=n, target=target.label)
+
+
+def _agreement(a, b) -> dict:
+    from ..atlas.evaluation import _iou_2d
+
+    ious, dz = [], []
+    for s in a.structures:
+        t = b.get(s.name)
+        if s.found and t.found:
+            ious.append(_iou_2d(s.boxes[0], t.boxes[0]))
+            dz.append(abs(s.z_range[0] - t.z_range[0]) + abs(s.z_range[1] - t.z_range[1]))
+    return {"structures_both_found": len(ious), "found_ours": len(a.found()), "found_baseline": len(b.found()),
+            "mean_box_iou": round(float(np.mean(ious)), 3) if ious else None,
+            "mean_z_range_diff_slices": round(float(np.mean(dz)), 2) if dz else None}
+
+
+def run_speed(args) -> int:
+    from ..atlas.augment import augment
+    from ..atlas.auto import atlas_boxes
+    from ..atlas.builtin import builtin_reference_set
+    from ..atlas.registration import FAST, FULL
+    from ..atlas.space import CommonSpace, cpu_count
+    from ..cli import emit
+    from ..errors import InputError
+    from ..volume import read_volume
+
+    n_refs = args.references or (3 if args.quick else 15)
+    path = Path(args.data) / (args.target or (QUICK_TARGET if args.quick else TARGET))
+    if not path.is_file():
+        raise InputError(f"{path}: benchmark target not found (pass --data / --target)")
+    target = read_volume(path, name=str(Path(args.target or (QUICK_TARGET if args.quick else TARGET))))
+    progress, close = _progress(args, "preparing references")
+    try:
+        refset = augment(builtin_reference_set("brain", progress=progress), n_refs, progress=progress)
+    finally:
+        close()
+    result = {"target": target.label, "target_size": list(target.geometry.size), "references": n_refs,
+              "reference_names": [r.name for r in refset.references], "cpus": cpu_count(),
+              "settings_ours": {"resolution_mm": FAST.resolution_mm, "levels": list(FAST.levels),
+                                "deformable": FAST.deformable, "sampling": FAST.sampling},
+              "settings_baseline": {"resolution_mm": "native", "levels": list(FULL.levels),
+                                    "deformable": FULL.deformable, "sampling": FULL.sampling}}
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="mrisegassist-bench-atlas-") as cache:
+        for name in ("ours_cold", "ours_warm"):
+            runs[name] = {}
+            space = CommonSpace(refset, FAST, args.workers, cache)
+            progress, close = _progress(args, name)
+            try:
+                with measure(runs[name]):
+                    boxes = atlas_boxes(target, refset, "A", space=space, progress=progress)
+            finally:
+                close()
+            runs[name]["seconds"] = round(runs[name]["seconds"], 2)
+            runs[name]["phases_s"] = {k: round(v, 2) for k, v in boxes.timings.items()}
+            runs[name]["found"] = len(boxes.found())
+            result[f"_{name}"] = boxes
+    nb = args.baseline_references or n_refs
+    base_set = refset if nb == n_refs else refset.__class__(refset.name, refset.references[:nb], refset.structures)
+    runs["baseline"] = {"references": nb}
+    progress, close = _progress(args, "baseline (serial, full resolution)")
+    try:
+        with measure(runs["baseline"]):
+            base = baseline_boxes(target, base_set, replace(FULL, threads=cpu_count()), progress=progress)
+    finally:
+        close()
+    runs["baseline"]["seconds"] = round(runs["baseline"]["seconds"], 2)
+    runs["baseline"]["found"] = len(base.found())
+    result["runs"] = runs
+    if nb == n_refs:
+        result["speedup_cold"] = round(runs["baseline"]["seconds"] / runs["ours_cold"]["seconds"], 2)
+        result["speedup_warm"] = round(runs["baseline"]["seconds"] / runs["ours_warm"]["seconds"], 2)
+    result["agreement_warm_vs_baseline"] = _agreement(result.pop("_ours_warm"), base)
+    result.pop("_ours_cold")
+    emit(args, result, _speed_text)
+    return 0
+
+
+def _speed_text(r: dict) -> str:
+    lines = [f"atlas boxes: {r['references']} references -> {r['target']} {tuple(r['target_size'])}, "
+             f"{r['cpus']} CPU(s)", f"{'run':28s} {'wall s':>8s} {'peak MB':>8s} {'found':>6s}"]
+    labels = {"ours_cold": "ours, cold cache", "ours_warm": "ours, warm cache",
+              "baseline": f"baseline serial full-res ({r['runs']['baseline']['references']} refs)"}
+    for k, v in r["runs"].items():
+        peak = "n/a" if v.get("peak_extra_mb") is None else f"{v['peak_extra_mb']:.0f}"
+        lines.append(f"{labels[k]:28s} {v['seconds']:8.1f} {peak:>8s} {v['found']:6d}")
+    if "speedup_cold" in r:
+        lines.append(f"speed-up vs baseline: cold {r['speedup_cold']}x, warm {r['speedup_warm']}x")
+    a = r["agreement_warm_vs_baseline"]
+    lines.append(f"boxes (warm) vs baseline: mean box IoU {a['mean_box_iou']}, mean z-range difference "
+                 f"{a['mean_z_range_diff_slices']} slices over {a['structures_both_found']} structures")
+    lines.append("phases (warm): " + ", ".join(f"{k} {v}" for k, v in r["runs"]["ours_warm"]["phases_s"].items()))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+COLUMNS = [("ref_ml", "ref ml", "{:.2f}"), ("dice_ref_boxes", "ref box", "{:.3f}"),
+           ("dice_auto_boxes", "auto box", "{:.3f}"), ("dice_cascade_C", "casc C", "{:.3f}"),
+           ("dice_cascade_D", "casc D", "{:.3f}"), ("dice_atlas_only", "atlas", "{:.3f}"),
+           ("box_iou", "box IoU", "{:.2f}"), ("box_dk", "dk", "{}"), ("bbox_iou_3d", "bbox3D", "{:.2f}"),
+           ("z_coverage", "z cov", "{:.2f}")]
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['dataset']}: target {result['target']} | labels: {result['labels']} | "
+             f"{result['references']} references | engine {result['engine']} | strategy {result['strategy']}",
+             f"  {result['note']}",
+             f"  {'structure':26s}" + "".join(f"{h:>9s}" for _, h, _ in COLUMNS)]
+    for row in result["rows"]:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = row.get(key)
+            cells.append(f"{'-' if v is None else fmt.format(v):>9s}")
+        flag = "" if row["found"] else "  (not found)"
+        lines.append(f"  {row['structure']:26s}" + "".join(cells) + flag)
+    mean = result["mean"]
+    lines.append(f"  {'mean':26s}" + "".join(f"{'' if k not in mean else fmt.format(mean[k]):>9s}"
+                                              for k, _, fmt in COLUMNS))
+    lines.append(f"  time: boxes {result['timings_s']['boxes']} s, total {result['timings_s']['total']} s")
+    return "\n".join(lines)
+
+
+def write_png(results: list[dict], path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..volume import atomic_write
+
+    keys = [("dice_ref_boxes", "reference-mask boxes"), ("dice_auto_boxes", "atlas boxes"),
+            ("dice_cascade_C", "cascade C"), ("dice_cascade_D", "cascade D"), ("dice_atlas_only", "atlas alone")]
+    fig, axes = plt.subplots(len(results), 1, figsize=(11, 3.6 * len(results)), squeeze=False)
+    for ax, res in zip(axes[:, 0], results):
+        rows = res["rows"]
+        x = np.arange(len(rows))
+        w = 0.8 / len(keys)
+        for n, (k, label) in enumerate(keys):
+            ax.bar(x + (n - len(keys) / 2 + 0.5) * w, [r.get(k) or 0 for r in rows], w, label=label)
+        ax.set_xticks(x, [r["structure"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("Dice")
+        ax.set_title(f"{res['dataset']} ({res['labels']}; {res['references']} refs, {res['engine']})", fontsize=9)
+        ax.legend(fontsize=7, ncol=len(keys))
+    fig.tight_layout()
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+    return out
+
+
+def run_eval(args) -> int:
+    from ..atlas.evaluation import dataset, evaluate
+    from ..cli import emit
+
+    names = ["itksnap"] if args.quick else [d.strip() for d in args.dataset.split(",") if d.strip()]
+    n_refs = 3 if args.quick else args.references
+    results = []
+    for name in names:
+        progress, close = _progress(args, name)
+        try:
+            case = dataset(name, args.data, n_refs, progress=progress)
+            results.append(evaluate(case, args.engine, args.strategy, progress=progress))
+        finally:
+            close()
+    doc = {"results": results}
+    if args.png:
+        doc["png"] = str(write_png(results, args.png))
+    emit(args, doc, lambda d: "\n\n".join(format_table(r) for r in d["results"])
+         + (f"\nwrote {d['png']}" if "png" in d else ""))
+    return 0

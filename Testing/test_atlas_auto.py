@@ -1,0 +1,163 @@
+"""Automatic prompts end to end: mask / U-Net components -> prompts -> engine (real MS lesions, expert labels),
+atlas prompts -> engine -> cascade -> label map (ITK-SNAP crop), and the ``atlas`` / ``auto`` commands."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import data_path
+from scipy import ndimage
+
+from mrisegassist.atlas import auto
+from mrisegassist.atlas.builtin import mricron_dir
+from mrisegassist.atlas.references import load_reference_set
+from mrisegassist.cli import main
+from mrisegassist.errors import InputError
+from mrisegassist.labels import LabelMap, read_labelmap
+from mrisegassist.prompt.strategies import z_extent
+from mrisegassist.volume import Geometry, Volume, read_volume, resample_to, write_volume
+
+
+@pytest.fixture(scope="module")
+def ms07():
+    folder = data_path("ms-lesjak", "patient07")
+    return read_volume(folder / "flair.nii.gz", name="flair"), read_volume(folder / "lesions.nii.gz", kind="label")
+
+
+def _dice(a, b) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def test_mask_components_become_one_prompt_each(ms07):
+    flair, lesions = ms07
+    structure = np.ones((3, 3, 3), bool)
+    comp, n = ndimage.label(lesions.array > 0, structure)
+    sizes = np.bincount(comp.ravel())[1:]
+    prompts = auto.mask_prompts(lesions, flair, "B", min_voxels=50)
+    assert len(prompts) == int((sizes >= 50).sum()) == 10
+    assert [p.object_id for p in prompts] == list(range(1, 11))
+    for p, label in zip(prompts, np.argsort(-sizes, kind="stable")[:10] + 1):
+        obj = comp == label
+        assert p.z_range == z_extent(obj) and p.name == f"object-{p.object_id}"
+        for b in p.boxes:  # each box is the component's bounding rectangle on its slice
+            jj, ii = np.nonzero(obj[b.k])
+            assert (b.i0, b.j0, b.i1, b.j1) == (ii.min(), jj.min(), ii.max(), jj.max())
+    with pytest.raises(InputError, match="empty"):
+        auto.mask_prompts(np.zeros(flair.array.shape, np.uint8), flair)
+    with pytest.raises(InputError, match="shape"):
+        auto.mask_prompts(np.ones((3, 3, 3), np.uint8), flair)
+
+
+def test_mask_on_another_grid_is_resampled(ms07):
+    flair, lesions = ms07
+    g = lesions.geometry
+    coarse = Geometry((g.size[0] // 2, g.size[1] // 2, g.size[2] // 2), (2.0, 2.0, 2.0),
+                      tuple(np.asarray(g.origin) + 0.5), g.direction)
+    small = resample_to(lesions, coarse, "nearest")
+    prompts = auto.mask_prompts(small, flair, "A", min_voxels=50)
+    assert prompts and all(0 <= p.boxes[0].k < flair.array.shape[0] for p in prompts)
+
+
+def test_refining_lesion_components_matches_the_expert_mask(ms07):
+    flair, lesions = ms07
+    ref = lesions.array > 0
+    keep = ndimage.label(ref, np.ones((3, 3, 3), bool))[0]
+    sizes = np.bincount(keep.ravel())
+    sizes[0] = 0
+    big = np.isin(keep, np.nonzero(sizes >= 100)[0])  # the 4 largest lesions (107-210 voxels)
+    result = auto.auto_from_mask(flair, big.astype(np.uint8), "classical", cascade="D")
+    assert isinstance(result.labels, LabelMap) and result.labels.volume.geometry.same_as(flair.geometry)
+    assert [o["label"] for o in result.objects] == [1, 2, 3, 4] and all(o["cascaded"] for o in result.objects)
+    pred = result.labels.volume.array > 0
+    assert _dice(pred, big) > 0.5  # expert lesion masks, weights-free engine
+    assert result.timings["cascade_s"] > 0
+
+
+def test_unet_output_components_are_refined(ms07, monkeypatch):
+    flair, lesions = ms07
+    import mrisegassist.unet.inference as inference
+
+    calls = []
+
+    def fake_segment_files(model, inputs, device="cpu", progress=None, cancel=None):
+        calls.append((model, dict(inputs)))
+        return LabelMap(lesions, [])  # stands in for the network: the expert lesion mask
+
+    monkeypatch.setattr(inference, "segment_files", fake_segment_files)
+    fg = auto.unet_mask("ms-model", {"flair": "x.nii.gz"}, flair)
+    assert calls == [("ms-model", {"flair": "x.nii.gz"})]
+    np.testing.assert_array_equal(fg.array, (lesions.array > 0).astype(np.uint8))
+    assert len(auto.mask_prompts(fg, flair, min_voxels=50)) == 10
+
+
+@pytest.fixture(scope="module")
+def crop():
+    if not (mricron_dir() / "aal.nii.gz").is_file():
+        pytest.skip("Colin27/AAL not installed (apt-get install mricron-data)")
+    folder = data_path("itksnap-mricrop")
+    return folder, read_volume(folder / "t1.gipl.gz", name="crop")
+
+
+def test_atlas_prompts_engine_cascade_label_map(crop, tmp_path):
+    _, image = crop
+    refset = load_reference_set("builtin:colin27", ["third-ventricle", "hippocampus-left"])
+    result = auto.auto_from_atlas(image, refset, "classical", cascade="C", cache=tmp_path)
+    labels = result.labels
+    assert [(i.value, i.name) for i in labels.labels] == [(1, "third-ventricle"), (2, "hippocampus-left")]
+    assert labels.labels[0].color == tuple(refset.structure("third-ventricle").color)
+    values = set(np.unique(labels.volume.array).tolist())
+    assert values <= {0, 1, 2} and 1 in values
+    third, hippo = result.objects
+    # the third ventricle is excluded from the cascade (thin): its first pass is kept as is
+    assert third["cascaded"] is False and result.final[0] is result.first_pass[0]
+    assert hippo["cascaded"] == bool(result.first_pass[1].mask.any())
+    assert result.boxes is not None and "atlas_total_s" in result.timings
+    # the segmented third ventricle lies inside its atlas z-range
+    z = result.boxes.get("third-ventricle").z_range
+    ks = np.nonzero((labels.volume.array == 1).any(axis=(1, 2)))[0]
+    assert z[0] <= ks.min() and ks.max() <= z[1]
+
+
+def test_atlas_and_auto_commands(crop, tmp_path, capsys, monkeypatch):
+    folder, image = crop
+    monkeypatch.setenv("MRISEGASSIST_CACHE", str(tmp_path / "cache"))
+    boxes = tmp_path / "boxes.json"
+    rc = main(["atlas", "--target", str(folder / "t1.gipl.gz"), "--references", "builtin:colin27",
+               "--structures", "lateral-ventricle-left,caudate-right", "--strategy", "B", "--deformable", "none",
+               "-o", str(boxes), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in doc["structures"]] == ["lateral-ventricle-left", "caudate-right"]
+    assert all(s["found"] and len(s["boxes_ijk"]) == 3 for s in doc["structures"])
+    assert json.loads(boxes.read_text())["format"] == "mrisegassist-atlas-boxes"
+    out = tmp_path / "labels.nii.gz"
+    rc = main(["auto", "--target", str(folder / "t1.gipl.gz"), "--boxes", str(boxes), "-o", str(out),
+               "--ref-mask", str(folder / "labels.gipl.gz"), "--ref-labels", "caudate-right=7", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [o["name"] for o in doc["objects"]] == ["lateral-ventricle-left", "caudate-right"]
+    assert set(doc["comparison"]["per_structure"]) == {"caudate-right"}
+    written = read_labelmap(out)
+    assert written.names == {1: "lateral-ventricle-left", 2: "caudate-right"}
+    # mask prompts through the command line, compared with the same mask
+    mask = tmp_path / "mask.nii.gz"
+    labels = read_volume(folder / "labels.gipl.gz", kind="label")
+    write_volume(labels.with_array((labels.array == 3).astype(np.uint8)), mask)
+    rc = main(["auto", "--target", str(folder / "t1.gipl.gz"), "--from-mask", str(mask), "-o",
+               str(tmp_path / "m.nii.gz"), "--ref-mask", str(mask), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["objects"]) == 1 and 0 <= doc["comparison"]["foreground"]["dice"] <= 1
+    # bad input: clear message, exit status 2, nothing written
+    rc = main(["auto", "--target", str(tmp_path / "missing.nii.gz"), "--from-mask", str(mask), "-o",
+               str(tmp_path / "x.nii.gz")])
+    assert rc == 2 and "no such file" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
+    empty = tmp_path / "empty.nii.gz"
+    write_volume(Volume(np.zeros_like(labels.array), labels.geometry), empty)
+    rc = main(["auto", "--target", str(folder / "t1.gipl.gz"), "--from-mask", str(empty), "-o",
+               str(tmp_path / "y.nii.gz")])
+    assert rc == 2 and "empty" in capsys.readouterr().err and not (tmp_path / "y.nii.gz").exists()
+    rc = main(["atlas", "--target", str(folder / "t1.gipl.gz"), "--references", "builtin:colin27",
+               "--structures", "corpus-callosum", "-o", str(boxes)])
+    assert rc == 2 and "unknown structure" in capsys.readouterr().err

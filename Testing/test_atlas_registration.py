@@ -1,0 +1,136 @@
+"""Registration onto real MRI: recovering a known deformation of Colin27, the ITK-SNAP crop (expert labels),
+transform composition, the on-disk cache of reference registrations, no-overlap and cancellation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import data_path
+
+from mrisegassist.atlas import space as space_module
+from mrisegassist.atlas.augment import Deformation, deform, deformed_reference
+from mrisegassist.atlas.builtin import mricron_dir
+from mrisegassist.atlas.references import ReferenceSet, load_reference_set
+from mrisegassist.atlas.registration import (FAST, RegistrationSettings, compose, flatten, register, warp_labels,
+                                             working_image)
+from mrisegassist.atlas.space import CommonSpace
+from mrisegassist.errors import Cancelled, InputError
+from mrisegassist.progress import CancelToken
+from mrisegassist.volume import Geometry, Volume, read_volume
+
+DEEP = {"caudate": [71, 72], "putamen": [73, 74], "thalamus": [77, 78], "lateral ventricles": [201, 202]}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def colin27() -> ReferenceSet:
+    if not (mricron_dir() / "aal.nii.gz").is_file():
+        pytest.skip("Colin27/AAL not installed (apt-get install mricron-data)")
+    return load_reference_set("builtin:colin27")
+
+
+@pytest.fixture(scope="module")
+def crop():
+    folder = data_path("itksnap-mricrop")
+    return read_volume(folder / "t1.gipl.gz", name="crop"), read_volume(folder / "labels.gipl.gz", kind="label")
+
+
+def test_compose_applies_the_last_transform_first():
+    a, b = sitk.TranslationTransform(3, (5, 0, 0)), sitk.ScaleTransform(3, (2, 2, 2))
+    c = sitk.Euler3DTransform((0, 0, 0), 0.1, 0.0, 0.0)
+    t = compose(compose(a, b), c)
+    assert len(flatten(t)) == 3
+    p = (1.0, 2.0, 3.0)
+    np.testing.assert_allclose(t.TransformPoint(p), a.TransformPoint(b.TransformPoint(c.TransformPoint(p))))
+
+
+def test_working_image_keeps_the_physical_extent(crop):
+    image, _ = crop
+    w = working_image(image, 3.0)
+    assert w.GetSpacing() == (3.0, 3.0, 3.0) and w.GetSize() == (26, 37, 21)
+    g = Geometry.from_sitk(w)
+    lo, hi = g.corners_lps().min(0), g.corners_lps().max(0)
+    olo, ohi = image.geometry.corners_lps().min(0), image.geometry.corners_lps().max(0)
+    np.testing.assert_allclose(lo, olo, atol=1.6)
+    np.testing.assert_allclose(hi, ohi, atol=1.6)
+
+
+def test_registration_recovers_a_known_smooth_deformation(colin27):
+    ref = colin27.references[0]
+    moved_image, moved_labels = deform(ref.image, ref.labels, Deformation(seed=11, magnitude_mm=3.0))
+    t = register(moved_image, ref.image, FAST)
+    warped = warp_labels(ref.labels, moved_image.geometry, t)
+    for name, values in DEEP.items():
+        target = np.isin(moved_labels.array, values)
+        before = _dice(np.isin(ref.labels.array, values), target)
+        after = _dice(np.isin(warped, values), target)
+        assert after > 0.75 and after > before + 0.05, (name, before, after)
+
+
+def test_common_space_onto_the_itksnap_crop_matches_expert_labels(colin27, crop, tmp_path):
+    image, labels = crop
+    space = CommonSpace(colin27, FAST, cache=tmp_path)
+    warped = space.warp(image)
+    assert len(warped.labels) == 1 and warped.labels[0].shape == labels.array.shape
+    w = warped.labels[0]
+    # expert labels: lateral ventricles (1), caudate (7), both sides; atlas: AAL caudate, derived ventricles
+    assert _dice(np.isin(w, [201, 202]), labels.array == 1) > 0.5
+    assert _dice(np.isin(w, [71, 72]), labels.array == 7) > 0.5
+    assert set(space.timings) >= {"references_s", "target_registration_s", "warp_s"}
+
+
+def test_reference_registrations_are_cached_on_disk(colin27, crop, tmp_path, monkeypatch):
+    image, _ = crop
+    base = colin27.references[0]
+    copy = deformed_reference(base, Deformation(seed=5, magnitude_mm=3.0))
+    refset = ReferenceSet("two", [base, copy], colin27.structures)
+    settings = FAST.__class__(**{**FAST.__dict__, "deformable": "none"})
+    space = CommonSpace(refset, settings, cache=tmp_path)
+    assert [r.name for r in space.missing()] == [copy.name]
+    first = space.prepare()
+    files = list(tmp_path.rglob("*.h5"))
+    assert len(files) == 1 and copy.key in files[0].name and settings.key() in str(files[0])
+    calls = []
+    monkeypatch.setattr(space_module, "register", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("registered again")))
+    again = CommonSpace(refset, settings, cache=tmp_path)
+    assert again.missing() == []
+    second = again.prepare()
+    p = (10.0, -20.0, 30.0)
+    np.testing.assert_allclose(second[1].TransformPoint(p), first[1].TransformPoint(p), atol=1e-6)
+    assert calls == []
+    # a different setting is a different cache entry
+    assert CommonSpace(refset, FAST, cache=tmp_path).missing() == [copy]
+
+
+def test_registration_refuses_images_that_do_not_overlap(crop):
+    image, _ = crop
+    rng = np.random.default_rng(0)
+    cube = np.zeros((60, 60, 60), np.float32)
+    cube[5:55, 5:55, 5:55] = 100 + rng.normal(0, 5, (50, 50, 50))  # a 250 mm phantom, not a brain
+    phantom = Volume(cube, Geometry((60, 60, 60), (5.0, 5.0, 5.0), (-150.0, -150.0, -150.0)), "phantom")
+    with pytest.raises(InputError, match="do not overlap"):
+        register(phantom, image, RegistrationSettings(deformable="none"))
+
+
+def test_registration_can_be_cancelled(crop):
+    image, _ = crop
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        register(image, image, FAST, cancel=token)
+    token = CancelToken()
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(message)
+        token.cancel()
+
+    with pytest.raises(Cancelled):
+        register(image, image, FAST, progress=progress, cancel=token)
+    assert seen and seen[0].startswith("rigid")
+    with pytest.raises(InputError, match="deformable"):
+        RegistrationSettings(deformable="elastic")
