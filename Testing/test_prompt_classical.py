@@ -123,3 +123,35 @@ def test_prepare_rejects_bad_volumes():
     bad[1, 2, 3] = np.nan
     with pytest.raises(InputError, match="NaN"):
         engine.prepare(bad)
+
+
+def test_session_reruns_only_changed_objects(ms07):
+    from mrisegassist.errors import InputError
+    from mrisegassist.prompt.session import PromptSession
+
+    flair, lesions = ms07
+    engine = ClassicalEngine()
+    session = PromptSession(engine, flair.array)
+    (_, a), (_, b) = objects_from_mask(lesions, min_voxels=10)[:2]
+    (box_a,), (box_b,) = boxes_for_object(a, "A"), boxes_for_object(b, "A")
+    session.set_object(ObjectPrompt(1, [box_a]))
+    session.set_object(ObjectPrompt(session.next_object_id(), [box_b]))
+    assert session.pending() == [1, 2]
+    session.run()
+    assert session.segmented == 2 and session.pending() == []
+    labels = session.labels()
+    assert _dice(labels == 1, a) > 0.5 and _dice(labels == 2, b) > 0.5
+    session.run()
+    assert session.segmented == 2  # nothing changed, nothing re-segmented
+    moved = Box2D(box_b.k, box_b.i0 - 1, box_b.j0 - 1, box_b.i1 + 1, box_b.j1 + 1)
+    session.set_object(ObjectPrompt(2, [moved]))
+    assert session.pending() == [2]
+    with pytest.raises(InputError, match="run"):
+        session.labels()
+    session.run()
+    assert session.segmented == 3 and engine.normalisations == 1
+    with pytest.raises(InputError, match="outside"):
+        session.set_object(ObjectPrompt(2, [Box2D(500, 1, 1, 5, 5)]))
+    assert session.prompts[2].boxes == [moved]  # a rejected prompt leaves the session unchanged
+    session.remove_object(1)
+    assert set(np.unique(session.labels())) == {0, 2}

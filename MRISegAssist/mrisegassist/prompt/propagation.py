@@ -49,9 +49,10 @@ class PropagationConfig:
     ``margin``: fraction of the previous mask's bounding-box size added on each side of the next box, at least
     ``min_margin`` voxels. ``min_area``: a slice mask with fewer pixels means the object vanished.
     ``min_score``: a lower engine score stops the walk. ``max_growth``: stop when the mask area jumps by more than
-    this factor from one slice to the next (and by more than ``min_margin**2`` pixels); ``max_area_ratio``: stop
+    this factor from one slice to the next (and by more than ``area_slack`` pixels); ``max_area_ratio``: stop
     when a propagated mask is larger than this factor times the largest prompted-slice mask of the object
-    (gradual leaks into neighbouring tissue). ``None`` disables either check.
+    (gradual leaks into neighbouring tissue; again ``area_slack`` pixels more are tolerated). ``None`` disables
+    either check.
     """
 
     margin: float = 0.1
@@ -60,6 +61,7 @@ class PropagationConfig:
     min_score: float = 0.0
     max_growth: Optional[float] = None
     max_area_ratio: Optional[float] = None
+    area_slack: int = 9
 
     def next_box(self, mask2d: np.ndarray) -> np.ndarray:
         """``[x0, y0, x1, y1]`` of ``mask2d`` (``[j, i]`` bool) enlarged by the margin, clipped to the slice."""
@@ -129,7 +131,7 @@ class _ObjectWalk:
         if area < max(cfg.min_area, 1) or float(score) < cfg.min_score:
             return False
         if prev_area is not None:  # a propagated slice: leak checks
-            slack = max(cfg.min_margin, 1) ** 2
+            slack = cfg.area_slack
             if cfg.max_growth is not None and area > cfg.max_growth * prev_area and area - prev_area > slack:
                 return False
             if cfg.max_area_ratio is not None and area > cfg.max_area_ratio * self.anchor_area + slack:
