@@ -184,6 +184,29 @@ def test_missing_and_wrong_checkpoints(tmp_path, monkeypatch):
     torch.save({"model": build_sam2_predictor("sam2.1-hiera-small").state_dict()}, wrong)
     with pytest.raises(CheckpointError, match="does not fit the medsam2 architecture.*(missing|unexpected)"):
         Sam2Engine("medsam2", checkpoint=wrong)
+    cut = tmp_path / "cut.pt"
+    with open(wrong, "rb") as fh:
+        cut.write_bytes(fh.read(5_000_000))  # a truncated transfer
+    with pytest.raises(CheckpointError, match="cannot be read as PyTorch weights.*truncated or corrupted"):
+        Sam2Engine("medsam2", checkpoint=cut)
     os.remove(wrong)
     with pytest.raises(InputError, match="unknown SAM 2 variant"):
         Sam2Engine("sam2.1-hiera-huge")
+
+
+def test_bench_prompt_reports_reprompt_without_reencoding(capsys):
+    """``mrisegassist bench prompt`` on 3 real slices: figures printed as JSON; re-prompting our prepared volume
+    runs the image encoder 0 times, the reference re-encodes every frame."""
+    import json
+
+    from mrisegassist.cli import main
+
+    data = data_path()
+    assert main(["bench", "prompt", "--data", str(data), "--frames", "3", "--sam-slices", "0", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = summary["rows"]
+    assert rows["ours re-prompt"]["encoder_calls"] == 0
+    assert rows["ours (z-range)"]["encoder_calls"] == rows["ours (z-range)"]["slices"] == 3
+    assert rows["reference re-prompt"]["encoder_calls"] >= 3
+    assert rows["ours (z-range)"]["dice_in_z_range"] >= 0.98
+    assert summary["ratios"]["goal_reprompt_no_reencoding_met"] is True

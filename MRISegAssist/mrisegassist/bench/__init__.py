@@ -1,1 +1,49 @@
 """Benchmarks (``mrisegassist bench ...``). Each prints figures against a baseline run in the same process."""
+
+import contextlib
+import ctypes
+import gc
+import time
+
+
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` memory field in kB (``VmRSS``, ``VmHWM``); 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@contextlib.contextmanager
+def measure(out: dict, device: str = "cpu"):
+    """Wall seconds and peak extra memory of the block into ``out``: ``peak_extra_mb`` = peak resident memory
+    during the block minus resident memory before it (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``,
+    freed heap returned with ``malloc_trim`` first; ``None`` where unsupported); on CUDA also ``peak_gpu_mb``."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_gpu = torch.cuda.memory_allocated()
+    before = status_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    t0 = time.perf_counter()
+    yield out
+    if cuda:
+        torch.cuda.synchronize()
+        out["peak_gpu_mb"] = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_extra_mb"] = (status_kb("VmHWM") - before) / 1024 if reset else None

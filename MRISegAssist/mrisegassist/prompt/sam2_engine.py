@@ -29,6 +29,7 @@ autocast on CPU is ~10x slower); bf16 autocast on CUDA. Logits are full resoluti
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,29 @@ class _InferenceState(dict):
             super().__setitem__(key, value)
 
 
+_quiet = {"lock": threading.Lock(), "depth": 0, "original": None}
+
+
+@contextlib.contextmanager
+def _quiet_sam2_progress():
+    """Silence the tqdm bar ``propagate_in_video`` draws (``sam2.sam2_video_predictor.tqdm``) while any engine
+    call runs (nesting- and thread-safe): the engine reports through its ``progress`` callback instead."""
+    import sam2.sam2_video_predictor as module
+
+    with _quiet["lock"]:
+        if _quiet["depth"] == 0:
+            _quiet["original"] = module.tqdm
+            module.tqdm = lambda iterable, *args, **kwargs: iterable
+        _quiet["depth"] += 1
+    try:
+        yield
+    finally:
+        with _quiet["lock"]:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                module.tqdm = _quiet["original"]
+
+
 def _upcast_memory(state: dict, frame: Optional[int] = None) -> None:
     """Store the memory features of ``frame`` (all frames if ``None``) as fp32 instead of sam2's bf16.
 
@@ -271,7 +295,7 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
             done[0] += 1
             report(progress, done[0] / total, f"slice {k}")
 
-        with self._lock, self._autocast():
+        with self._lock, self._autocast(), _quiet_sam2_progress():
             for (z0, z1, unbounded), group in groups.items():
                 self._run_window(prepared, z0, z1, unbounded, group, results, tick, cancel)
         report(progress, 1.0, "done")
