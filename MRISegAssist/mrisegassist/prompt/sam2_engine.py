@@ -346,13 +346,16 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
                 check(cancel)
                 predictor.add_new_points_or_box(state, frame_idx=box.k - z0, obj_id=p.object_id, box=box.xyxy)
         predictor.propagate_in_video_preflight(state)  # encodes the prompted frames' memory (idempotent)
-        _upcast_memory(state)
+        upcast = predictor.device.type != "cuda"  # under CUDA bf16 autocast the dtypes already agree
+        if upcast:
+            _upcast_memory(state)
         for reverse in (False, True):
             outermost = {p.object_id: (min if reverse else max)(b.k for b in p.boxes) - z0 for p in group}
             vanish = _Vanish(self.vanish_frames, outermost, reverse)
             for f, obj_ids, masks in predictor.propagate_in_video(state, reverse=reverse):
                 check(cancel)
-                _upcast_memory(state, f)
+                if upcast:
+                    _upcast_memory(state, f)
                 k = z0 + f
                 logits = masks[:, 0].float().cpu().numpy()
                 for idx, oid in enumerate(obj_ids):
