@@ -82,6 +82,16 @@ def test_dark_structure_is_found_without_being_told():
     assert np.median(t1.array[fused > 0]) < np.median(t1.array[labels > 0])
 
 
+def test_intermediate_intensity_structure():
+    """Caudate nuclei (grey matter between bright white matter and dark CSF on T1, manual labels): neither
+    brighter nor darker than all their surroundings; the engine follows the box centre's intensity."""
+    t1 = read_volume(data_path("itksnap-mricrop", "t1.gipl.gz"))
+    caudate = read_volume(data_path("itksnap-mricrop", "labels.gipl.gz"), kind="label").array == 7
+    engine = ClassicalEngine()
+    fused = fuse(engine.segment(engine.prepare(t1.array), prompts_from_mask(caudate, "B", min_voxels=50)))
+    assert _dice(fused > 0, caudate) >= 0.55
+
+
 def test_box_on_normal_white_matter_finds_nothing(ms07):
     flair, lesions = ms07
     engine = ClassicalEngine()
