@@ -132,3 +132,16 @@ def test_registry_lookup_errors(tmp_path, monkeypatch, network):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA GPU"):
             UNetSegmenter(get_model("tiny"), "cuda")
+
+
+def test_3d_model_sliding_window_keeps_reference_geometry(tmp_path, case):
+    """A 3D U-Net runs through MONAI sliding_window_inference on the cropped brain; output on the FLAIR grid."""
+    spec = dict(SPEC, spatial_dims=3, channels=[4, 8, 8], strides=[2, 2])
+    torch.manual_seed(0)
+    net = build_network(spec)
+    folder = _checkpoint_folder(tmp_path / "m3d", net, spec=spec)
+    entry = get_model(folder)
+    entry.dims, entry.roi_size, entry.spacing = "3d", [64, 64, 64], [1.5, 1.5, 1.5]  # resampled model grid
+    labelmap = UNetSegmenter(entry).segment(case)
+    assert labelmap.volume.geometry.same_as(case.geometry)
+    assert set(np.unique(labelmap.volume.array)) <= {0, 1}

@@ -218,6 +218,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     spec = default_spec(cfg.dims, len(cfg.inputs), n_classes)
     if cfg.channels:
         spec["channels"], spec["strides"] = list(cfg.channels), [2] * (len(cfg.channels) - 1)
+    torch.manual_seed(cfg.seed)  # reproducible initial weights
     network = build_network(spec).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * cfg.steps_per_epoch
