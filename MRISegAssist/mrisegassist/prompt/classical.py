@@ -330,10 +330,14 @@ class ClassicalEngine(SliceEngine):
         """
         if self.params.polarity != "auto":
             return {"bright": 1.0, "dark": -1.0, "similar": 0.0}[self.params.polarity]
-        r = crop[ring]
+        r, b = crop[ring], crop[inbox]
         margin = 2.0 * noise
         if min(np.mean(r > centre + margin), np.mean(r < centre - margin)) >= self.params.intermediate:
-            return 0.0
+            # ... unless the box holds tissue brighter or darker than all the ring (an enhancing rim around
+            # a dark necrotic centre is a bright object)
+            (r_lo, r_hi), (b_lo, b_hi) = np.percentile(r, [5, 95]), np.percentile(b, [5, 95])
+            if b_hi <= r_hi + 1.5 * margin and b_lo >= r_lo - 1.5 * margin:
+                return 0.0
         z = (crop - float(np.median(crop[ring]))) / noise
         spans, peaks = {}, {}
         for sign in (1.0, -1.0):
