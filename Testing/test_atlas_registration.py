@@ -134,3 +134,17 @@ def test_registration_can_be_cancelled(crop):
     assert seen and seen[0].startswith("rigid")
     with pytest.raises(InputError, match="deformable"):
         RegistrationSettings(deformable="elastic")
+
+
+@pytest.mark.parametrize("deformable", ["bspline", "demons"])
+def test_deformable_stages_undo_a_deformation_of_the_crop(crop, deformable):
+    image, labels = crop
+    moved_image, moved_labels = deform(image, labels, Deformation(seed=4, magnitude_mm=3.0, rotation_deg=2,
+                                                                  shift_mm=2))
+    settings = RegistrationSettings(resolution_mm=2.0, deformable=deformable, bspline_spacing_mm=30)
+    t = register(moved_image, image, settings)
+    warped = warp_labels(labels, moved_image.geometry, t)
+    for value in (1, 7, 8):  # expert lateral ventricles, caudate, corpus callosum
+        target = moved_labels.array == value
+        before, after = _dice(labels.array == value, target), _dice(warped == value, target)
+        assert after > 0.7 and after > before, (deformable, value, before, after)

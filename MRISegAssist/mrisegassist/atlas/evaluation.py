@@ -9,8 +9,10 @@ Datasets (:func:`dataset`):
 
 * ``itksnap``: the ITK-SNAP T1 crop with 8 manually drawn structures (expert labels); its lateral-ventricle
   and caudate labels (both sides in one) are split at the midline (mean ``i`` of the third ventricle);
-  references: the built-in Colin27 and MNI152 atlases plus smooth random deformations of them. Temporal horn
-  and corpus callosum have no counterpart in the atlases and are not scored.
+  references: the built-in Colin27 and MNI152 atlases plus smooth random deformations of them. Not scored:
+  temporal horn and corpus callosum (no counterpart in the atlases) and ``vent-4th`` (it covers the CSF above
+  the cerebellum, the superior cerebellar / quadrigeminal cisterns, not the anatomical fourth ventricle).
+  ``vent-3rd`` also takes in the cisterns around the third ventricle, which the atlas structure does not.
 * ``colin27-loo``: target Colin27 with its own labels (AAL atlas labels + derived ventricles); references: only
   MNI152 and deformed copies of it (leave the Colin27 atlas out). MNI152's AAL labels were propagated from
   Colin27, so AAL structures are not independent of the target's labels here; ventricles are.
@@ -43,7 +45,7 @@ from .registration import FAST, RegistrationSettings
 DATASETS = ("itksnap", "colin27-loo", "mni152-loo")
 ITKSNAP_STRUCTURES = {  # atlas structure -> (itksnap label, side: "left" = i above the midline, "right", None)
     "lateral-ventricle-left": (1, "left"), "lateral-ventricle-right": (1, "right"), "third-ventricle": (2, None),
-    "fourth-ventricle": (3, None), "hippocampus-right": (4, None), "hippocampus-left": (5, None),
+    "hippocampus-right": (4, None), "hippocampus-left": (5, None),
     "caudate-left": (7, "left"), "caudate-right": (7, "right")}
 
 
@@ -135,14 +137,17 @@ def _iou_3d(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 def box_quality(auto_boxes: AtlasBoxes, masks: dict[str, np.ndarray], strategy: str = "A") -> dict[str, dict]:
-    """Per structure: ``box_iou`` (rectangles), ``box_dk`` (slice offset), ``bbox_iou_3d``, ``z_coverage``."""
+    """Per structure in both: ``box_iou`` (rectangles), ``box_dk`` (slice offset), ``bbox_iou_3d``, ``z_coverage``."""
     out = {}
-    for name, ref in masks.items():
-        s = auto_boxes.get(name)
+    for s in auto_boxes.structures:
+        name, ref = s.name, masks.get(s.name)
+        if ref is None:
+            continue
         if not s.found or not ref.any():
             out[name] = {"box_iou": 0.0, "box_dk": None, "bbox_iou_3d": 0.0, "z_coverage": 0.0}
             continue
-        ref_box = boxes_for_object(ref, strategy)[len(boxes_for_object(ref, strategy)) // 2]
+        ref_boxes = boxes_for_object(ref, strategy)
+        ref_box = ref_boxes[len(ref_boxes) // 2]
         auto_box = s.boxes[len(s.boxes) // 2]
         z0, z1 = z_extent(ref)
         covered = max(0, min(z1, s.z_range[1]) - max(z0, s.z_range[0]) + 1)

@@ -23,8 +23,12 @@ import SimpleITK as sitk
 from ..progress import CancelToken, ProgressFn, check, report
 from ..volume import Geometry, Volume
 from .references import Reference, ReferenceSet, cache_dir
-from .registration import (FAST, RegistrationSettings, compose, load_transform, register, save_transform,
-                           warp_labels, working_image)
+from .registration import (FAST, RegistrationSettings, as_field, compose, load_transform, register,
+                           save_transform, warp_labels, working_image)
+
+
+#: spacing of the displacement fields that stand for B-spline transforms when warping (mm)
+FIELD_SPACING_MM = 2.0
 
 
 def cpu_count() -> int:
@@ -64,6 +68,7 @@ class CommonSpace:
         else:
             self.cache = Path(cache) if cache else cache_dir() / "registrations"
         self._transforms: dict[str, sitk.Transform] = {}
+        self._fields: dict[str, sitk.Transform] = {}
         self._anchor_work: Optional[sitk.Image] = None
         self._lock = threading.Lock()
         self.timings: dict[str, float] = {}
@@ -138,6 +143,19 @@ class CommonSpace:
                     future.result()
         out = [self.reference_transform(r) for r in self.refset.references]
         self.timings["references_s"] = time.perf_counter() - t0
+        return out
+
+    def reference_fields(self, progress: Optional[ProgressFn] = None,
+                         cancel: Optional[CancelToken] = None) -> list[sitk.Transform]:
+        """``T_ref`` of every reference as a displacement field on the anchor grid (2 mm; linear transforms
+        unchanged), computed once: composing two fields per target is far cheaper than composing B-splines."""
+        transforms = self.prepare(progress, cancel)
+        geometry = self.anchor.labels.geometry
+        out = []
+        for ref, t in zip(self.refset.references, transforms):
+            if ref.key not in self._fields:
+                self._fields[ref.key] = as_field(t, geometry, FIELD_SPACING_MM)
+            out.append(self._fields[ref.key])
         report(progress, 1.0, "references in the common space")
         return out
 
@@ -153,18 +171,20 @@ class CommonSpace:
              cancel: Optional[CancelToken] = None) -> WarpedReferences:
         """Every reference label map on the target grid (registers references first if needed)."""
         sub = (lambda a, b: (lambda f, m: report(progress, a + (b - a) * f, m)))
-        transforms = self.prepare(sub(0.0, 0.4) if self.missing() else None, cancel)
+        transforms = self.reference_fields(sub(0.0, 0.4) if self.missing() else None, cancel)
         t0 = time.perf_counter()
         s = self.register_target(target, sub(0.4 if self.timings.get("references_s", 0) > 1 else 0.0, 0.85),
                                  cancel)
         t1 = time.perf_counter()
         refs = self.refset.references
+        s_field = as_field(s, target.geometry, FIELD_SPACING_MM)
         labels: list[Optional[np.ndarray]] = [None] * len(refs)
         done = [0]
 
         def job(n: int) -> None:
             check(cancel)
-            labels[n] = warp_labels(refs[n].labels, target.geometry, compose(transforms[n], s))
+            labels[n] = warp_labels(refs[n].labels, target.geometry, compose(transforms[n], s_field),
+                                    FIELD_SPACING_MM)
             with self._lock:
                 done[0] += 1
                 report(progress, 0.85 + 0.15 * done[0] / len(refs), f"warped {refs[n].name}")
