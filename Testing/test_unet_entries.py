@@ -145,3 +145,18 @@ def test_3d_model_sliding_window_keeps_reference_geometry(tmp_path, case):
     labelmap = UNetSegmenter(entry).segment(case)
     assert labelmap.volume.geometry.same_as(case.geometry)
     assert set(np.unique(labelmap.volume.array)) <= {0, 1}
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from mrisegassist.cli import main
+
+    flair = data_path("ms-lesjak", "patient07", "flair.nii.gz")
+    assert main(["segment", "--model", "nope", "-i", f"flair={flair}", "-o", str(tmp_path / "x.nii.gz")]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["segment", "--model", "nope", "-i", "flair", "-o", str(tmp_path / "x.nii.gz")]) == 2
+    assert "expected SEQ=PATH" in capsys.readouterr().err
+    assert main(["segment", "--model", "nope", "-i", f"flair={tmp_path / 'missing.nii.gz'}", "-o", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--cases", str(tmp_path), "--out", str(tmp_path / "o"), "--labels", "1=lesion"]) == 2
+    assert "no cases found" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
