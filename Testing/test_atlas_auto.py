@@ -161,3 +161,17 @@ def test_atlas_and_auto_commands(crop, tmp_path, capsys, monkeypatch):
     rc = main(["atlas", "--target", str(folder / "t1.gipl.gz"), "--references", "builtin:colin27",
                "--structures", "corpus-callosum", "-o", str(boxes)])
     assert rc == 2 and "unknown structure" in capsys.readouterr().err
+    rc = main(["auto", "--target", str(folder / "t1.gipl.gz"), "--boxes", str(boxes), "--engine", "atlas",
+               "-o", str(tmp_path / "z.nii.gz")])
+    assert rc == 2 and "needs --references" in capsys.readouterr().err
+
+
+def test_atlas_label_fusion_without_an_engine(crop, tmp_path):
+    folder, image = crop
+    refset = load_reference_set("builtin:colin27", ["caudate-left", "caudate-right", "third-ventricle"])
+    result = auto.auto_from_atlas(image, refset, auto.ATLAS_ENGINE, cache=tmp_path)
+    fused = result.labels.volume.array
+    for s in result.boxes.structures:
+        np.testing.assert_array_equal(fused == s.value, result.boxes.score_map(s.name).mask())  # no overlap here
+    expert = read_volume(folder / "labels.gipl.gz", kind="label").array == 7
+    assert _dice(np.isin(fused, [1, 2]), expert) > 0.5  # both caudates vs the expert caudate label

@@ -22,11 +22,15 @@ from ..prompt.base import ObjectPrompt, ObjectResult, PromptableEngine
 from ..prompt.fusion import fuse
 from ..prompt.strategies import prompts_from_mask
 from ..volume import PathLike, Volume, resample_to
-from .boxes import AtlasBoxes, boxes_from_scores, score_maps
+from .boxes import AtlasBoxes, boxes_from_scores, fuse_scores, score_maps
 from .cascade import CASCADES, run_cascade
 from .references import ReferenceSet
 from .registration import FAST, RegistrationSettings
 from .space import CommonSpace
+
+
+#: engine name meaning "no promptable engine: the atlas score maps are the segmentation"
+ATLAS_ENGINE = "atlas"
 
 
 def _sub(progress: Optional[ProgressFn], a: float, b: float) -> Optional[ProgressFn]:
@@ -141,9 +145,16 @@ def auto_from_atlas(target: Volume, refset: ReferenceSet, engine: Union[str, Pro
                     settings: RegistrationSettings = FAST, thresholds: Optional[dict[str, float]] = None,
                     workers: Optional[int] = None, cache=None, device: str = "cpu",
                     progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> AutoResult:
-    """Atlas boxes -> engine -> cascade (structures with ``cascade=False`` excluded) -> label map."""
+    """Atlas boxes -> engine -> cascade (structures with ``cascade=False`` excluded) -> label map.
+
+    ``engine="atlas"`` skips the promptable engine: the label map is the thresholded score maps themselves
+    (multi-atlas label fusion, :func:`.boxes.fuse_scores`).
+    """
     boxes = atlas_boxes(target, refset, strategy, settings=settings, thresholds=thresholds, workers=workers,
-                        cache=cache, progress=_sub(progress, 0.0, 0.5), cancel=cancel)
+                        cache=cache, progress=_sub(progress, 0.0, 0.9 if engine == ATLAS_ENGINE else 0.5),
+                        cancel=cancel)
+    if engine == ATLAS_ENGINE:
+        return atlas_result(target, boxes)
     if not boxes.found():
         raise InputError("no structure was found on the target: " +
                          "; ".join(f"{s.name}: {s.reason}" for s in boxes.structures))
@@ -155,6 +166,22 @@ def auto_from_atlas(target: Volume, refset: ReferenceSet, engine: Union[str, Pro
     result.boxes = boxes
     result.timings.update({f"atlas_{k}": v for k, v in boxes.timings.items()})
     return result
+
+
+def atlas_result(target: Volume, boxes: AtlasBoxes) -> AutoResult:
+    """The label map of the atlas alone (score-map fusion) as an :class:`AutoResult`."""
+    if boxes.scores is None:
+        raise InputError("the atlas label map needs score maps: run with --references (boxes read from JSON "
+                         "carry none)")
+    fused = fuse_scores(boxes.scores)
+    ml = target.geometry.voxel_volume_ml
+    found = boxes.found()
+    infos = [LabelInfo(s.value, s.name, tuple(s.color)) for s in found]
+    objects = [{"label": s.value, "name": s.name, "boxes": len(s.boxes), "z_range": list(s.z_range),
+                "first_pass_ml": round(s.volume_ml, 4), "final_ml": round(float((fused == s.value).sum()) * ml, 4),
+                "cascaded": False} for s in found]
+    labels = LabelMap(target.with_array(fused, f"{target.label} atlas labels"), infos)
+    return AutoResult(labels, objects, [], [], boxes, {f"atlas_{k}": v for k, v in boxes.timings.items()})
 
 
 def auto_from_mask(target: Volume, mask: Union[Volume, np.ndarray], engine: Union[str, PromptableEngine] = "classical",

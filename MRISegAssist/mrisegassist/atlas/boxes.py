@@ -286,6 +286,24 @@ class AtlasBoxes:
             raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 
+def fuse_scores(scores: Sequence[ScoreMap]) -> np.ndarray:
+    """Multi-atlas label fusion without an engine: ``uint16 [k, j, i]`` where each voxel gets the structure
+    with the highest score among those at or above their threshold (0 elsewhere)."""
+    if not scores:
+        raise InputError("no score map to fuse")
+    shape = scores[0].shape
+    out = np.zeros(shape, np.uint16)
+    best = np.zeros(shape, np.float32)
+    for m in scores:
+        if m.array.size == 0:
+            continue
+        sub = m.array
+        win = (sub >= m.structure.threshold - 1e-6) & (sub > best[m.box])
+        best[m.box][win] = sub[win]
+        out[m.box][win] = m.value
+    return out
+
+
 def boxes_from_scores(scores: Sequence[ScoreMap], geometry: Geometry, strategy: str = "A",
                       thresholds: Optional[dict[str, float]] = None, margin: int = 0, **info) -> AtlasBoxes:
     """Boxes of every structure (``thresholds`` overrides per structure name)."""

@@ -46,7 +46,9 @@ def register(sub) -> None:
     p.add_argument("--input", "-i", action="append", default=[], metavar="SEQ=PATH",
                    help="U-Net input sequence (repeat; default: the target as the model's first input)")
     _add_reference_options(p)
-    p.add_argument("--engine", default="classical", help="promptable engine (default: weights-free classical)")
+    p.add_argument("--engine", default="classical",
+                   help="promptable engine (default: weights-free classical); 'atlas' (with --references): no "
+                        "engine, the thresholded atlas score maps are the label map")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cascade", choices=["C", "D"], help="second pass from the first pass's masks (D: enlarged)")
     p.add_argument("--strategy", choices=["A", "B"], default="A")
@@ -198,6 +200,8 @@ def cmd_auto(args) -> int:
     if args.ref_mask and not Path(args.ref_mask).exists():
         raise InputError(f"{args.ref_mask}: no such reference mask")
     kwargs = dict(cascade=args.cascade, strategy=args.strategy, device=args.device)
+    if args.engine == auto.ATLAS_ENGINE and not args.references:
+        raise InputError("--engine atlas labels from the atlas score maps: it needs --references")
     boxes = None
     if args.references:
         _, boxes = _atlas_boxes(args, target)
@@ -207,7 +211,9 @@ def cmd_auto(args) -> int:
             raise InputError(f"{args.boxes}: the boxes were made for another grid than {target.label}")
     progress, close = _progress(args, "segmenting")
     try:
-        if boxes is not None:
+        if args.engine == auto.ATLAS_ENGINE:
+            result = auto.atlas_result(target, boxes)
+        elif boxes is not None:
             if not boxes.found():
                 raise InputError("no structure was found on the target: "
                                  + "; ".join(f"{s.name}: {s.reason}" for s in boxes.structures))
