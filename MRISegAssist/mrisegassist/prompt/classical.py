@@ -14,8 +14,9 @@ the box (cost grows with the object, not the image):
    from the prompted slice: no drift from slice to slice); otherwise the slice is returned empty;
 3. seeds on the contrast ``(I - B) / (F - B)``: foreground ``>= fg_level`` connected to the centre,
    background the ring plus ``<= bg_level`` in the box; ``skimage.segmentation.random_walker`` labels the
-   rest. On a prompted slice the mask should span the box (``min_span``): if not, the seed levels are
-   lowered step by step (a box is drawn around its object);
+   rest. On a prompted slice the mask should span the box (``min_span``): if not, and the rest of the box
+   is still brighter than the ring (a partly found object, not a loose box), the seed levels are lowered
+   step by step (a box is drawn around its object);
 4. logits = log-odds of the random walker's foreground probability; score = mean probability in the mask.
 
 3D comes from the shared slice propagation (:mod:`.propagation`, with leak guards set in ``propagation``
@@ -61,6 +62,7 @@ class ClassicalParams:
     bg_percentile: float = 65.0   #: background level = this percentile of the ring (polarity-adjusted)
     min_span: float = 0.8         #: prompted slice: the mask should span this fraction of the box ...
     span_scales: tuple = (1.0, 0.75, 0.5)  #: ... else seed levels are scaled down by these factors in turn
+    expand_cnr: float = 1.0       #: ... and the rest of the box is this much (noise units) above the ring
     anchor_percentile: float = 75.0  #: object level on the prompted slice: this percentile inside its mask
     anchor_level: bool = True     #: propagated slices: thresholds from the prompted slice's object level
     intermediate: float = 0.2     #: "auto" picks "similar" when this fraction of the ring is brighter and darker
@@ -296,6 +298,9 @@ class ClassicalEngine(SliceEngine):
             mask = prob > 0.5
             if not mask.any() or _span(mask, inbox) >= p.min_span:
                 break
+            rest = inbox & ~mask
+            if rest.any() and np.median(u[rest]) - np.median(u[stats]) < p.expand_cnr * prepared.noise:
+                break  # the rest of the box looks like the background: a loose box, not a partial object
         prob = np.clip(prob, 1e-4, 1 - 1e-4)
         out[region] = np.clip(np.log(prob / (1.0 - prob)), -MAX_LOGIT, MAX_LOGIT)
         return out, (float(prob[mask].mean()) if mask.any() else 0.0)
