@@ -11,8 +11,8 @@ from mrisegassist.atlas import space as space_module
 from mrisegassist.atlas.augment import Deformation, deform, deformed_reference
 from mrisegassist.atlas.builtin import mricron_dir
 from mrisegassist.atlas.references import ReferenceSet, load_reference_set
-from mrisegassist.atlas.registration import (FAST, RegistrationSettings, compose, flatten, register, warp_labels,
-                                             working_image)
+from mrisegassist.atlas.registration import (FAST, RegistrationSettings, compose, flatten, plausible_affine,
+                                             register, warp_labels, working_image)
 from mrisegassist.atlas.space import CommonSpace
 from mrisegassist.errors import Cancelled, InputError
 from mrisegassist.progress import CancelToken
@@ -45,6 +45,13 @@ def test_compose_applies_the_last_transform_first():
     assert len(flatten(t)) == 3
     p = (1.0, 2.0, 3.0)
     np.testing.assert_allclose(t.TransformPoint(p), a.TransformPoint(b.TransformPoint(c.TransformPoint(p))))
+
+
+def test_implausible_affines_are_recognised():
+    assert plausible_affine(np.eye(3)) and plausible_affine(np.diag([1.2, 0.9, 1.1]))
+    assert not plausible_affine(np.diag([1, 1, -1]))  # a reflection
+    assert not plausible_affine(np.diag([0.24, 1.19, 1.35]))  # a collapsed axis (diverged optimiser)
+    assert not plausible_affine(np.array([[1, 2.5, 0], [0, 1, 0], [0, 0, 1]]))  # strong shear
 
 
 def test_working_image_keeps_the_physical_extent(crop):

@@ -195,6 +195,13 @@ def _overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Tra
     return float(np.count_nonzero((sitk.GetArrayViewFromImage(warped) > 0) & fmask) / np.count_nonzero(fmask))
 
 
+def plausible_affine(matrix: np.ndarray, max_scale: float = 1.6) -> bool:
+    """True when the 3x3 linear part scales every direction by ``1/max_scale .. max_scale`` and keeps handedness
+    (heads differ by far less; beyond that the optimiser diverged)."""
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    return bool(np.linalg.det(matrix) > 0 and singular.max() <= max_scale and singular.min() >= 1 / max_scale)
+
+
 def _initial_transform(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings) -> sitk.Euler3DTransform:
     """Rigid start: centres of mass aligned, optionally refined by an exhaustive translation search."""
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
@@ -268,6 +275,10 @@ def register(fixed: Union[Volume, sitk.Image], moving: Union[Volume, sitk.Image]
                    f"affine {mname} -> {fname}")
     method.Execute(f, m)
     mon.finish()
+    if not plausible_affine(np.asarray(affine.GetMatrix()).reshape(3, 3)):
+        # the affine stage diverged (shear/scale far from any head): keep the rigid alignment
+        affine.SetMatrix(rigid.GetMatrix())
+        affine.SetTranslation(rigid.GetTranslation())
 
     if _overlap_fraction(f, m, affine) < 0.25:
         raise InputError(f"registration of {mname} onto {fname} failed: the images do not overlap "
