@@ -3,6 +3,7 @@ benchmark), bright and dark objects, thick slices, re-prompting without re-prepa
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -41,18 +42,20 @@ def test_accuracy_on_expert_ms_lesions(ms07):
     assert a["slices_segmented"] > result["lesions"]  # propagation went beyond the prompted slices
 
 
-def test_accuracy_command_on_thick_slice_lesions(tmp_path, capsys):
+def test_accuracy_command_on_thick_slice_lesions(artifacts, capsys):
     """``mrisegassist bench prompt-accuracy`` on the 6.5 mm post-contrast T1 lesions (expert labels)."""
     data_path("radiomics-brain", "brain1_image.nrrd")
+    out = artifacts / "prompt_accuracy"
+    shutil.rmtree(out, ignore_errors=True)  # no stale PNG from an earlier run
     code = main(["bench", "prompt-accuracy", "--cases", "radiomics1", "--data", str(DATA), "--out",
-                 str(tmp_path), "--json"])
+                 str(out), "--json"])
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     case = doc["cases"][0]
     assert doc["labels"] == "expert" and case["case"] == "radiomics1" and case["lesions"] == 2
     assert case["strategies"]["A"]["dice"] >= 0.4 and case["strategies"]["B"]["dice"] >= 0.6
-    assert (tmp_path / "prompt_accuracy_dice.png").stat().st_size > 10_000
-    assert (tmp_path / "prompt_accuracy_radiomics1_B.png").is_file()
+    assert (out / "prompt_accuracy_dice.png").stat().st_size > 10_000
+    assert (out / "prompt_accuracy_radiomics1_B.png").is_file()
 
 
 def test_bright_tumour_on_flair():

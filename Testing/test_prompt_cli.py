@@ -70,6 +70,13 @@ def test_boxes_with_object_ids_and_json(tmp_path, capsys, case):
     arr = read_volume(out, kind="label").array
     assert set(np.unique(arr)) <= {0, 1, 7} and (arr == 7).sum() > (arr == 1).sum() > 0
     assert doc["metrics"]["dice"] > 0.6 and doc["total_volume_ml"] > 0
+    # the same object given as one --object-boxes option: same result
+    code, text, err = _run(capsys, "--input", image, "-o", out, "--json", "--object-boxes",
+                           ";".join(_box_arg(b) for b in b1))
+    assert code == 0, err
+    (obj,) = json.loads(text)["objects"]
+    assert obj["object_id"] == 1 and len(obj["boxes"]) == 3
+    assert np.array_equal(read_volume(out, kind="label").array == 1, arr == 7)
 
 
 def test_boxes_from_mask_strategy_and_z_range(tmp_path, capsys, case):
