@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 from ..metrics import evaluate_labels
 from ..volume import read_volume, resample_to
@@ -37,13 +39,16 @@ def evaluate_model(entry: ModelEntry, cases: Sequence[CaseFiles], device: str = 
     out = {}
     for files in cases:
         case = load_model_case(segmenter, files.images)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         labelmap = segmenter.segment(case)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         ref = resample_to(read_volume(files.labels, kind="label"), case.geometry, "nearest")
         metrics = evaluate_labels(labelmap.volume.array, ref.array, case.geometry.spacing, labels=labelmap.labels,
                                   regions=BRATS_REGIONS if brats else None, lesionwise=not brats, distances=True)
-        out[files.name] = {"seconds": round(seconds, 2), "shape": list(case.geometry.size), "metrics": metrics}
+        out[files.name] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+                           "threads": torch.get_num_threads(), "load": None if load is None else round(load, 1),
+                           "cores": os.cpu_count(), "shape": list(case.geometry.size), "metrics": metrics}
     return out
 
 
@@ -99,8 +104,10 @@ def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = No
              "## Validation (cases NOT used for training; expert labels)", ""]
     for case, res in evaluation.items():
         m = res["metrics"]
-        lines += [f"### {case} ({'x'.join(str(s) for s in res['shape'])}, full-case inference "
-                  f"{res['seconds']:.1f} s on 2 shared CPU cores)", "",
+        lines += [f"### {case} ({'x'.join(str(s) for s in res['shape'])})", "",
+                  f"Full-case inference (reading excluded): {res['seconds']:.1f} s wall, {res['cpu_seconds']:.1f} "
+                  f"CPU-seconds with {res['threads']} torch threads, on a {res['cores']}-core machine shared with "
+                  f"other jobs (load average {res['load']}); see `mrisegassist bench unet` for timings.", "",
                   "| label | Dice | HD95 mm | predicted ml | reference ml |", "|---|---|---|---|---|"]
         rows = list(m["labels"].items()) + [(f"[{k}]", v) for k, v in m.get("regions", {}).items()]
         for name, v in rows:
@@ -130,15 +137,13 @@ def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = No
 
 def install(model_dir: Path, target: Path, evaluation: dict, aurora: Optional[dict], recipe: str) -> ModelEntry:
     """Copy weights into ``target`` with ``model.json`` (validation = ``evaluation``) and ``MODEL_CARD.md``."""
-    import torch
-
     entry = get_model(model_dir)
     entry.verify()
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(entry.weights_path, target / entry.weights)
     state = torch.load(str(target / entry.weights), map_location="cpu", weights_only=True)
     entry.training = dict(entry.training, recipe=recipe, parameters=int(sum(v.numel() for v in state.values())))
-    entry.validation = {case: {"seconds": r["seconds"],
+    entry.validation = {case: {"seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
                                "dice": {k: v["dice"] for k, v in r["metrics"]["labels"].items()},
                                "regions": {k: v["dice"] for k, v in r["metrics"].get("regions", {}).items()},
                                "lesions": {k: {kk: v["lesions"].get(kk) for kk in

@@ -46,15 +46,12 @@ def _pad_to(array: np.ndarray, divisor: int, axes: Sequence[int]) -> tuple[np.nd
 
 
 @torch.inference_mode()
-def predict_probabilities(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: str,
-                          device: torch.device, roi_size: Sequence[int] = (128, 128, 128), divisor: int = 16,
-                          batch_size: int = 16, overlap: float = 0.25, progress: Optional[ProgressFn] = None,
-                          cancel: Optional[CancelToken] = None, start: float = 0.0,
-                          stop: float = 1.0) -> np.ndarray:
-    """Softmax probabilities ``(K, S, P, L)`` float32 of ``x`` ``(C, S, P, L)`` on the model grid.
-
-    Only the bounding box of ``fg`` (bool ``(S, P, L)``) is run; outside it the background class gets 1.
-    """
+def predict_crop(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: str, device: torch.device,
+                 roi_size: Sequence[int] = (128, 128, 128), divisor: int = 16, batch_size: int = 32,
+                 overlap: float = 0.25, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                 start: float = 0.0, stop: float = 1.0) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Softmax probabilities ``(K, s, p, l)`` float32 inside the bounding box of ``fg`` (bool ``(S, P, L)``),
+    and that box (slices of the model grid). ``x`` is ``(C, S, P, L)`` on the model grid."""
     box = foreground_bbox(fg, margin=4)
     crop = np.ascontiguousarray(x[(slice(None),) + box])
     out: Optional[np.ndarray] = None
@@ -80,11 +77,29 @@ def predict_probabilities(network: torch.nn.Module, x: np.ndarray, fg: np.ndarra
         logits = sliding_window_inference(tensor, [int(r) for r in roi_size], sw_batch_size=1, predictor=network, overlap=overlap,
                                           mode="gaussian", progress=False)
         out = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    report(progress, stop, "network done")
+    return out, box
+
+
+def predict_probabilities(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: str,
+                          device: torch.device, *args, **kwargs) -> np.ndarray:
+    """Softmax probabilities ``(K, S, P, L)`` on the whole model grid (background = 1 outside the foreground
+    box); arguments as :func:`predict_crop`."""
+    out, box = predict_crop(network, x, fg, dims, device, *args, **kwargs)
     full = np.zeros((out.shape[0],) + fg.shape, dtype=np.float32)
     full[0] = 1.0
     full[(slice(None),) + box] = out
-    report(progress, stop, "network done")
     return full
+
+
+def predict_classes(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: str, device: torch.device,
+                    *args, **kwargs) -> tuple[np.ndarray, int]:
+    """Argmax classes ``(S, P, L)`` uint8 on the model grid and the number of classes (no full-size
+    probability array is kept); arguments as :func:`predict_crop`."""
+    out, box = predict_crop(network, x, fg, dims, device, *args, **kwargs)
+    classes = np.zeros(fg.shape, dtype=np.uint8)
+    classes[box] = np.argmax(out, axis=0)
+    return classes, out.shape[0]
 
 
 class UNetSegmenter:
@@ -95,7 +110,7 @@ class UNetSegmenter:
     """
 
     def __init__(self, model: Union[str, Path, ModelEntry], device: Union[str, torch.device, None] = "cpu",
-                 batch_size: int = 16, overlap: float = 0.25, min_component_mm3: Optional[float] = None,
+                 batch_size: int = 32, overlap: float = 0.25, min_component_mm3: Optional[float] = None,
                  network: Optional[torch.nn.Module] = None) -> None:
         self.entry = get_model(model)
         self.device = resolve_device(device)
@@ -110,16 +125,24 @@ class UNetSegmenter:
     def inputs(self) -> list[str]:
         return list(self.entry.inputs)
 
+    def _inputs(self, images: Mapping[str, np.ndarray], grid: ModelGrid) -> tuple[np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
+        x, fg = prepare_inputs(images, self.entry.inputs, grid, self.entry.normalization)
+        self.timings["preprocess_s"] = time.perf_counter() - t0
+        return x, fg
+
+    def _network_args(self, progress, cancel) -> dict:
+        return dict(roi_size=self.entry.roi_size, divisor=self.divisor, batch_size=self.batch_size,
+                    overlap=self.overlap, progress=progress, cancel=cancel, start=0.1, stop=0.85)
+
     def probabilities(self, images: Mapping[str, np.ndarray], grid: ModelGrid,
                       progress: Optional[ProgressFn] = None,
                       cancel: Optional[CancelToken] = None) -> np.ndarray:
         """``(K, S, P, L)`` class probabilities on the model grid of ``grid`` (inputs on ``grid.source``)."""
+        x, fg = self._inputs(images, grid)
         t0 = time.perf_counter()
-        x, fg = prepare_inputs(images, self.entry.inputs, grid, self.entry.normalization)
-        self.timings["preprocess_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        probs = predict_probabilities(self.network, x, fg, self.entry.dims, self.device, self.entry.roi_size,
-                                      self.divisor, self.batch_size, self.overlap, progress, cancel, 0.1, 0.85)
+        probs = predict_probabilities(self.network, x, fg, self.entry.dims, self.device,
+                                      **self._network_args(progress, cancel))
         self.timings["network_s"] = time.perf_counter() - t0
         return probs
 
@@ -133,12 +156,23 @@ class UNetSegmenter:
         check(cancel)
         report(progress, 0.0, "preprocessing")
         grid = ModelGrid.for_geometry(case.geometry, self.entry.spacing)
-        probs = self.probabilities(case.images, grid, progress, cancel)
-        check(cancel)
-        report(progress, 0.85, "mapping back to the reference grid")
-        t0 = time.perf_counter()
-        classes = self._classes_on_reference(probs, grid)
-        labels = map_classes(classes, self.entry.class_to_label(probs.shape[0]))
+        if grid.exact:  # argmax commutes with a transpose/flip: no full-size probability maps needed
+            x, fg = self._inputs(case.images, grid)
+            t0 = time.perf_counter()
+            model_classes, n_classes = predict_classes(self.network, x, fg, self.entry.dims, self.device,
+                                                       **self._network_args(progress, cancel))
+            self.timings["network_s"] = time.perf_counter() - t0
+            del x
+            check(cancel)
+            t0 = time.perf_counter()
+            classes = grid.to_reference(model_classes)
+        else:
+            probs = self.probabilities(case.images, grid, progress, cancel)
+            check(cancel)
+            report(progress, 0.85, "mapping back to the reference grid")
+            t0 = time.perf_counter()
+            classes, n_classes = self._classes_on_reference(probs, grid), probs.shape[0]
+        labels = map_classes(classes, self.entry.class_to_label(n_classes))
         labels = remove_small_components(labels, case.geometry.spacing, self.min_component_mm3)
         self.timings["postprocess_s"] = time.perf_counter() - t0
         report(progress, 1.0, "done")
@@ -147,8 +181,7 @@ class UNetSegmenter:
 
     @staticmethod
     def _classes_on_reference(probs: np.ndarray, grid: ModelGrid) -> np.ndarray:
-        if grid.exact:  # argmax commutes with a transpose/flip
-            return grid.to_reference(np.argmax(probs, axis=0).astype(np.uint8))
+        """Resample each class probability linearly onto the reference grid and take the argmax."""
         best = grid.to_reference(probs[0], default=1.0)
         classes = np.zeros(best.shape, dtype=np.uint8)
         for c in range(1, probs.shape[0]):

@@ -28,7 +28,7 @@ from ..volume import atomic_write
 from .data import (CaseFiles, TrainingCase, class_indices, discover_cases, load_training_case, make_transforms,
                    pad_case, read_manifest, synthetic_cases)
 from .entries import ModelEntry, sha256_file
-from .inference import predict_probabilities, resolve_device
+from .inference import predict_classes, resolve_device
 from .networks import build_network, default_spec, load_state, size_divisor
 from .postprocess import BRATS_REGIONS
 
@@ -132,8 +132,7 @@ def validate(network: torch.nn.Module, cases: Sequence[TrainingCase], labels: li
     per_case = {}
     values = [int(lab["value"]) for lab in labels]
     for case in cases:
-        probs = predict_probabilities(network, case.image, case.fg, dims, device, roi, divisor)
-        classes = np.argmax(probs, axis=0)
+        classes, _ = predict_classes(network, case.image, case.fg, dims, device, roi, divisor)
         lut = np.array([0] + values)
         pred, ref = lut[classes], lut[case.label]
         scores = {lab["name"]: d for lab, d in zip(labels, dice_scores(pred, ref, values).values())}
