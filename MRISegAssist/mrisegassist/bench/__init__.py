@@ -20,7 +20,8 @@ def status_kb(field: str) -> int:
 
 @contextlib.contextmanager
 def measure(out: dict, device: str = "cpu"):
-    """Wall seconds and peak extra memory of the block into ``out``: ``peak_extra_mb`` = peak resident memory
+    """Wall seconds, CPU seconds of this process (all threads; steadier than wall time on a shared machine) and
+    peak extra memory of the block into ``out``: ``peak_extra_mb`` = peak resident memory
     during the block minus resident memory before it (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``,
     freed heap returned with ``malloc_trim`` first; ``None`` where unsupported); on CUDA also ``peak_gpu_mb``."""
     gc.collect()
@@ -40,10 +41,11 @@ def measure(out: dict, device: str = "cpu"):
         reset = True
     except OSError:
         reset = False
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     yield out
     if cuda:
         torch.cuda.synchronize()
         out["peak_gpu_mb"] = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
     out["seconds"] = time.perf_counter() - t0
+    out["cpu_seconds"] = time.process_time() - c0
     out["peak_extra_mb"] = (status_kb("VmHWM") - before) / 1024 if reset else None
