@@ -45,21 +45,26 @@ def _json_default(obj: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mrisegassist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mrisegassist", description="MRISegAssist: brain-MRI segmentation (U-Net, box prompts, registration atlas). Not for clinical use.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"mrisegassist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    register_modules(sub, __name__, COMMAND_MODULES)
+    return parser
+
+
+def register_modules(sub, package: str, names: Sequence[str]) -> None:
+    """Import ``package.<name>`` for each name and call its ``register(sub)``; absent modules are skipped."""
+    for name in names:
         try:
-            module = importlib.import_module(f"{__name__}.{name}")
+            module = importlib.import_module(f"{package}.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # command group not built yet
+            if exc.name == f"{package}.{name}":
+                continue  # not installed in this build
             raise
         module.register(sub)
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

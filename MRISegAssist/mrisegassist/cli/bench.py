@@ -3,7 +3,7 @@ process). Each benchmark lives in ``mrisegassist.bench.<module>`` and registers 
 ``register(subparsers)``."""
 from __future__ import annotations
 
-import importlib
+from . import register_modules
 
 BENCH_MODULES = ("unet", "prompt", "prompt_accuracy", "atlas", "web", "metrics")
 
@@ -12,11 +12,4 @@ def register(sub) -> None:
     parser = sub.add_parser("bench", help="benchmarks (speed, memory, accuracy) that print figures")
     inner = parser.add_subparsers(dest="bench", metavar="BENCH")
     inner.required = True
-    for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(f"mrisegassist.bench.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"mrisegassist.bench.{name}":
-                continue  # benchmark not built yet
-            raise
-        module.register(inner)
+    register_modules(inner, "mrisegassist.bench", BENCH_MODULES)
