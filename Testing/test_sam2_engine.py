@@ -3,8 +3,9 @@ boxes from the expert tumour labels), at seeded random initialisation (no weight
 
 What is compared: (1) exact - the reference's own ``init_state`` on a JPEG folder, with its frame tensor
 replaced by our frames, then the same boxes, ``propagate_in_video`` forward and backward: our logits must be
-identical; (2) approximate - the unpatched reference reading the JPEG folder (quality 100): Dice of the masks.
-The MedSAM2 configuration (hiera-tiny at 512 px) and 5 slices keep the run short."""
+identical; (2) approximate - the unpatched reference reading the JPEG folder (quality 100), as Slicer plugins
+run it (in the ``bench prompt`` test): Dice of the masks. The MedSAM2 configuration (hiera-tiny at 512 px) and
+5 (3) slices keep the run short."""
 from __future__ import annotations
 
 import os
@@ -82,10 +83,6 @@ def _reference(predictor, folder: Path, prompts, frames: FrameSource = None):
     return out, state
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
-
-
 def test_matches_video_predictor_multi_box_multi_object_and_reprompt(predictor, case, tmp_path):
     volume, boxes = case
     before = volume.copy()
@@ -110,10 +107,6 @@ def test_matches_video_predictor_multi_box_multi_object_and_reprompt(predictor, 
             assert all(0.0 <= s <= 1.0 for s in result.scores.values())
         assert ours[1].slices[:4] == [1, 2, 3, 4] and ours[1].slices[-1] == 0  # forward, then backward
         assert ours[2].slices[:4] == [1, 2, 3, 4]
-
-        jpeg, _ = _reference(predictor, tmp_path, prompts)  # the reference as plugins run it: JPEG frames
-        for oid in (1, 2):
-            assert _dice(ours[oid].mask, jpeg[oid] > 0) >= 0.98
 
         calls.clear()  # re-prompt (box moved) on the prepared volume: no image encoding at all
         moved = [ObjectPrompt(1, [Box2D(b.k, b.i0 + 3, b.j0 - 2, b.i1 + 4, b.j1 + 1) for b in boxes], (0, 4))]
@@ -195,8 +188,9 @@ def test_missing_and_wrong_checkpoints(tmp_path, monkeypatch):
 
 
 def test_bench_prompt_reports_reprompt_without_reencoding(capsys):
-    """``mrisegassist bench prompt`` on 3 real slices: figures printed as JSON; re-prompting our prepared volume
-    runs the image encoder 0 times, the reference re-encodes every frame."""
+    """``mrisegassist bench prompt`` on 3 real slices: figures printed as JSON; our masks agree with the official
+    predictor reading the JPEG folder (Dice); re-prompting our prepared volume runs the image encoder 0 times,
+    the reference re-encodes every frame."""
     import json
 
     from mrisegassist.cli import main

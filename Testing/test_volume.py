@@ -3,7 +3,7 @@ grids with co-registration transforms, label maps written back in the reference 
 from __future__ import annotations
 
 import os
-import time
+import uuid
 
 import numpy as np
 import pytest
@@ -71,7 +71,7 @@ def _write_dicom_series(vol: Volume, folder) -> None:
     image = sitk.Cast(vol.to_sitk(), sitk.sitkInt16)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125." + time.strftime("%Y%m%d%H%M%S")
+    uid = f"2.25.{uuid.uuid4().int}"  # unique per series (a per-second stamp let two series share UIDs)
     d = image.GetDirection()
     common = {"0008|0060": "MR", "0020|000d": uid + ".1", "0020|000e": uid + ".2", "0008|103e": "test series",
               "0020|0037": "\\".join(f"{v:.9f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))}
