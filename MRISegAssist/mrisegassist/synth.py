@@ -290,7 +290,11 @@ def _metastases(rng, tissue, labels, lesions, soft) -> None:
         lesions.append({"kind": "metastasis", "centre_ijk": [int(c) for c in centre[::-1]], "radius_mm": float(radius)})
 
 
-def _ms(rng, tissue, labels, lesions) -> None:
+def _ms(rng, tissue, labels, lesions, small_fraction: float = 0.0,
+        strength: Optional[np.ndarray] = None, contrast: Sequence[float] = (1.0, 1.0)) -> None:
+    """MS lesions (label 1). ``small_fraction``: share of lesions drawn small (long semi-axis 1-3 mm,
+    short 0.7-1.8 mm, as the many tiny lesions of real scans); ``strength``: float map that receives each
+    lesion's contrast factor, drawn from ``contrast`` (1 = the full MS-lesion signal of the table)."""
     stride = 2
     brain, csf, gm, wm = (tissue[n] for n in ("brain", "csf", "gm", "wm"))
     depth = _strided_distance(brain, stride)
@@ -305,12 +309,13 @@ def _ms(rng, tissue, labels, lesions) -> None:
     taken: list[tuple[np.ndarray, float]] = []
     for _ in range(int(rng.integers(6, 26))):
         site = rng.choice(list(sites), p=[0.55, 0.3, 0.15])
-        long_axis = rng.uniform(3.0, 10.0)
+        small = small_fraction > 0 and rng.random() < small_fraction  # no extra draw by default
+        long_axis = rng.uniform(1.0, 3.0) if small else rng.uniform(3.0, 10.0)
         centre = _pick(rng, sites[site], taken, long_axis, stride)
         if centre is None:
             continue
         taken.append((centre, long_axis))
-        short = rng.uniform(1.5, 4.5, size=2)
+        short = rng.uniform(0.7, 1.8, size=2) if small else rng.uniform(1.5, 4.5, size=2)
         if site == "periventricular":  # ovoid, long axis perpendicular to the ventricle wall
             g = grad[tuple(np.minimum(centre // stride, np.array(grad.shape[:3]) - 1))]
             direction = g / max(np.linalg.norm(g), 1e-6)
@@ -325,9 +330,11 @@ def _ms(rng, tissue, labels, lesions) -> None:
         shape = tuple(s.stop - s.start for s in box)
         r = _radius_field(box, centre, (long_axis, *short), rot) + 0.1 * _smooth_noise(rng, shape, 1.5)
         lesion = (r < 1.0) & (wm[box] > 0.25) & brain[box]
-        if lesion.sum() < 3:
+        if lesion.sum() < (1 if small else 3):
             continue
         labels[box][lesion] = 1
+        if strength is not None:
+            strength[box][lesion] = rng.uniform(*contrast) if contrast[0] < contrast[1] else contrast[0]
         lesions.append({"kind": f"MS ({site})", "centre_ijk": [int(c) for c in centre[::-1]],
                         "radius_mm": float(long_axis)})
 
@@ -387,14 +394,22 @@ def _union_box(masks: list[np.ndarray], shape: Sequence[int], margin: int = 3) -
 # ------------------------------------------------------------------------------------------ public API
 def make_case(kind: str = "glioma", seed: int = 0, grid: str = "brats", noise: float = 0.03,
               bias_field: float = 0.15, jitter: bool = True, progress: Optional[ProgressFn] = None,
-              cancel: Optional[CancelToken] = None) -> SynthCase:
+              cancel: Optional[CancelToken] = None, ms_small_fraction: float = 0.0,
+              ms_contrast: Optional[Sequence[float]] = None) -> SynthCase:
     """Generate a synthetic case (see the module docstring for contrasts, labels and grids).
 
     ``noise``: Rician noise sigma relative to the white-matter T1 signal; ``bias_field``: amplitude of
     the log bias field (0 disables); ``jitter``: seeded random brain scale/rotation on the BraTS grid.
-    Deterministic for a given ``(kind, seed, grid, noise, bias_field, jitter)``. Takes a few seconds;
-    ``progress``/``cancel`` as every long step.
+    ``ms_small_fraction`` (``ms`` only): share of tiny lesions (1-3 mm long semi-axis); ``ms_contrast``
+    (``ms`` only): ``(low, high)`` range of each lesion's signal as a fraction of the full MS-lesion contrast
+    (partial, fainter lesions as in real FLAIR); the defaults reproduce the plain cases exactly.
+    Deterministic for a given ``(kind, seed, grid, noise, bias_field, jitter)`` and options. Takes a few
+    seconds; ``progress``/``cancel`` as every long step.
     """
+    if not 0.0 <= ms_small_fraction <= 1.0:
+        raise InputError(f"ms_small_fraction must be in [0, 1], got {ms_small_fraction}")
+    if ms_contrast is not None and (len(ms_contrast) != 2 or not 0.0 < ms_contrast[0] <= ms_contrast[1] <= 1.0):
+        raise InputError(f"ms_contrast must be (low, high) with 0 < low <= high <= 1, got {ms_contrast}")
     if kind not in SYNTH_KINDS:
         raise InputError(f"unknown synthetic case kind {kind!r}; use one of {', '.join(SYNTH_KINDS)}")
     if noise < 0 or bias_field < 0:
@@ -419,9 +434,10 @@ def make_case(kind: str = "glioma", seed: int = 0, grid: str = "brats", noise: f
         info = list(METASTASIS_LABELS)
         classes = {"oedema": labels == 2, **soft}
     elif kind == "ms":
-        _ms(rng, tissue, labels, lesions)
+        strength = np.zeros(labels.shape, np.float32) if ms_contrast is not None else None
+        _ms(rng, tissue, labels, lesions, ms_small_fraction, strength, tuple(ms_contrast or (1.0, 1.0)))
         info = list(MS_LABELS)
-        classes["ms"] = labels == 1
+        classes["ms"] = strength if strength is not None else labels == 1
     else:
         info = []
     labels[~tissue["brain"]] = 0

@@ -69,12 +69,67 @@ def aurora_agreement(entry: ModelEntry, folder: Path, device: str = "cpu") -> Op
     return result
 
 
+# Provenance and terms of the anatomy inside synthetic training cases (mrisegassist.synth).
+TEMPLATE_NOTICE = (
+    "Synthetic cases are simulated by `mrisegassist.synth` from the MNI ICBM152 2009a symmetric template (T1 and "
+    "grey/white-matter maps) that ships inside the nilearn wheel (nilearn is BSD-3-Clause; its description of the "
+    "template lists the licence as \"unknown\"). The template's own terms (COPYING of the ICBM 2009 release): "
+    "Copyright (C) 1993-2004 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, "
+    "McGill University; permission to use, copy, modify and distribute for any purpose and without fee, provided "
+    "that this copyright notice appears in all copies; provided \"as is\" without warranty. Cite Fonov et al. "
+    "2009/2011 and Collins et al. 1999. No template voxels are stored in the weights.")
+
+
+def _training_lines(entry: ModelEntry) -> list[str]:
+    """Card lines on the training cases: real (expert labels) and synthetic (exact labels) separately."""
+    t = entry.training
+    real = [c for c in t.get("cases", []) if not c.startswith("synthetic-")]
+    lines = [f"- Cases: {', '.join(real)} (expert labels); validation/model selection on "
+             f"{', '.join(t.get('validation_cases', []))} (the best epoch is chosen by its Dice on that case, so "
+             f"its figures below are somewhat optimistic)"]
+    n_synth = int(t.get("synthetic") or 0)
+    if n_synth:
+        share = t.get("synthetic_fraction") or 0.0
+        options = ", ".join(f"{k}={v}" for k, v in (t.get("synthetic_options") or {}).items())
+        lines.append(f"- Plus {n_synth} seeded synthetic {t.get('synthetic_kind', '')} cases (exact labels; "
+                     f"`mrisegassist.synth.make_case`{', ' + options if options else ''})"
+                     + (f", {share:.0%} of training samples" if share else ""))
+        lines.append(f"- {TEMPLATE_NOTICE}")
+    return lines
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = None) -> str:
-    """Markdown model card from ``model.json`` and :func:`evaluate_model` results."""
+def _case_lines(case: str, res: dict) -> list[str]:
+    """Card section of one evaluated case: timing, Dice/HD95/volumes table, lesion-wise detection."""
+    m = res["metrics"]
+    lines = [f"### {case} ({'x'.join(str(s) for s in res['shape'])})", "",
+             f"Full-case inference (reading excluded): {res['seconds']:.1f} s wall, {res['cpu_seconds']:.1f} "
+             f"CPU-seconds with {res['threads']} torch threads, on a {res['cores']}-core machine shared with "
+             f"other jobs (load average {res['load']}); see `mrisegassist bench unet` for timings.", "",
+             "| label | Dice | HD95 mm | predicted ml | reference ml |", "|---|---|---|---|---|"]
+    rows = list(m["labels"].items()) + [(f"[{k}]", v) for k, v in m.get("regions", {}).items()]
+    for name, v in rows:
+        lines.append(f"| {name} | {_fmt(v['dice'])} | {_fmt(v.get('hd95_mm'), 1)} | "
+                     f"{_fmt(v.get('volume_pred_ml'), 2)} | {_fmt(v.get('volume_ref_ml'), 2)} |")
+    for name, v in m["labels"].items():
+        les = v.get("lesions")
+        if les:
+            lines.append(f"\nLesion-wise detection ({name}, 26-connected, >= {les['min_overlap']:g} overlap): "
+                         f"{les['tp']} of {les['n_ref']} reference lesions found (sensitivity "
+                         f"{_fmt(les['lesion_sensitivity'])}), {les['fp']} false-positive lesions of "
+                         f"{les['n_pred']} predicted (precision {_fmt(les['lesion_precision'])}), "
+                         f"lesion-wise F1 {_fmt(les['lesion_f1'])}.")
+    lines.append("")
+    return lines
+
+
+def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = None,
+                second: Optional[tuple[ModelEntry, dict]] = None) -> str:
+    """Markdown model card from ``model.json`` and :func:`evaluate_model` results; ``second``: another
+    model trained by the same recipe on other cases, with its evaluation (a second fold, reported only)."""
     t = entry.training
     spec = entry.network
     n_params = t.get("parameters")
@@ -92,8 +147,7 @@ def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = No
              "- Labels: " + ", ".join(f"{lab['value']} {lab['name']}" for lab in entry.labels),
              f"- Post-processing: connected components smaller than {entry.min_component_mm3:g} mm³ removed",
              f"- Licence: {entry.licence}", "", "## Training", "",
-             f"- Cases: {', '.join(t.get('cases', []))} (expert labels); validation/model selection on "
-             f"{', '.join(t.get('validation_cases', []))}",
+             *_training_lines(entry),
              f"- Recipe: `recipes/train_default_models.sh` (`mrisegassist train --config "
              f"recipes/{t.get('recipe', entry.name + '.json')}`), seed {t.get('seed')}",
              f"- Best epoch {t.get('epoch')} ({t.get('steps_per_epoch')} steps of batch {t.get('batch_size')}, "
@@ -103,25 +157,18 @@ def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = No
              "bias field, gamma, intensity scale/shift, Gaussian noise", "",
              "## Validation (cases NOT used for training; expert labels)", ""]
     for case, res in evaluation.items():
-        m = res["metrics"]
-        lines += [f"### {case} ({'x'.join(str(s) for s in res['shape'])})", "",
-                  f"Full-case inference (reading excluded): {res['seconds']:.1f} s wall, {res['cpu_seconds']:.1f} "
-                  f"CPU-seconds with {res['threads']} torch threads, on a {res['cores']}-core machine shared with "
-                  f"other jobs (load average {res['load']}); see `mrisegassist bench unet` for timings.", "",
-                  "| label | Dice | HD95 mm | predicted ml | reference ml |", "|---|---|---|---|---|"]
-        rows = list(m["labels"].items()) + [(f"[{k}]", v) for k, v in m.get("regions", {}).items()]
-        for name, v in rows:
-            lines.append(f"| {name} | {_fmt(v['dice'])} | {_fmt(v.get('hd95_mm'), 1)} | "
-                         f"{_fmt(v.get('volume_pred_ml'), 2)} | {_fmt(v.get('volume_ref_ml'), 2)} |")
-        for name, v in m["labels"].items():
-            les = v.get("lesions")
-            if les:
-                lines.append(f"\nLesion-wise detection ({name}, 26-connected, >= {les['min_overlap']:g} overlap): "
-                             f"{les['tp']} of {les['n_ref']} reference lesions found (sensitivity "
-                             f"{_fmt(les['lesion_sensitivity'])}), {les['fp']} false-positive lesions of "
-                             f"{les['n_pred']} predicted (precision {_fmt(les['lesion_precision'])}), "
-                             f"lesion-wise F1 {_fmt(les['lesion_f1'])}.")
-        lines.append("")
+        lines += _case_lines(case, res)
+    if second:
+        other, results = second
+        ot = other.training
+        lines += ["## Second fold (reported only; NOT the shipped weights)", "",
+                  f"The same recipe with the cases swapped: trained on "
+                  f"{', '.join(c for c in ot.get('cases', []) if not c.startswith('synthetic-'))}"
+                  + (f" + {ot.get('synthetic')} synthetic cases" if ot.get("synthetic") else "")
+                  + f", best epoch {ot.get('epoch')} chosen on {', '.join(ot.get('validation_cases', []))}, "
+                  f"{ot.get('minutes')} min. It shows how the recipe transfers to a case with larger lesions.", ""]
+        for case, res in results.items():
+            lines += _case_lines(case, res)
     if aurora:
         lines += ["### Secondary check: raw int16 BraTS-METS case (brats-met-aurora)", "",
                   "Dice against the AURORA model's output, which is NOT expert ground truth (a metastasis case, "
@@ -135,7 +182,8 @@ def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = No
     return "\n".join(lines)
 
 
-def install(model_dir: Path, target: Path, evaluation: dict, aurora: Optional[dict], recipe: str) -> ModelEntry:
+def install(model_dir: Path, target: Path, evaluation: dict, aurora: Optional[dict], recipe: str,
+            second: Optional[tuple[ModelEntry, dict]] = None) -> ModelEntry:
     """Copy weights into ``target`` with ``model.json`` (validation = ``evaluation``) and ``MODEL_CARD.md``."""
     entry = get_model(model_dir)
     entry.verify()
@@ -155,7 +203,7 @@ def install(model_dir: Path, target: Path, evaluation: dict, aurora: Optional[di
         entry.validation["brats-met-aurora (vs AURORA model output, not expert)"] = aurora
     entry.folder = target
     entry.write(target)
-    (target / "MODEL_CARD.md").write_text(render_card(entry, evaluation, aurora))
+    (target / "MODEL_CARD.md").write_text(render_card(entry, evaluation, aurora, second))
     return entry
 
 
@@ -166,12 +214,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--aurora", help="brats-met-aurora folder for the secondary (non-expert) check")
     parser.add_argument("--install", required=True, help="target folder, e.g. MRISegAssist/mrisegassist/models/X")
     parser.add_argument("--recipe", default="", help="recipe config file name recorded in the card")
+    parser.add_argument("--second-fold", help="model folder of a second fold (same recipe, other cases), reported "
+                        "in the card only")
+    parser.add_argument("--second-eval", action="append", default=[], help="held-out case of the second fold")
     args = parser.parse_args(argv)
     entry = get_model(args.model)
     cases = [find_case_files(Path(p)) for p in args.eval]
     evaluation = evaluate_model(entry, [c for c in cases if c is not None])
     aurora = aurora_agreement(entry, Path(args.aurora)) if args.aurora else None
-    installed = install(Path(args.model), Path(args.install), evaluation, aurora, args.recipe)
+    second = None
+    if args.second_fold:
+        other = get_model(args.second_fold)
+        second = (other, evaluate_model(other, [c for c in map(find_case_files, map(Path, args.second_eval)) if c]))
+    installed = install(Path(args.model), Path(args.install), evaluation, aurora, args.recipe, second)
     print(json.dumps(installed.validation, indent=2))
     return 0
 

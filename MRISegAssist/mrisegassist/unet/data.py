@@ -223,8 +223,9 @@ def pad_case(case: TrainingCase, patch: int, dims: str) -> TrainingCase:
 
 
 def synthetic_cases(kind: str, count: int, seed: int, inputs: Sequence[str], spacing, normalization,
-                    label_values: Sequence[int]) -> list[TrainingCase]:
-    """``count`` synthetic cases from :func:`mrisegassist.synth.make_case` (``kind`` e.g. 'glioma', 'ms')."""
+                    label_values: Sequence[int], options: Optional[Mapping] = None) -> list[TrainingCase]:
+    """``count`` synthetic cases from :func:`mrisegassist.synth.make_case` (``kind`` e.g. 'glioma', 'ms';
+    ``options``: further keyword arguments of ``make_case``, e.g. ``ms_small_fraction``)."""
     if count <= 0:
         return []
     try:
@@ -233,7 +234,7 @@ def synthetic_cases(kind: str, count: int, seed: int, inputs: Sequence[str], spa
         raise InputError(f"synthetic training cases need mrisegassist.synth ({exc})") from None
     out = []
     for n in range(count):
-        case = make_case(kind, seed + n)
+        case = make_case(kind, seed + n, **dict(options or {}))
         out.append(training_case(f"synthetic-{kind}-{seed + n}", case.images, case.labels, inputs, spacing,
                                  normalization, label_values))
     return out

@@ -78,6 +78,8 @@ class TrainConfig:
     channels: Optional[list[int]] = None
     synthetic: int = 0
     synthetic_kind: str = "glioma"
+    synthetic_options: dict = field(default_factory=dict)  # keyword arguments of mrisegassist.synth.make_case
+    synthetic_fraction: float = 0.0  # share of samples drawn from synthetic cases (0: uniform over all cases)
     class_ratios: Optional[list[float]] = None
     regions: Optional[str] = None  # "brats"
     min_component_mm3: float = 0.0
@@ -177,6 +179,8 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
         raise InputError(f"--model-dim must be 2d or 3d, got {cfg.dims!r}")
     if cfg.epochs < 1 or cfg.steps_per_epoch < 1 or cfg.batch_size < 1:
         raise InputError("epochs, steps per epoch and batch size must be >= 1")
+    if not 0.0 <= cfg.synthetic_fraction <= 1.0:
+        raise InputError(f"synthetic_fraction must be in [0, 1], got {cfg.synthetic_fraction}")
     labels = parse_labels(cfg.labels)
     values = [int(lab["value"]) for lab in labels]
     n_classes = len(labels) + 1
@@ -205,8 +209,10 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
         return loaded
 
     train_cases = load(train_files, 0.0, 0.02)
-    train_cases += synthetic_cases(cfg.synthetic_kind, cfg.synthetic, 1000 + cfg.seed, cfg.inputs, spacing, norm,
-                                   values)
+    synthetic = synthetic_cases(cfg.synthetic_kind, cfg.synthetic, 1000 + cfg.seed, cfg.inputs, spacing, norm,
+                                values, cfg.synthetic_options)
+    n_real = len(train_cases)
+    train_cases += synthetic
     val_cases = load(val_files, 0.02, 0.04)
     train_cases = [pad_case(c, cfg.resolved_patch(), cfg.dims) for c in train_cases]
     for case in train_cases:
@@ -254,6 +260,13 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     def out_of_time() -> bool:
         return bool(cfg.max_minutes) and minutes() > cfg.max_minutes
 
+    def pick() -> TrainingCase:
+        """A training case: synthetic with probability ``synthetic_fraction`` (when set), else uniform."""
+        if 0 < cfg.synthetic_fraction and 0 < n_real < len(train_cases):
+            synth = rng.random() < cfg.synthetic_fraction
+            return rng.choice(train_cases[n_real:] if synth else train_cases[:n_real])
+        return rng.choice(train_cases)
+
     network.train()
     epoch = start_epoch
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -269,7 +282,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
             report(progress, 0.05 + 0.95 * done / max((cfg.epochs - start_epoch) * cfg.steps_per_epoch, 1),
                    f"epoch {epoch}/{cfg.epochs} loss {np.mean(losses[-20:]) if losses else float('nan'):.3f}")
             samples = [transforms({"image": c.image, "label": c.label[None], "indices": c.indices})[0]
-                       for c in (rng.choice(train_cases) for _ in range(cfg.batch_size))]
+                       for c in (pick() for _ in range(cfg.batch_size))]
             x = torch.stack([s["image"] for s in samples]).float().to(device)
             y = torch.stack([s["label"] for s in samples]).to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -323,6 +336,8 @@ def _write_model(out: Path, network: torch.nn.Module, spec: dict, cfg: TrainConf
         training={"cases": [c.name for c in train_cases], "validation_cases": [c.name for c in val_cases],
                   "epoch": record["epoch"], "loss": record["loss"], "minutes": round(record["minutes"], 2),
                   "steps_per_epoch": cfg.steps_per_epoch, "batch_size": cfg.batch_size,
-                  "patch": cfg.resolved_patch(), "lr": cfg.lr, "seed": cfg.seed, "synthetic": cfg.synthetic},
+                  "patch": cfg.resolved_patch(), "lr": cfg.lr, "seed": cfg.seed, "synthetic": cfg.synthetic,
+                  "synthetic_kind": cfg.synthetic_kind, "synthetic_options": dict(cfg.synthetic_options),
+                  "synthetic_fraction": cfg.synthetic_fraction},
         validation=record.get("validation", {}), folder=out)
     entry.write(out)
