@@ -544,6 +544,10 @@ def test_auto_segment_glioma_model(env, logic):
     if model is None or not model.startswith("glioma"):
         pytest.skip("the glioma U-Net model is not installed yet")
     data_path(selftest.GLIOMA_CASE["flair"])
+    from mrisegassist.unet.entries import get_model
+
+    held_out = get_model(model).training["validation_cases"]
+    assert selftest.GLIOMA_CASE["flair"].split("/")[1] in held_out  # the self-test uses a case not trained on
     out = selftest.run_glioma_case(logic, env.load_volume, DATA, model)
     results = {f"glioma/{region}": dice for region, dice in out["dice"].items()}
     assert results["glioma/whole tumour"] > 0.5, results

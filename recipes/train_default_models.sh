@@ -9,14 +9,15 @@ PY=${PY:-.venv/bin/python}
 DATA=${MRISEGASSIST_DATA:-../shared/data}
 mkdir -p build/models
 
-# (a) glioma, FLAIR + T1c, BraTS 2013 labels: train pat0001-0003, validate pat0004.
-# (b) MS lesions, FLAIR: train ms-lesjak patient26, validate patient07.
-# Both run at once (1 torch thread each) on the 2 cores, niced.
+# (a) glioma, FLAIR + T1c, BraTS 2013 labels: train pat0002-0004 (pat0004 holds the only sizeable non-enhancing
+#     tumour label), validate pat0001.
+# (b) MS lesions, FLAIR: train ms-lesjak patient26 + 8 seeded synthetic MS cases, validate patient07.
+# Both run at once on the 2 cores (glioma 1 torch thread, MS 2: "threads" in the configs), niced.
 nice $PY -m mrisegassist train --config recipes/glioma-2d.json --cases "$DATA/brats2013-deepmedic" > build/train-glioma-2d.log 2>&1 &
 nice $PY -m mrisegassist train --config recipes/ms-2d.json --cases "$DATA/ms-lesjak" > build/train-ms-2d.log 2>&1 &
 wait
 
-$PY -m mrisegassist.unet.card build/models/glioma-2d --eval "$DATA/brats2013-deepmedic/pat0004" \
+$PY -m mrisegassist.unet.card build/models/glioma-2d --eval "$DATA/brats2013-deepmedic/pat0001" \
     --aurora "$DATA/brats-met-aurora" --install MRISegAssist/mrisegassist/models/glioma-2d --recipe glioma-2d.json
 $PY -m mrisegassist.unet.card build/models/ms-lesions-2d --eval "$DATA/ms-lesjak/patient07" \
     --install MRISegAssist/mrisegassist/models/ms-lesions-2d --recipe ms-2d.json

@@ -58,8 +58,8 @@ ROI_CASES = [
             roi="flat"),
 ]
 #: The glioma model's held-out validation case (expert BraTS labels).
-GLIOMA_CASE = {"flair": "brats2013-deepmedic/pat0004/flair.nii.gz", "t1c": "brats2013-deepmedic/pat0004/t1c.nii.gz",
-               "reference": "brats2013-deepmedic/pat0004/labels.nii.gz"}
+GLIOMA_CASE = {"flair": "brats2013-deepmedic/pat0001/flair.nii.gz", "t1c": "brats2013-deepmedic/pat0001/t1c.nii.gz",
+               "reference": "brats2013-deepmedic/pat0001/labels.nii.gz"}
 
 
 def data_folder() -> Optional[Path]:

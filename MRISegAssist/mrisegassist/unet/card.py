@@ -2,7 +2,7 @@
 
 Run by ``recipes/train_default_models.sh``::
 
-    python -m mrisegassist.unet.card build/models/glioma-2d --eval ../shared/data/brats2013-deepmedic/pat0004 \\
+    python -m mrisegassist.unet.card build/models/glioma-2d --eval ../shared/data/brats2013-deepmedic/pat0001 \\
         --install MRISegAssist/mrisegassist/models/glioma-2d
 
 Every figure in the card comes from :func:`evaluate_model` (full pipeline from the files, label maps on the

@@ -2,7 +2,8 @@
 
 Pipeline: map the sequences onto the model grid (axis-aligned LPS at the model spacing; an exact
 transpose/flip when possible) -> per-sequence z-score in the foreground -> crop to the foreground bounding box
--> batched slice-wise (2D) or ``monai.inferers.sliding_window_inference`` (3D) softmax -> probabilities back
+-> batched slice-wise (2D) or ``monai.inferers.sliding_window_inference`` (3D) softmax, background wherever
+every sequence is background (empty slices and the crop margin) -> probabilities back
 onto the reference grid (linear) -> argmax -> class-to-label mapping -> small-component removal.
 """
 from __future__ import annotations
@@ -77,6 +78,10 @@ def predict_crop(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: 
         logits = sliding_window_inference(tensor, [int(r) for r in roi_size], sw_batch_size=1, predictor=network, overlap=overlap,
                                           mode="gaussian", progress=False)
         out = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    outside = ~fg[box]  # the crop's margin and empty slices: every input is background there
+    if outside.any():
+        out[:, outside] = 0.0
+        out[0, outside] = 1.0
     report(progress, stop, "network done")
     return out, box
 
