@@ -1,5 +1,5 @@
 """The browser front end's application in-process (no browser): page state and callbacks on real data, with the
-real Slicer views and the MRML logic underneath. The browser-driven tests are in test_web_e2e.py."""
+real Slicer views and the MRML logic underneath. The browser-driven tests are in test_web_browser.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -76,6 +76,7 @@ def test_box_propagate_metrics_undo_save(app, tmp_path):
     assert app.state.busy and app.jobs.wait(300)
     s = app.state
     assert s.error == "" and not s.busy and "1 object(s) segmented with classical" in s.info
+    assert 0 < s.timing["engine_s"] <= s.timing["step_s"] and s.timing["apply_s"] > 0  # the logic's phases
     assert [seg["name"] for seg in s.segments] == ["Box 1"] and s.can_undo
     labelmap = app.current_labelmap()
     seg = labelmap.volume.array > 0

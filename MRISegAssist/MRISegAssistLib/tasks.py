@@ -38,6 +38,7 @@ class BackgroundRunner:
     ``schedule(delay_ms, fn)`` re-arms polling on the main thread (``qt.QTimer.singleShot`` in Slicer);
     without it the caller polls (:meth:`wait`). Callbacks: ``on_progress(fraction, message)``,
     ``on_done(result)`` with ``apply``'s result, ``on_error(exception)`` (incl. ``Cancelled``).
+    ``compute_seconds`` / ``apply_seconds``: wall time of the last job's phases (engine work / MRML writes).
     """
 
     def __init__(self, schedule: Optional[Callable[[int, Callable[[], None]], Any]] = None,
@@ -51,6 +52,8 @@ class BackgroundRunner:
         self._progress: Optional[tuple[float, str]] = None
         self._outcome: Optional[tuple[bool, Any]] = None
         self._callbacks: tuple = (None, None, None)
+        self.compute_seconds = 0.0
+        self.apply_seconds = 0.0
 
     @property
     def busy(self) -> bool:
@@ -79,11 +82,13 @@ class BackgroundRunner:
             self._progress = (fraction, message)
 
     def _work(self) -> None:
+        start = time.perf_counter()
         try:
             outcome = (True, self._job.compute(self._report, self._cancel))
         except BaseException as exc:  # handed to the main thread
             outcome = (False, exc)
         with self._lock:
+            self.compute_seconds = time.perf_counter() - start
             self._outcome = outcome
 
     def poll(self) -> bool:
@@ -101,11 +106,14 @@ class BackgroundRunner:
         job, self._job = self._job, None
         self._thread.join()
         ok, value = outcome
+        self.apply_seconds = 0.0
         if ok:
+            start = time.perf_counter()
             try:
                 result = job.apply(value)
             except Exception as exc:
                 ok, value = False, exc
+            self.apply_seconds = time.perf_counter() - start
         if ok:
             if on_done is not None:
                 on_done(result)

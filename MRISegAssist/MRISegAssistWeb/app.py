@@ -1,8 +1,9 @@
 """The browser front end: Slicer views (trame-slicer) and a panel that drives :class:`MRISegAssistLogic`.
 
 Every workflow step calls the same MRML logic class as the Slicer module (auto-segmentation, box prompts from
-Markups ROIs, atlas boxes, undo); this module only wires page state, views and files to it. Engine work runs
-in a worker thread (:mod:`.jobs`); MRML writes and page updates happen on the server's event loop.
+Markups ROIs (placed in :mod:`.boxes`), atlas boxes, undo); this module only wires page state, views and files
+to it. Engine work runs in a worker thread (:mod:`.jobs`); MRML writes and page updates happen on the server's
+event loop.
 
 In-process use (tests, scripts)::
 
@@ -17,9 +18,8 @@ import asyncio
 import logging
 import os
 import tempfile
-from functools import wraps
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # offscreen; skip the X attempt
 try:  # triton (torch's compiler, pulled in by torchvision/torch._dynamo) bundles LLVM; loaded after Mesa's
@@ -33,10 +33,11 @@ from trame.app import TrameApp  # noqa: E402
 from mrisegassist.errors import InputError  # noqa: E402
 
 from MRISegAssistLib import nodes  # noqa: E402
-from MRISegAssistLib.logic import OBJECT_COLORS, MRISegAssistLogic  # noqa: E402
+from MRISegAssistLib.logic import MRISegAssistLogic  # noqa: E402
 
 from . import results, security  # noqa: E402
-from .jobs import PageJobs, describe_error  # noqa: E402
+from .boxes import BoxPrompts  # noqa: E402
+from .jobs import PageJobs, describe_error, page_action  # noqa: E402
 from .study import StudyFiles, UploadArea, list_studies, scan_study, stem  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -48,24 +49,7 @@ REFERENCE_COLOR = (1.0, 0.9, 0.1)
 SLICER_READS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def page_action(fn: Callable) -> Callable:
-    """A page callback that never breaks the page: errors become the ``error`` message shown in the panel."""
-
-    @wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        try:
-            self.state.error = ""
-            return fn(self, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, logged when unexpected
-            if not isinstance(exc, InputError):
-                log.exception("%s failed", fn.__name__)
-            self.state.error = describe_error(exc)
-            return None
-
-    return wrapper
-
-
-class MRISegAssistWebApp(TrameApp):
+class MRISegAssistWebApp(BoxPrompts, TrameApp):
     """trame-slicer application serving MRISegAssist's panel and Slicer views.
 
     ``data_dir``: the only folder studies are read from (paths typed in the page are confined to it);
@@ -123,6 +107,7 @@ class MRISegAssistWebApp(TrameApp):
         self.ctrl.on_server_bind.add(self._on_server_bind)
         self.ctrl.trigger("mrisegassist_goto")(self.goto_ras)
         self.ctrl.trigger("mrisegassist_view_xy")(self.view_xy)
+        self.ctrl.trigger("mrisegassist_state")(self.server_value)
 
     # ------------------------------------------------------------------------------------- setup
     def _init_state(self, layout: str, max_upload_mb: float) -> None:
@@ -149,7 +134,7 @@ class MRISegAssistWebApp(TrameApp):
             "saved_path": "", "output_dir": str(self.output_dir),
             "max_upload_bytes": int(max_upload_mb * 2 ** 20),
             "layout_ids": self.layout_manager.get_layout_ids(), "layout_id": layout,
-            "result_rev": 0,
+            "result_rev": 0, "timing": {}, "actions": 0,
         })
         if self.state.atlas_refs:
             self.state.atlas_ref = self.state.atlas_refs[0]
@@ -210,6 +195,10 @@ class MRISegAssistWebApp(TrameApp):
         x, y, _, _ = xy_to_ras.MultiplyPoint([float(c) for c in ras] + [1.0])
         width, height, _ = slice_node.GetDimensions()
         return [x / width, 1.0 - y / height]
+
+    def server_value(self, name: str):
+        """The server's value of page state ``name`` (for automation: wait until a typed value arrived)."""
+        return self.state[name] if self.state.has(name) else None
 
     def _show_volume(self, node) -> None:
         manager = self.slicer_app.display_manager
@@ -382,176 +371,38 @@ class MRISegAssistWebApp(TrameApp):
                                           segmentation_node=self._live_segmentation())
         from mrisegassist.unet.entries import get_model
 
-        labels = {info.name: info.value for info in get_model(self.state.model).labels}
+        labels = {info.name: info.value for info in get_model(self.state.model).label_infos()}
         self.jobs.start(job, lambda node: self._segmentation_done(node, labels))
 
     @page_action
-    def start_box(self) -> None:
-        """Enter ROI placement: the next two clicks in a slice view are the box's opposite corners."""
-        self.base_volume_node()
-        if self.state.placing:
-            return
-        n = len(self.rois) + 1
-        roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"Box {n}")
-        self._track_roi(roi)
-        self.slicer_app.markups_logic.place_node(roi, False)
-        self.state.placing = True
-        self.state.info = "click two opposite corners of the box on a slice view"
-
-    def _track_roi(self, roi) -> None:
-        from slicer import vtkMRMLMarkupsNode
-
-        roi.CreateDefaultDisplayNodes()
-        color = OBJECT_COLORS[len(self.rois) % len(OBJECT_COLORS)]
-        display = roi.GetDisplayNode()
-        if display is not None:
-            display.SetSelectedColor(*color)
-            display.SetColor(*color)
-        self.rois.append(roi)
-        self._roi_observers[roi.GetID()] = roi.AddObserver(vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                                                            self._on_roi_point)
-        self._refresh_boxes()
-
-    def _on_roi_point(self, roi, _event) -> None:
-        """Placement ends at the second corner (the ROI then has a size; Slicer gives it a depth equal to its
-        width): flatten the box to the slice it was drawn on (option) and leave place mode."""
-        if not self.state.placing or not self.rois or roi is not self.rois[-1]:
-            return
-        if max(roi.GetSize()) <= 0:  # first corner
-            self._first_corner = np.array(roi.GetNthControlPointPositionWorld(0))
-            return
-        if self.jobs.loop is not None and self.jobs.loop.is_running():
-            self.jobs.loop.call_soon(self._finish_placement, roi)  # after the markups widget is done
-        else:
-            self._finish_placement(roi)
-
-    def _finish_placement(self, roi) -> None:
-        with self.state:
-            if roi.GetScene() is None:
-                return
-            if self.state.box_flat:
-                size = list(roi.GetSize())
-                size[self._depth_axis(roi)] = 0.0
-                roi.SetSize(*size)
-            self.slicer_app.markups_logic.disable_place_mode()
-            self.state.placing = False
-            self.state.info = f"{roi.GetName()} placed; add more boxes or propagate"
-            self._refresh_boxes()
-
-    def _depth_axis(self, roi) -> int:
-        """The ROI axis across the slice view it was drawn in: that view's plane holds both the first corner
-        and the centre."""
-        centre = np.zeros(3)
-        roi.GetCenterWorld(centre)
-        corner = self._first_corner if self._first_corner is not None else centre
-        best, best_score = None, np.inf
-        for view in self._slice_views():
-            slice_to_ras = view.get_view_node().GetSliceToRAS()
-            normal = np.array([slice_to_ras.GetElement(r, 2) for r in range(3)])
-            origin = np.array([slice_to_ras.GetElement(r, 3) for r in range(3)])
-            score = abs(float(np.dot(centre - corner, normal))) + abs(float(np.dot(centre - origin, normal)))
-            if score < best_score:
-                best, best_score = normal, score
-        object_to_world = roi.GetObjectToWorldMatrix()
-        axes = np.array([[object_to_world.GetElement(r, c) for r in range(3)] for c in range(3)])
-        return int(np.argmax(np.abs(axes @ best)))
-
-    @page_action
-    def cancel_box(self) -> None:
-        if self.state.placing:
-            self.slicer_app.markups_logic.disable_place_mode()
-            self.state.placing = False
-            if self.rois and self.rois[-1].GetNumberOfDefinedControlPoints() < 2:
-                self._forget_roi(self.rois[-1])
-            self._refresh_boxes()
-
-    def add_box_from_extent(self, extent, name: str = "") -> object:
-        """A box ROI covering IJK ``extent`` ``(i0, i1, j0, j1, k0, k1)`` of the base volume (the logic's
-        ``roi_from_extent``); as if drawn in the page."""
-        roi = nodes.roi_from_extent(self.scene, self.base_volume_node(), extent, name or f"Box {len(self.rois) + 1}")
-        self._track_roi(roi)
-        return roi
-
-    def _forget_roi(self, roi) -> None:
-        tag = self._roi_observers.pop(roi.GetID(), None) if roi.GetID() else None
-        if tag is not None:
-            roi.RemoveObserver(tag)
-        if roi in self.rois:
-            self.rois.remove(roi)
-        if roi.GetScene() is not None:
-            self.scene.RemoveNode(roi)
-
-    @page_action
-    def remove_box(self, roi_id: str) -> None:
-        roi = next((r for r in self.rois if r.GetID() == roi_id), None)
-        if roi is not None:
-            self._forget_roi(roi)
-        self._refresh_boxes()
-
-    @page_action
-    def clear_boxes(self) -> None:
-        self.cancel_box()
-        for roi in list(self.rois):
-            self._forget_roi(roi)
-        self._refresh_boxes()
-
-    @page_action
-    def goto_box(self, roi_id: str) -> None:
-        roi = next((r for r in self.rois if r.GetID() == roi_id), None)
-        if roi is not None:
-            centre = [0.0, 0.0, 0.0]
-            roi.GetCenterWorld(centre)
-            self.goto_ras(centre)
-
-    def _placed_rois(self) -> list:
-        return [r for r in self.rois if r.GetScene() is not None and r.GetNumberOfControlPoints() >= 1
-                and not (self.state.placing and r is self.rois[-1])]
-
-    def _refresh_boxes(self) -> None:
-        rows = []
-        volume = self.volume_nodes.get(self.state.base_volume)
-        for roi in self.rois:
-            if roi.GetScene() is None:
-                continue
-            row = {"id": roi.GetID(), "name": roi.GetName(), "extent": "placing..."}
-            if volume is not None and roi.GetNumberOfControlPoints() >= 1 and roi in self._placed_rois():
-                try:
-                    i0, i1, j0, j1, k0, k1 = nodes.roi_extent(roi, volume)
-                    slices = f"slice {k0}" if k0 == k1 else f"slices {k0}-{k1}"
-                    row["extent"] = f"i {i0}-{i1}, j {j0}-{j1}, {slices}"
-                except InputError as exc:
-                    row["extent"] = str(exc)
-            rows.append(row)
-        self.state.boxes = rows
-
-    @page_action
     def propagate(self) -> None:
-        """Segment one object per box with the chosen engine (logic: ``segment_from_rois_job``)."""
+        """Segment one object per box with the chosen engine, refined by cascade D when *Cascade* is ticked
+        (logic: ``segment_from_rois_job``)."""
         rois = self._placed_rois()
         if not rois:
             raise InputError("no box yet: press 'Draw box' and click two corners on a slice view")
         job = self.logic.segment_from_rois_job(self.base_volume_node(), rois, engine=self.state.engine,
                                                segmentation_node=self._live_segmentation(),
-                                               strategy=self.state.strategy)
+                                               strategy=self.state.strategy,
+                                               cascade="D" if self.state.cascade else None)
         self.jobs.start(job, lambda node: self._segmentation_done(node, None))
 
     @page_action
     def atlas_boxes(self) -> None:
-        """Register the atlas reference set to the study and add its boxes for review (logic: ``atlas_boxes_job``)."""
+        """Register the atlas reference set onto the study's T1 (else the volume shown) and add one box per
+        structure found, for review before *Propagate* (logic: ``atlas_boxes_job``)."""
         ok, reason = self.logic.atlas_available()
         if not ok:
             raise InputError(reason)
-        inputs = self.input_nodes()
-        base = self.base_volume_node()
-        ordered = {s: n for s, n in inputs.items() if n is base} | {s: n for s, n in inputs.items() if n is not base}
-        if not ordered:
-            ordered = {"image": base}
-        job = self.logic.atlas_boxes_job(ordered, reference=self.state.atlas_ref, cascade=bool(self.state.cascade))
+        target = self.input_nodes().get("t1") or self.base_volume_node()
+        job = self.logic.atlas_boxes_job(target, reference=self.state.atlas_ref, strategy=self.state.strategy)
 
         def done(rois) -> str:
             for roi in rois:
                 self._track_roi(roi)
-            return f"{len(rois)} atlas box(es) added: review them, then propagate"
+            missing = self.logic.last_summary.get("not_found", [])
+            text = f"{len(rois)} atlas box(es) added: review them, then propagate"
+            return text + ("; not found: " + "; ".join(m["name"] for m in missing) if missing else "")
 
         self.jobs.start(job, done)
 
@@ -569,11 +420,12 @@ class MRISegAssistWebApp(TrameApp):
         self._on_show_3d(self.state.show_3d)
         self._refresh_results()
         summary = self.logic.last_summary
-        took = f"{self.jobs.last_duration:.1f} s"
+        took = f"{self.jobs.last_duration:.1f} s (engine {self.jobs.runner.compute_seconds:.1f} s)"
         if summary.get("workflow") == "auto":
             return f"auto-segmentation with {summary.get('model')} finished in {took}"
         if summary.get("workflow") == "prompt":
-            return f"{len(summary.get('objects', []))} object(s) segmented with {summary.get('engine')} in {took}"
+            engine = summary.get("engine") + (f" + cascade {summary['cascade']}" if summary.get("cascade") else "")
+            return f"{len(summary.get('objects', []))} object(s) segmented with {engine} in {took}"
         return f"finished in {took}"
 
     @page_action
@@ -583,6 +435,9 @@ class MRISegAssistWebApp(TrameApp):
             raise InputError("nothing to undo")
         if self.segmentation_node is not None and self.segmentation_node.GetScene() is None:
             self.segmentation_node = None
+        for roi in [r for r in self.rois if r.GetScene() is None]:  # atlas boxes removed by the undo
+            self._forget_roi(roi)
+        self._refresh_boxes()
         self._refresh_results()
         self.state.info = f"undone: {description}"
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import wraps
 from typing import Any, Callable, Optional
 
-from mrisegassist.errors import Cancelled, MRISegAssistError
+from mrisegassist.errors import Cancelled, InputError, MRISegAssistError
 
 from MRISegAssistLib.tasks import BackgroundRunner, Job
 
@@ -24,9 +25,30 @@ def describe_error(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__}): {exc}"
 
 
+def page_action(fn: Callable) -> Callable:
+    """A page callback that never breaks the page: errors become the ``error`` message shown in the panel."""
+
+    @wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            self.state.error = ""
+            return fn(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, logged when unexpected
+            if not isinstance(exc, InputError):
+                log.exception("%s failed", fn.__name__)
+            self.state.error = describe_error(exc)
+            return None
+        finally:
+            self.state.actions += 1  # handled (a job it started may still run): automation waits on this
+
+    return wrapper
+
+
 class PageJobs:
     """One job at a time, reflected in page state: ``busy``, ``job_name``, ``progress`` (0-100),
-    ``progress_msg``, ``error``, ``info``.
+    ``progress_msg``, ``error``, ``info``, and ``timing`` of the last finished job (seconds: ``engine_s``
+    the logic's compute phase, ``apply_s`` its MRML writes, ``results_s`` the page's result update
+    (``on_done``: segment list, metrics), ``step_s`` from the start to the page update).
 
     ``state`` is the trame state. Without a running event loop (in-process tests) nothing polls by itself:
     call :meth:`wait`.
@@ -68,6 +90,10 @@ class PageJobs:
             except Exception as exc:  # the page must survive any failure
                 log.exception("finishing %s failed", job.description)
                 self.state.error = describe_error(exc)
+            step = time.perf_counter() - self.started_at
+            self.state.timing = {"engine_s": round(self.runner.compute_seconds, 3),
+                                 "apply_s": round(self.runner.apply_seconds, 3),
+                                 "results_s": round(step - self.last_duration, 3), "step_s": round(step, 3)}
             self._finish(info=message or f"{job.description}: done in {self.last_duration:.1f} s")
 
         def failed(exc: BaseException) -> None:

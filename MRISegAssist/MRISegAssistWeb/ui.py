@@ -126,7 +126,8 @@ def _atlas_section(app: "MRISegAssistWebApp") -> None:
         v3.VSelect(v_model=("atlas_ref",), items=("atlas_refs",), label="Reference set", density="compact",
                    hide_details=True, id="atlas-select")
         with html.Div(classes="d-flex align-center"):
-            v3.VCheckbox(v_model=("cascade",), label="Cascade refinement", density="compact", hide_details=True)
+            v3.VCheckbox(v_model=("cascade",), label="Cascade refinement (on Propagate)", density="compact",
+                         hide_details=True, id="cascade")
             v3.VBtn("Atlas boxes", id="atlas-run", click=app.atlas_boxes, disabled=(IDLE,), classes="ml-2")
 
 

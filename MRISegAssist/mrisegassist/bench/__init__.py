@@ -3,7 +3,17 @@
 import contextlib
 import ctypes
 import gc
+import os
 import time
+from pathlib import Path
+
+#: The shared data folder benchmarks read real MRI from: $MRISEGASSIST_DATA, else ../shared/data beside the checkout.
+DATA = Path(os.environ.get("MRISEGASSIST_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+
+
+def add_data_flag(parser) -> None:
+    """``--data DIR``: the shared data folder (default :data:`DATA`)."""
+    parser.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
 
 
 def status_kb(field: str) -> int:
