@@ -46,44 +46,72 @@ def _pad_to(array: np.ndarray, divisor: int, axes: Sequence[int]) -> tuple[np.nd
     return (np.pad(array, pads) if any(p[1] for p in pads) else array), crop
 
 
-@torch.inference_mode()
 def predict_crop(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: str, device: torch.device,
-                 roi_size: Sequence[int] = (128, 128, 128), divisor: int = 16, batch_size: int = 32,
-                 overlap: float = 0.25, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
-                 start: float = 0.0, stop: float = 1.0) -> tuple[np.ndarray, tuple[slice, ...]]:
+                 *args, **kwargs) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Softmax probabilities ``(K, s, p, l)`` float32 inside the bounding box of ``fg`` (bool ``(S, P, L)``),
-    and that box (slices of the model grid). ``x`` is ``(C, S, P, L)`` on the model grid."""
+    and that box (slices of the model grid). ``x`` is ``(C, S, P, L)`` on the model grid. Where every input
+    is background (the box margin, empty slices) the background class has probability 1. Keyword arguments:
+    ``roi_size`` (3D window), ``divisor``, ``batch_size`` (2D slices per batch), ``overlap``, ``progress``,
+    ``cancel``, ``start``/``stop`` (progress fractions)."""
+    out, box, _ = _predict(network, x, fg, dims, device, *args, **kwargs)
+    return out, box
+
+
+@torch.inference_mode()
+def _predict(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: str, device: torch.device,
+             roi_size: Sequence[int] = (128, 128, 128), divisor: int = 16, batch_size: int = 32,
+             overlap: float = 0.25, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+             start: float = 0.0, stop: float = 1.0,
+             classes_only: bool = False) -> tuple[np.ndarray, tuple[slice, ...], int]:
+    """:func:`predict_crop`, plus the number of classes; ``classes_only``: argmax classes ``(s, p, l)`` uint8
+    instead of probabilities (in 2D taken batch by batch: no class-by-volume array at all)."""
     box = foreground_bbox(fg, margin=4)
-    crop = np.ascontiguousarray(x[(slice(None),) + box])
-    out: Optional[np.ndarray] = None
+    crop = x[(slice(None),) + box]  # a view: 2D batches are copied one by one, 3D windows sliced from it
+    outside = ~fg[box]
     if dims == "2d":
         crop, back = _pad_to(crop, divisor, axes=(2, 3))
         n = crop.shape[1]
-        probs = None
+        out, n_classes = None, 0
         for k0 in range(0, n, batch_size):
             check(cancel)
             report(progress, start + (stop - start) * k0 / n, f"slices {k0}/{n}")
             batch = torch.from_numpy(crop[:, k0:k0 + batch_size].transpose(1, 0, 2, 3).copy()).to(device)
-            p = torch.softmax(network(batch).float(), dim=1).cpu().numpy()
-            if probs is None:
-                probs = np.zeros((p.shape[1],) + crop.shape[1:], dtype=np.float32)
-            probs[:, k0:k0 + batch_size] = p.transpose(1, 0, 2, 3)
-        out = probs[(slice(None),) + back[1:]]
+            logits = network(batch).float()
+            n_classes = logits.shape[1]
+            if classes_only:  # argmax of the logits = argmax of the softmax
+                p = torch.argmax(logits, dim=1).to(torch.uint8).cpu().numpy()
+                out = np.zeros(crop.shape[1:], np.uint8) if out is None else out
+                out[k0:k0 + batch_size] = p
+            else:
+                p = torch.softmax(logits, dim=1).cpu().numpy().transpose(1, 0, 2, 3)
+                out = np.zeros((n_classes,) + crop.shape[1:], np.float32) if out is None else out
+                out[:, k0:k0 + batch_size] = p
+        out = out[back[1:]] if classes_only else out[(slice(None),) + back[1:]]
     else:
         from monai.inferers import sliding_window_inference
 
         check(cancel)
         report(progress, start, "sliding window")
         tensor = torch.from_numpy(crop[None]).to(device)
-        logits = sliding_window_inference(tensor, [int(r) for r in roi_size], sw_batch_size=1, predictor=network, overlap=overlap,
-                                          mode="gaussian", progress=False)
-        out = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
-    outside = ~fg[box]  # the crop's margin and empty slices: every input is background there
+        logits = sliding_window_inference(tensor, [int(r) for r in roi_size], sw_batch_size=1, predictor=network,
+                                          overlap=overlap, mode="gaussian", progress=False)
+        logits = logits[0].float().cpu()
+        n_classes = logits.shape[0]
+        if classes_only:
+            out = torch.argmax(logits, dim=0).to(torch.uint8).numpy()
+        else:  # softmax in place: no second class-by-volume array
+            logits -= logits.max(dim=0, keepdim=True).values
+            logits.exp_()
+            logits /= logits.sum(dim=0, keepdim=True)
+            out = logits.numpy()
     if outside.any():
-        out[:, outside] = 0.0
-        out[0, outside] = 1.0
+        if classes_only:
+            out[outside] = 0
+        else:
+            out[:, outside] = 0.0
+            out[0, outside] = 1.0
     report(progress, stop, "network done")
-    return out, box
+    return out, box, n_classes
 
 
 def predict_probabilities(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dims: str,
@@ -101,10 +129,10 @@ def predict_classes(network: torch.nn.Module, x: np.ndarray, fg: np.ndarray, dim
                     *args, **kwargs) -> tuple[np.ndarray, int]:
     """Argmax classes ``(S, P, L)`` uint8 on the model grid and the number of classes (no full-size
     probability array is kept); arguments as :func:`predict_crop`."""
-    out, box = predict_crop(network, x, fg, dims, device, *args, **kwargs)
+    out, box, n_classes = _predict(network, x, fg, dims, device, *args, classes_only=True, **kwargs)
     classes = np.zeros(fg.shape, dtype=np.uint8)
-    classes[box] = np.argmax(out, axis=0)
-    return classes, out.shape[0]
+    classes[box] = out
+    return classes, n_classes
 
 
 class UNetSegmenter:

@@ -157,10 +157,13 @@ def prepare_inputs(images: dict[str, np.ndarray], names: Sequence[str], grid: Mo
     Returns ``(x, fg)``: ``x`` is ``(C, S, P, L)`` float32 on the model grid and ``fg`` the union of the
     sequences' foreground masks ``(S, P, L)`` (bool).
     """
-    channels, fg = [], None
-    for name in names:
+    x, fg = None, None
+    for c, name in enumerate(names):  # filled channel by channel: no list of channels stacked at the end
         moved = grid.to_model(np.asarray(images[name], dtype=np.float32))
         mask = foreground_mask(moved)
-        channels.append(normalise(moved, normalisation.get(name, "zscore"), mask))
+        if x is None:
+            x = np.empty((len(names),) + moved.shape, dtype=np.float32)
+        x[c] = normalise(moved, normalisation.get(name, "zscore"), mask)
+        del moved
         fg = mask if fg is None else (fg | mask)
-    return np.stack(channels), fg
+    return x, fg
