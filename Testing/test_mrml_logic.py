@@ -7,6 +7,8 @@ real expert-labelled lesions, background jobs with cancel, and the self-test exp
 """
 from __future__ import annotations
 
+import json
+
 import hashlib
 import itertools
 
@@ -454,6 +456,22 @@ def test_atlas_boxes_to_rois_and_cascade(env, logic, tmp_path):
         i0, i1, j0, j1, k0, k1 = nodes.roi_extent(roi, node)
         assert i0 <= ii.min() + 1 and ii.max() - 1 <= i1 and j0 <= jj.min() + 1 and jj.max() - 1 <= j1
         assert k0 <= kk.min() + 1 and kk.max() - 1 <= k1
+    # An unchanged atlas ROI prompts with the atlas's own per-slice box (inside the ROI's 3D bounding box);
+    # once the user resizes it, or asks for another strategy, the ROI rule applies.
+    for roi in rois:
+        extent = nodes.roi_extent(roi, node)
+        stored = json.loads(roi.GetAttribute(nodes.ROI_PROMPT))
+        prompt = nodes.prompt_from_rois(node, [roi], 1, "A")
+        assert [[b.k, b.i0, b.j0, b.i1, b.j1] for b in prompt.boxes] == stored["boxes"]
+        assert prompt.z_range == (extent[4], extent[5])
+        (box,) = prompt.boxes
+        assert extent[0] <= box.i0 <= box.i1 <= extent[1] and extent[2] <= box.j0 <= box.j1 <= extent[3]
+        assert len(nodes.prompt_from_rois(node, [roi], 1, "B").boxes) > 1
+    moved = nodes.roi_from_extent(env.scene, node, (5, 30, 5, 30, 5, 9), roi_node=None)
+    moved.SetAttribute(nodes.ROI_PROMPT, rois[0].GetAttribute(nodes.ROI_PROMPT))
+    (box,) = nodes.prompt_from_rois(node, [moved], 1, "A").boxes
+    assert (box.i0, box.j0, box.i1, box.j1, box.k) == (5, 5, 30, 30, 7)
+    env.scene.RemoveNode(moved)
     seg = logic.segment_from_rois(node, rois, cascade="D")
     assert logic.last_summary["cascade"] == "D"
     for roi in rois:

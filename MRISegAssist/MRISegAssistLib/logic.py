@@ -398,6 +398,7 @@ class MRISegAssistLogic:
                 roi.GetDisplayNode().SetSelectedColor(*found.color)
                 roi.SetAttribute(ROI_COLOR, ",".join(f"{c:.4f}" for c in found.color))
                 roi.SetAttribute(ROI_CASCADE, "1" if found.cascade else "0")
+                nodes.store_prompt(roi, volume_node, found.prompt(), strategy)
                 rois.append(roi)
             self._undo.append(UndoEntry(f"atlas boxes ({boxes.reference_set})", None, None,
                                         [r.GetID() for r in rois]))

@@ -14,6 +14,7 @@ Conventions
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -29,6 +30,8 @@ from mrisegassist.prompt.base import Box2D, ObjectPrompt
 from mrisegassist.volume import Geometry, Volume
 
 Extent = tuple[int, int, int, int, int, int]
+#: ROI attribute holding the engine's own prompt for that ROI (atlas boxes): used while the ROI is unchanged.
+ROI_PROMPT = "MRISegAssist.Prompt"
 
 #: Sequence names the engine uses, with the node-name patterns that guess them (checked in this order:
 #: FLAIR before T2, post-contrast T1 before T1). Names are lower-cased and split on non-alphanumerics.
@@ -186,12 +189,19 @@ def prompt_from_rois(volume_node, roi_nodes: Sequence, object_id: int, strategy:
       vanishes).
     * Several ROIs (e.g. boxes drawn on three slices): one box per ROI on its middle slice; the z-range is the
       union of the thick ROIs' slices, or none if all are flat.
+    * One ROI carrying a prompt stored by :func:`store_prompt` (atlas boxes) for this volume and ``strategy``,
+      not moved or resized since: that prompt's boxes and z-range.
     An explicit ``z_range`` (inclusive slice indices) overrides the one derived from the ROIs.
     """
     if not roi_nodes:
         raise InputError(f"object {object_id}: no ROI given")
     extents = [roi_extent(roi, volume_node) for roi in roi_nodes]
     boxes: list[Box2D] = []
+    stored = _stored_prompt(roi_nodes[0], volume_node, extents[0], strategy) if len(roi_nodes) == 1 else None
+    if stored is not None:  # e.g. atlas boxes: per-slice rectangles tighter than the ROI's 3D bounding box
+        boxes, derived = stored
+        zr = tuple(int(z) for z in z_range) if z_range is not None else derived
+        return ObjectPrompt(object_id, boxes, zr, name or roi_nodes[0].GetName()).validate(volume_shape(volume_node))
     if len(extents) == 1:
         i0, i1, j0, j1, k0, k1 = extents[0]
         boxes = [Box2D(k, i0, j0, i1, j1) for k in strategy_slices(k0, k1, strategy)]
@@ -203,6 +213,29 @@ def prompt_from_rois(volume_node, roi_nodes: Sequence, object_id: int, strategy:
     zr = tuple(int(z) for z in z_range) if z_range is not None else derived
     name = name or (roi_nodes[0].GetName() if len(roi_nodes) == 1 else f"Object {object_id}")
     return ObjectPrompt(object_id, boxes, zr, name).validate(volume_shape(volume_node))
+
+
+def store_prompt(roi_node, volume_node, prompt: ObjectPrompt, strategy: str) -> None:
+    """Record ``prompt`` (boxes in ``volume_node``'s IJK) on ``roi_node``, valid while the ROI keeps its voxels."""
+    roi_node.SetAttribute(ROI_PROMPT, json.dumps({
+        "volume": volume_node.GetID(), "strategy": strategy, "extent": list(roi_extent(roi_node, volume_node)),
+        "boxes": [[b.k, b.i0, b.j0, b.i1, b.j1] for b in prompt.boxes],
+        "z_range": list(prompt.z_range) if prompt.z_range is not None else None}))
+
+
+def _stored_prompt(roi_node, volume_node, extent: Extent, strategy: str):
+    """``(boxes, z_range)`` stored on the ROI if it still applies (same volume, strategy and voxels), else None."""
+    text = roi_node.GetAttribute(ROI_PROMPT)
+    if not text:
+        return None
+    try:
+        d = json.loads(text)
+        if d["volume"] != volume_node.GetID() or d["strategy"] != strategy or tuple(d["extent"]) != tuple(extent):
+            return None
+        boxes = [Box2D(*(int(v) for v in b)) for b in d["boxes"]]
+        return boxes, (tuple(int(z) for z in d["z_range"]) if d["z_range"] is not None else None)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def volume_shape(volume_node) -> tuple[int, int, int]:

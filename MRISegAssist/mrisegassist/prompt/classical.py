@@ -67,6 +67,8 @@ class ClassicalParams:
     anchor_level: bool = True     #: propagated slices: thresholds from the prompted slice's object level
     intermediate: float = 0.2     #: "auto" picks "similar" when this fraction of the ring is brighter and darker
     polarity: str = "auto"        #: "auto", "bright", "dark" or "similar" (intermediate intensity) object
+    part_fraction: float = 0.3    #: polarity candidates: parts at least this fraction of the largest count
+    off_centre: float = 0.1       #: prompted slice: when less of the candidate lies in the core, it is the core
 
 
 @dataclass
@@ -275,6 +277,10 @@ class ClassicalEngine(SliceEngine):
         else:
             centre = float(np.median(crop[core]))
             sign = self._polarity(crop, inbox, stats, prepared.noise, centre)
+            if sign:  # an object off the box centre (a curved or split structure): its levels come from it
+                parts, _ = self._candidate(crop, inbox, stats, prepared.noise, sign)
+                if parts.any() and (parts & core).sum() < p.off_centre * parts.sum():
+                    core = parts
         u = _transform(crop, sign, centre)
         base = self._background(u, stats)
         peak = float(np.percentile(u[core], p.peak_percentile))
@@ -329,8 +335,9 @@ class ClassicalEngine(SliceEngine):
 
         In between: both clearly brighter and clearly darker tissue (``intermediate`` of the ring each) surround
         the box centre's intensity ``centre`` (e.g. grey-matter nuclei between white matter and CSF).
-        For each polarity the candidate object is the largest connected region of the box at least half-way
-        from the ring's median to the box's extreme; the polarity whose candidate spans the box clearly
+        For each polarity the candidate object is the box's regions at least half-way from the ring's median to
+        the box's extreme, its largest connected part and the parts at least ``part_fraction`` of its size (an
+        object cut in pieces on the slice, e.g. a curved ventricle); the polarity whose candidate spans the box clearly
         better wins (a box is drawn around its object), else the one with the stronger extreme contrast.
         """
         if self.params.polarity != "auto":
@@ -343,21 +350,28 @@ class ClassicalEngine(SliceEngine):
             (r_lo, r_hi), (b_lo, b_hi) = np.percentile(r, [5, 95]), np.percentile(b, [5, 95])
             if b_hi <= r_hi + 1.5 * margin and b_lo >= r_lo - 1.5 * margin:
                 return 0.0
-        z = (crop - float(np.median(crop[ring]))) / noise
         spans, peaks = {}, {}
         for sign in (1.0, -1.0):
-            zs = sign * z
-            peak = peaks[sign] = float(np.percentile(zs[inbox], 98))
-            cand = inbox & (zs >= 0.5 * peak) if peak > 0 else np.zeros_like(inbox)
-            labels, n = ndimage.label(cand, structure=np.ones((3, 3), bool))
-            if n == 0:
-                spans[sign] = 0.0
-                continue
-            largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-            spans[sign] = _span(largest, inbox)
+            parts, peaks[sign] = self._candidate(crop, inbox, ring, noise, sign)
+            spans[sign] = _span(parts, inbox) if parts.any() else 0.0
         if abs(spans[1.0] - spans[-1.0]) > 0.25:
             return 1.0 if spans[1.0] > spans[-1.0] else -1.0
         return 1.0 if peaks[1.0] >= peaks[-1.0] else -1.0
+
+    def _candidate(self, crop: np.ndarray, inbox: np.ndarray, ring: np.ndarray, noise: float,
+                   sign: float) -> tuple[np.ndarray, float]:
+        """The box's candidate object for polarity ``sign`` (+1/-1) and its extreme contrast (noise units):
+        voxels at least half-way from the ring's median to the box's 98th percentile, their largest connected
+        part and the parts at least ``part_fraction`` of its size."""
+        zs = sign * (crop - float(np.median(crop[ring]))) / noise
+        peak = float(np.percentile(zs[inbox], 98))
+        if peak <= 0:
+            return np.zeros_like(inbox), peak
+        labels, n = ndimage.label(inbox & (zs >= 0.5 * peak), structure=np.ones((3, 3), bool))
+        if n == 0:
+            return np.zeros_like(inbox), peak
+        sizes = np.bincount(labels.ravel())[1:]
+        return np.isin(labels, 1 + np.flatnonzero(sizes >= self.params.part_fraction * sizes.max())), peak
 
     def _random_walk(self, data: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """Foreground probability ``[j, i]`` of the 2-label random walker (seeds: 1 bg, 2 fg, 0 unknown)."""

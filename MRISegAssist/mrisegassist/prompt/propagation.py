@@ -51,8 +51,9 @@ class PropagationConfig:
     ``min_score``: a lower engine score stops the walk. ``max_growth``: stop when the mask area jumps by more than
     this factor from one slice to the next (and by more than ``area_slack`` pixels); ``max_area_ratio``: stop
     when a propagated mask is larger than this factor times the largest prompted-slice mask of the object
-    (gradual leaks into neighbouring tissue; again ``area_slack`` pixels more are tolerated). ``None`` disables
-    either check.
+    (gradual leaks into neighbouring tissue; again ``area_slack`` pixels more are tolerated), applied only when
+    the prompt gives no ``z_range`` (a bounded object, e.g. an atlas structure or a ROI spanning its slices,
+    may be much larger on other slices than on the prompted one). ``None`` disables either check.
     """
 
     margin: float = 0.1
@@ -134,7 +135,8 @@ class _ObjectWalk:
             slack = cfg.area_slack
             if cfg.max_growth is not None and area > cfg.max_growth * prev_area and area - prev_area > slack:
                 return False
-            if cfg.max_area_ratio is not None and area > cfg.max_area_ratio * self.anchor_area + slack:
+            if cfg.max_area_ratio is not None and self.prompt.z_range is None \
+                    and area > cfg.max_area_ratio * self.anchor_area + slack:
                 return False
         self.logits[k] = np.where(fg & ~keep, OUTSIDE_LOGIT, logits2d)
         self.mask[k] = keep
