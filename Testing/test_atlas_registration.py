@@ -155,3 +155,22 @@ def test_deformable_stages_undo_a_deformation_of_the_crop(crop, deformable):
         target = moved_labels.array == value
         before, after = _dice(labels.array == value, target), _dice(warped == value, target)
         assert after > 0.7 and after > before, (deformable, value, before, after)
+
+
+def test_transform_files_written_and_read_from_many_threads(tmp_path):
+    """The cache writes .h5 transforms from the registration thread pool; ITK's HDF5 is not thread-safe
+    (this crashed `bench atlas` with a segmentation fault before transform I/O was serialised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import SimpleITK as sitk
+
+    from mrisegassist.atlas.registration import load_transform, save_transform
+
+    def one(n: int) -> float:
+        t = sitk.AffineTransform(3)
+        t.SetTranslation((float(n), 0.0, 0.0))
+        path = save_transform(sitk.CompositeTransform([t, sitk.Euler3DTransform()]), tmp_path / f"t{n}.h5")
+        return load_transform(path).TransformPoint((0.0, 0.0, 0.0))[0]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(one, range(48))) == [float(n) for n in range(48)]

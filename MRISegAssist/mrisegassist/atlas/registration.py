@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -129,12 +130,19 @@ def compose(*transforms: sitk.Transform) -> sitk.CompositeTransform:
     return sitk.CompositeTransform(parts)
 
 
+#: ITK's transform files are HDF5 (``.h5``), and its bundled HDF5 is not thread-safe: concurrent reads/writes
+#: from the registration thread pool crash the process. All transform file I/O goes through this lock.
+_TRANSFORM_IO = threading.Lock()
+
+
 def save_transform(transform: sitk.Transform, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp))
+    with _TRANSFORM_IO:
+        return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp))
 
 
 def load_transform(path: Path) -> sitk.Transform:
-    return sitk.ReadTransform(str(path))
+    with _TRANSFORM_IO:
+        return sitk.ReadTransform(str(path))
 
 
 class _Monitor:
