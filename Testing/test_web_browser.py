@@ -9,8 +9,9 @@ Dice thresholds (measured here; the saved file against the expert mask):
 * one box drawn on the tumour's largest FLAIR slice, classical engine, whole tumour: 0.88 on pat0004 (the same
   as in-process) and 0.86 on pat0001 measured, README range 0.82-0.91; required >= 0.80 and >= 30 slices (a
   filled box on its one slice scores about 0.05).
-* atlas boxes (builtin:colin27) on itksnap-mricrop, third ventricle vs expert label 2: 0.60 measured; required
-  >= 0.5. The other structures of this crop score far lower with the classical engine (see the report).
+* atlas boxes (builtin:colin27) on itksnap-mricrop, the 7 structures the atlas evaluation scores against the
+  manual labels: mean Dice 0.44 measured, 0.48 with cascade D (lateral ventricles 0.66-0.89, caudates 0.44-0.74,
+  third ventricle 0.44, hippocampi 0.00); required mean >= 0.3 and both lateral ventricles >= 0.5.
 Screenshots of each result go to artifacts/web/.
 """
 from __future__ import annotations
@@ -194,11 +195,14 @@ def test_atlas_boxes_cascade_and_recovery_from_an_error(page, server):
     assert harness.run_step(page, "atlas-run", timeout_s=900) == ""  # the page is still alive
     boxes = [b["name"] for b in harness.state(page, "boxes")]
     assert "third-ventricle" in boxes and len(boxes) >= 10 and "atlas box(es) added" in page.inner_text("#status")
-    expert = read_volume(DATA / "itksnap-mricrop" / "labels.gipl.gz", kind="label").array
+    from mrisegassist.atlas.evaluation import itksnap_masks
 
-    def third_ventricle(labelmap) -> float:
-        value = next(lab.value for lab in labelmap.labels if lab.name == "third-ventricle")
-        return dice(labelmap.volume.array == value, expert == 2)
+    # the manual labels as the atlas evaluation scores them (ventricles/caudates split at the midline)
+    expert = itksnap_masks(read_volume(DATA / "itksnap-mricrop" / "labels.gipl.gz", kind="label").array)
+
+    def scored(labelmap) -> dict[str, float]:
+        values = {lab.name: lab.value for lab in labelmap.labels}
+        return {name: dice(labelmap.volume.array == values[name], mask) for name, mask in expert.items()}
 
     assert harness.run_step(page, "box-propagate") == ""
     first = save(page, server, "nii.gz", "atlas")
@@ -210,10 +214,13 @@ def test_atlas_boxes_cascade_and_recovery_from_an_error(page, server):
     assert f"{len(boxes)} object(s) segmented with classical + cascade D" in page.inner_text("#status")
     harness.screenshot(page, SHOTS, "atlas-cascade")
     cascaded = save(page, server, "nii.gz", "atlas-cascade")
-    scores = (third_ventricle(first), third_ventricle(cascaded))
-    print(f"browser atlas boxes on itksnap-mricrop: third-ventricle Dice {scores[0]:.3f}, "
-          f"with cascade D {scores[1]:.3f} (expert labels)")
-    assert min(scores) >= 0.5
+    for label, labelmap in (("first pass", first), ("cascade D", cascaded)):
+        scores = scored(labelmap)
+        mean = float(np.mean(list(scores.values())))
+        print(f"browser atlas boxes on itksnap-mricrop ({label}, manual labels): mean Dice {mean:.3f} over "
+              + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        assert mean >= 0.3
+        assert min(scores["lateral-ventricle-left"], scores["lateral-ventricle-right"]) >= 0.5
     assert not np.array_equal(first.volume.array, cascaded.volume.array)  # the cascade refined the other structures
 
     assert harness.run_step(page, "undo") == "" and segment_rows(page) == boxes  # back to the first pass
