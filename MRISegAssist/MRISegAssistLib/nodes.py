@@ -196,20 +196,17 @@ def prompt_from_rois(volume_node, roi_nodes: Sequence, object_id: int, strategy:
     if not roi_nodes:
         raise InputError(f"object {object_id}: no ROI given")
     extents = [roi_extent(roi, volume_node) for roi in roi_nodes]
-    boxes: list[Box2D] = []
     stored = _stored_prompt(roi_nodes[0], volume_node, extents[0], strategy) if len(roi_nodes) == 1 else None
     if stored is not None:  # e.g. atlas boxes: per-slice rectangles tighter than the ROI's 3D bounding box
         boxes, derived = stored
-        zr = tuple(int(z) for z in z_range) if z_range is not None else derived
-        return ObjectPrompt(object_id, boxes, zr, name or roi_nodes[0].GetName()).validate(volume_shape(volume_node))
-    if len(extents) == 1:
-        i0, i1, j0, j1, k0, k1 = extents[0]
-        boxes = [Box2D(k, i0, j0, i1, j1) for k in strategy_slices(k0, k1, strategy)]
     else:
-        for i0, i1, j0, j1, k0, k1 in extents:
-            boxes.append(Box2D((k0 + k1) // 2, i0, j0, i1, j1))
-    thick = [e for e in extents if e[5] > e[4]]
-    derived = (min(e[4] for e in thick), max(e[5] for e in thick)) if thick else None
+        if len(extents) == 1:
+            i0, i1, j0, j1, k0, k1 = extents[0]
+            boxes = [Box2D(k, i0, j0, i1, j1) for k in strategy_slices(k0, k1, strategy)]
+        else:
+            boxes = [Box2D((k0 + k1) // 2, i0, j0, i1, j1) for i0, i1, j0, j1, k0, k1 in extents]
+        thick = [e for e in extents if e[5] > e[4]]
+        derived = (min(e[4] for e in thick), max(e[5] for e in thick)) if thick else None
     zr = tuple(int(z) for z in z_range) if z_range is not None else derived
     name = name or (roi_nodes[0].GetName() if len(roi_nodes) == 1 else f"Object {object_id}")
     return ObjectPrompt(object_id, boxes, zr, name).validate(volume_shape(volume_node))

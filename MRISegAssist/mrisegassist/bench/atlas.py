@@ -21,16 +21,14 @@ automatic boxes, cascades C and D; box quality), printed as a table, ``--json`` 
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from . import measure
+from . import add_data_flag, measure
 
-DATA = Path(os.environ.get("MRISEGASSIST_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
 TARGET = "ms-lesjak/patient07/t1.nii.gz"
 QUICK_TARGET = "itksnap-mricrop/t1.gipl.gz"
 
@@ -40,7 +38,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("atlas", help="atlas boxes: N references -> boxes for one target, wall time and peak "
                                      "memory vs a serial full-resolution baseline")
-    p.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
+    add_data_flag(p)
     p.add_argument("--target", help=f"target image inside --data (default {TARGET}; --quick: {QUICK_TARGET})")
     p.add_argument("--references", type=int, help="number of references (default 15; --quick: 3)")
     p.add_argument("--baseline-references", type=int,
@@ -52,7 +50,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("atlas-eval", help="automatic prompts accuracy per structure (Dice with reference-mask "
                                           "boxes vs atlas boxes vs cascade; box quality)")
-    p.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
+    add_data_flag(p)
     p.add_argument("--dataset", default="itksnap,colin27-loo,mni152-loo",
                    help="comma-separated: itksnap, colin27-loo, mni152-loo")
     p.add_argument("--references", type=int, default=6, help="references per dataset (default 6)")

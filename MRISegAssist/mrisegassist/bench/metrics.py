@@ -9,7 +9,6 @@ this process; median wall seconds of ``--repeats`` runs, and the HD95 difference
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-DATA = Path(os.environ.get("MRISEGASSIST_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+from . import add_data_flag
+
 PAIRS = (("brats2013-deepmedic", "pat0001", "labels.nii.gz"), ("brats2013-deepmedic", "pat0003", "labels.nii.gz"),
          ("ms-lesjak", "patient07", "lesions.nii.gz"), ("ms-lesjak", "patient26", "lesions.nii.gz"))
 
@@ -26,7 +26,7 @@ def register(sub) -> None:
     from ..cli import add_json_flag
 
     p = sub.add_parser("metrics", help="metric speed (HD95 etc.) vs MONAI and SimpleITK on real label maps")
-    p.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
+    add_data_flag(p)
     p.add_argument("--repeats", type=int, default=3)
     add_json_flag(p)
     p.set_defaults(func=run)

@@ -20,7 +20,6 @@ CUDA the peak allocated GPU memory. Encoder calls are counted with a forward hoo
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-DATA = Path(os.environ.get("MRISEGASSIST_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+from . import add_data_flag
+
 CASE = "brats2013-deepmedic/pat0001"
 
 
@@ -37,7 +37,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("prompt", help="SAM 2 / MedSAM2 propagation and SAM per-slice speed vs the official "
                                       "predictors (seeded random weights, real FLAIR)")
-    p.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
+    add_data_flag(p)
     p.add_argument("--case", default=CASE, help="case folder inside --data with flair.nii.gz and labels.nii.gz")
     p.add_argument("--frames", type=int, default=0, help="keep N slices around the tumour (0: all)")
     p.add_argument("--size", type=int, default=512,

@@ -17,7 +17,6 @@ against the expert mask of the prompted lesions, per-lesion Dice (median, mean, 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError
-
-DATA = Path(os.environ.get("MRISEGASSIST_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+from . import add_data_flag
 
 
 @dataclass(frozen=True)
@@ -200,7 +198,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("prompt-accuracy", help="Dice of a box-prompted engine on real expert-labelled lesions",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
+    add_data_flag(p)
     p.add_argument("--cases", default="default",
                    help=f"comma-separated case names, 'default' ({','.join(DEFAULT_CASES)}) or 'all' "
                         f"({','.join(CASES)})")

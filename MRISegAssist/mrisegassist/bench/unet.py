@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-DATA = Path(os.environ.get("MRISEGASSIST_DATA", Path(__file__).resolve().parents[3].parent / "shared" / "data"))
+from . import add_data_flag
+
 GLI = "brats-gli-00001"
 GLI_FILES = {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f"}
 
@@ -31,7 +32,7 @@ def register(sub) -> None:
     from ..cli import add_json_flag
 
     p = sub.add_parser("unet", help="U-Net inference time and memory vs plain MONAI sliding_window_inference")
-    p.add_argument("--data", default=str(DATA), help="shared data folder (default ../shared/data)")
+    add_data_flag(p)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-memory", action="store_true", help="skip the per-run child processes")
     p.add_argument("--plot", help="write a PNG bar chart of the times here")

@@ -126,10 +126,8 @@ def _case_lines(case: str, res: dict) -> list[str]:
     return lines
 
 
-def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = None,
-                second: Optional[tuple[ModelEntry, dict]] = None) -> str:
-    """Markdown model card from ``model.json`` and :func:`evaluate_model` results; ``second``: another
-    model trained by the same recipe on other cases, with its evaluation (a second fold, reported only)."""
+def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = None) -> str:
+    """Markdown model card from ``model.json`` and :func:`evaluate_model` results."""
     t = entry.training
     spec = entry.network
     n_params = t.get("parameters")
@@ -158,17 +156,6 @@ def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = No
              "## Validation (cases NOT used for training; expert labels)", ""]
     for case, res in evaluation.items():
         lines += _case_lines(case, res)
-    if second:
-        other, results = second
-        ot = other.training
-        lines += ["## Second fold (reported only; NOT the shipped weights)", "",
-                  f"The same recipe with the cases swapped: trained on "
-                  f"{', '.join(c for c in ot.get('cases', []) if not c.startswith('synthetic-'))}"
-                  + (f" + {ot.get('synthetic')} synthetic cases" if ot.get("synthetic") else "")
-                  + f", best epoch {ot.get('epoch')} chosen on {', '.join(ot.get('validation_cases', []))}, "
-                  f"{ot.get('minutes')} min. It shows how the recipe transfers to a case with larger lesions.", ""]
-        for case, res in results.items():
-            lines += _case_lines(case, res)
     if aurora:
         lines += ["### Secondary check: raw int16 BraTS-METS case (brats-met-aurora)", "",
                   "Dice against the AURORA model's output, which is NOT expert ground truth (a metastasis case, "
@@ -182,8 +169,7 @@ def render_card(entry: ModelEntry, evaluation: dict, aurora: Optional[dict] = No
     return "\n".join(lines)
 
 
-def install(model_dir: Path, target: Path, evaluation: dict, aurora: Optional[dict], recipe: str,
-            second: Optional[tuple[ModelEntry, dict]] = None) -> ModelEntry:
+def install(model_dir: Path, target: Path, evaluation: dict, aurora: Optional[dict], recipe: str) -> ModelEntry:
     """Copy weights into ``target`` with ``model.json`` (validation = ``evaluation``) and ``MODEL_CARD.md``."""
     entry = get_model(model_dir)
     entry.verify()
@@ -203,7 +189,7 @@ def install(model_dir: Path, target: Path, evaluation: dict, aurora: Optional[di
         entry.validation["brats-met-aurora (vs AURORA model output, not expert)"] = aurora
     entry.folder = target
     entry.write(target)
-    (target / "MODEL_CARD.md").write_text(render_card(entry, evaluation, aurora, second))
+    (target / "MODEL_CARD.md").write_text(render_card(entry, evaluation, aurora))
     return entry
 
 
@@ -214,19 +200,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--aurora", help="brats-met-aurora folder for the secondary (non-expert) check")
     parser.add_argument("--install", required=True, help="target folder, e.g. MRISegAssist/mrisegassist/models/X")
     parser.add_argument("--recipe", default="", help="recipe config file name recorded in the card")
-    parser.add_argument("--second-fold", help="model folder of a second fold (same recipe, other cases), reported "
-                        "in the card only")
-    parser.add_argument("--second-eval", action="append", default=[], help="held-out case of the second fold")
     args = parser.parse_args(argv)
     entry = get_model(args.model)
     cases = [find_case_files(Path(p)) for p in args.eval]
     evaluation = evaluate_model(entry, [c for c in cases if c is not None])
     aurora = aurora_agreement(entry, Path(args.aurora)) if args.aurora else None
-    second = None
-    if args.second_fold:
-        other = get_model(args.second_fold)
-        second = (other, evaluate_model(other, [c for c in map(find_case_files, map(Path, args.second_eval)) if c]))
-    installed = install(Path(args.model), Path(args.install), evaluation, aurora, args.recipe, second)
+    installed = install(Path(args.model), Path(args.install), evaluation, aurora, args.recipe)
     print(json.dumps(installed.validation, indent=2))
     return 0
 
