@@ -99,3 +99,39 @@ def test_second_pass_refines_and_keeps_excluded_and_empty_objects(crop):
     box = cascade_prompt(first[0], "D").boxes[0]
     assert m[box.k, box.j0:box.j1 + 1, box.i0:box.i1 + 1].any()
     assert box.k in second[0].slices
+
+
+class _Recorder:
+    """A promptable engine that records the prompts of the second pass and returns empty results."""
+
+    def __init__(self) -> None:
+        self.prompts: list[ObjectPrompt] = []
+
+    def segment(self, prepared, prompts, *, progress=None, cancel=None):
+        self.prompts = list(prompts)
+        return [_result(p.object_id, np.zeros(prepared, bool), p.name) for p in prompts]
+
+
+def test_cascade_prompts_come_from_the_fused_first_pass(crop):
+    """Object 2's raw first-pass mask spills over object 3 (expert third and fourth ventricle), with weaker
+    logits there: fused, those voxels are object 3's, so object 2's second-pass box, z-range and bounds come
+    from the third ventricle alone, and object 3's from the fourth ventricle."""
+    from mrisegassist.prompt.strategies import mask_bounds
+
+    _, labels = crop
+    third, fourth = labels == 2, labels == 3
+    spill = _result(2, third | fourth, "third-ventricle")
+    spill.logits[fourth] = 1.0
+    first = [spill, _result(3, fourth, "fourth-ventricle")]
+    engine = _Recorder()
+    run_cascade(engine, labels.shape, first, "C")
+    by_id = {p.object_id: p for p in engine.prompts}
+    for oid, mask in ((2, third), (3, fourth)):
+        assert by_id[oid].z_range == z_extent(mask) and by_id[oid].bounds == mask_bounds(mask)
+        assert by_id[oid].boxes == boxes_for_object(mask, "A")
+    assert cascade_prompt(spill, "C").z_range == z_extent(third | fourth)  # its raw mask would have said this
+    d = cascade_prompt(spill, "D", mask=third)
+    i0, j0, i1, j1 = mask_bounds(third)
+    assert d.bounds[0] <= i0 and d.bounds[1] <= j0 and d.bounds[2] >= i1 and d.bounds[3] >= j1  # enlarged
+    assert (d.bounds[2] - d.bounds[0] + 1) * (d.bounds[3] - d.bounds[1] + 1) >= \
+        AREA_FACTOR * (i1 - i0 + 1) * (j1 - j0 + 1)

@@ -64,9 +64,11 @@ def test_evaluation_end_to_end_with_the_target_as_its_own_reference(crop, tmp_pa
         assert r["found"] and r["dice_atlas_only"] > 0.9 and r["box_iou"] > 0.8 and r["z_coverage"] > 0.9
         for key in ("dice_ref_boxes", "dice_auto_boxes", "dice_cascade_C", "dice_cascade_D"):
             assert 0.0 <= r[key] <= 1.0
-    # hippocampus is excluded from the cascade: its cascade Dice equals its first-pass Dice
+    # hippocampus is excluded from the cascade: it keeps its first-pass result (test_atlas_cascade checks the
+    # objects); in the fused label map only voxels the refined ventricle (temporal horn) now claims can change
     h = rows["hippocampus-left"]
-    assert h["dice_cascade_C"] == h["dice_cascade_D"] == h["dice_auto_boxes"]
+    for key in ("dice_cascade_C", "dice_cascade_D"):
+        assert abs(h[key] - h["dice_auto_boxes"]) <= 0.02
     text = format_table(result)
     assert "lateral-ventricle-left" in text and "expert (manual ITK-SNAP labels)" in text
     png = write_png([result], tmp_path / "eval.png")

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 
 import hashlib
-import itertools
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from conftest import DATA, data_path
 from slicer_env import SlicerEnv, array_of, ijk_to_ras, slicer
@@ -24,7 +22,6 @@ from MRISegAssistLib.logic import MRISegAssistLogic
 from MRISegAssistLib.tasks import BackgroundRunner
 from mrisegassist.errors import Cancelled, InputError
 from mrisegassist.labels import LabelInfo
-from mrisegassist.metrics import overlap_metrics
 from mrisegassist.volume import read_volume, resample_to
 
 FLAIR07 = ("ms-lesjak", "patient07", "flair.nii.gz")

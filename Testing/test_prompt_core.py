@@ -216,6 +216,9 @@ def test_validation_errors_come_before_any_prediction(lesions, components):
         ([ObjectPrompt(1, [Box2D(80, 50, 50, 60, 60)]), ObjectPrompt(1, [Box2D(70, 5, 5, 9, 9)])], "more than once"),
         ([ObjectPrompt(2, [Box2D(80, 50, 50, 60, 60)]), ObjectPrompt(3, [])], "no box"),
         ([], "no object"),
+        ([ObjectPrompt(1, [Box2D(80, 50, 50, 60, 60)], bounds=(70, 40, 60, 90))], "bounds .* are empty"),
+        ([ObjectPrompt(1, [Box2D(80, 50, 50, 60, 60)], bounds=(ni + 2, 0, ni + 9, 9))], "lie outside the slice"),
+        ([ObjectPrompt(1, [Box2D(80, 50, 50, 60, 60)], bounds=(70, 40, 90, 90))], "outside its bounds"),
     ]
     for prompts, message in bad:
         with pytest.raises(InputError, match=message):
@@ -263,3 +266,30 @@ def test_registry_names_cache_and_errors(tmp_path):
         get_engine("sam-vit-b", device="tpu")
     assert set(ENGINES) == set(names)
     release_engines()
+
+
+def test_bounds_clip_propagated_boxes_and_masks(components):
+    """A lesion (expert mask) next to a made-up neighbour that joins it on every slice: without bounds the
+    oracle's answers leak into the neighbour slice after slice; with the lesion's 3D ROI rectangle as
+    ``bounds`` every box the engine is asked about and every kept voxel stays inside the rectangle."""
+    from mrisegassist.prompt.strategies import mask_bounds
+
+    _, obj = components[0]
+    i0, j0, i1, j1 = mask_bounds(obj)
+    ks = np.nonzero(obj.any(axis=(1, 2)))[0]
+    reference = obj.copy()
+    reference[ks.min():ks.max() + 1, j0:j1 + 1, i1 + 1:i1 + 30] = True  # the neighbour, touching the lesion
+    prompt = ObjectPrompt(1, boxes_for_object(obj, "A"), (int(ks.min()), int(ks.max())))
+    volume = np.zeros(obj.shape, np.float32)
+    free = propagate_objects(OracleEngine(reference), volume, [prompt])[0]
+    assert free.mask[:, :, i1 + 1:].any()  # the leak
+
+    engine = OracleEngine(reference)
+    bounded_prompt = ObjectPrompt(1, prompt.boxes, prompt.z_range, "lesion", (i0, j0, i1, j1))
+    bounded = propagate_objects(engine, volume, [bounded_prompt])[0]
+    assert not bounded.mask[:, :, i1 + 1:].any() and not (bounded.logits[:, :, i1 + 1:] > 0).any()
+    assert all(i0 <= b[0] and b[2] <= i1 and j0 <= b[1] and b[3] <= j1 for _, b in engine.calls)
+    assert not (bounded.mask & ~obj).any() and bounded.mask.sum() >= 0.9 * obj.sum()  # the lesion, all of it
+    # validation clips the prompted boxes to the bounds
+    wide = ObjectPrompt(1, [Box2D(int(ks.min()), i0 - 5, j0 - 5, i1 + 5, j1 + 5)], bounds=(i0, j0, i1, j1))
+    assert wide.validate(obj.shape).boxes == [Box2D(int(ks.min()), i0, j0, i1, j1)]

@@ -6,7 +6,6 @@ import ast
 import re
 import tomllib
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 

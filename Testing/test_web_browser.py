@@ -10,8 +10,8 @@ Dice thresholds (measured here; the saved file against the expert mask):
   as in-process) and 0.86 on pat0001 measured, README range 0.82-0.91; required >= 0.80 and >= 30 slices (a
   filled box on its one slice scores about 0.05).
 * atlas boxes (builtin:colin27) on itksnap-mricrop, the 7 structures the atlas evaluation scores against the
-  manual labels: mean Dice 0.44 measured, 0.48 with cascade D (lateral ventricles 0.66-0.89, caudates 0.44-0.74,
-  third ventricle 0.44, hippocampi 0.00); required mean >= 0.3 and both lateral ventricles >= 0.5.
+  manual labels: mean Dice 0.58 measured, 0.56 with cascade D (lateral ventricles 0.89-0.94, caudates 0.66-0.77,
+  third ventricle 0.70-0.75, hippocampi 0.00); required mean >= 0.4 and both lateral ventricles >= 0.5.
 Screenshots of each result go to artifacts/web/.
 """
 from __future__ import annotations
@@ -219,7 +219,7 @@ def test_atlas_boxes_cascade_and_recovery_from_an_error(page, server):
         mean = float(np.mean(list(scores.values())))
         print(f"browser atlas boxes on itksnap-mricrop ({label}, manual labels): mean Dice {mean:.3f} over "
               + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-        assert mean >= 0.3
+        assert mean >= 0.4
         assert min(scores["lateral-ventricle-left"], scores["lateral-ventricle-right"]) >= 0.5
     assert not np.array_equal(first.volume.array, cascaded.volume.array)  # the cascade refined the other structures
 

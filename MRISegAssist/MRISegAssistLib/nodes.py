@@ -184,11 +184,12 @@ def prompt_from_rois(volume_node, roi_nodes: Sequence, object_id: int, strategy:
     """One object's prompt from one or more ROIs on ``volume_node``.
 
     * One ROI spanning several slices: its rectangle on the middle slice (``"A"``) or on the quartile slices
-      (``"B"``), with the ROI's slices as the z-range.
+      (``"B"``), with the ROI's slices as the z-range and its rectangle as the object's bounds (the object lies
+      inside its 3D ROI: propagation never leaves it).
     * One flat ROI (one slice): one box on that slice, no z-range (the engine propagates until the object
       vanishes).
-    * Several ROIs (e.g. boxes drawn on three slices): one box per ROI on its middle slice; the z-range is the
-      union of the thick ROIs' slices, or none if all are flat.
+    * Several ROIs (e.g. boxes drawn on three slices): one box per ROI on its middle slice; the z-range and the
+      bounds are the union of the thick ROIs' slices and rectangles, or none if all are flat.
     * One ROI carrying a prompt stored by :func:`store_prompt` (atlas boxes) for this volume and ``strategy``,
       not moved or resized since: that prompt's boxes and z-range.
     An explicit ``z_range`` (inclusive slice indices) overrides the one derived from the ROIs.
@@ -197,6 +198,9 @@ def prompt_from_rois(volume_node, roi_nodes: Sequence, object_id: int, strategy:
         raise InputError(f"object {object_id}: no ROI given")
     extents = [roi_extent(roi, volume_node) for roi in roi_nodes]
     stored = _stored_prompt(roi_nodes[0], volume_node, extents[0], strategy) if len(roi_nodes) == 1 else None
+    thick = [e for e in extents if e[5] > e[4]]
+    bounds = (min(e[0] for e in thick), min(e[2] for e in thick), max(e[1] for e in thick),
+              max(e[3] for e in thick)) if thick else None
     if stored is not None:  # e.g. atlas boxes: per-slice rectangles tighter than the ROI's 3D bounding box
         boxes, derived = stored
     else:
@@ -205,11 +209,10 @@ def prompt_from_rois(volume_node, roi_nodes: Sequence, object_id: int, strategy:
             boxes = [Box2D(k, i0, j0, i1, j1) for k in strategy_slices(k0, k1, strategy)]
         else:
             boxes = [Box2D((k0 + k1) // 2, i0, j0, i1, j1) for i0, i1, j0, j1, k0, k1 in extents]
-        thick = [e for e in extents if e[5] > e[4]]
         derived = (min(e[4] for e in thick), max(e[5] for e in thick)) if thick else None
     zr = tuple(int(z) for z in z_range) if z_range is not None else derived
     name = name or (roi_nodes[0].GetName() if len(roi_nodes) == 1 else f"Object {object_id}")
-    return ObjectPrompt(object_id, boxes, zr, name).validate(volume_shape(volume_node))
+    return ObjectPrompt(object_id, boxes, zr, name, bounds).validate(volume_shape(volume_node))
 
 
 def store_prompt(roi_node, volume_node, prompt: ObjectPrompt, strategy: str) -> None:

@@ -156,7 +156,8 @@ class StructureBoxes:
     def prompt(self) -> ObjectPrompt:
         if not self.found:
             raise InputError(f"structure {self.name!r} was not found: {self.reason}")
-        return ObjectPrompt(self.value, list(self.boxes), self.z_range, self.name)
+        i0, j0, _, i1, j1, _ = self.bbox
+        return ObjectPrompt(self.value, list(self.boxes), self.z_range, self.name, (i0, j0, i1, j1))
 
     def to_json(self, geometry: Geometry) -> dict:
         d = {"name": self.name, "label": self.value, "found": self.found, "threshold": self.threshold,

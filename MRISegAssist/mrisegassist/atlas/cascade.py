@@ -1,22 +1,28 @@
 """Cascade refinement: a second engine pass prompted from the first pass's masks.
 
-* strategy ``C``: boxes (strategy A or B, :mod:`..prompt.strategies`) and z-range from each first-pass mask;
-* strategy ``D``: the same, each box enlarged by 10 % in area (both sides scaled by ``sqrt(1.1)``) and the
-  z-range by 20 % in height, about their centres; growth is rounded **up** to whole voxels (so small boxes
-  grow by at least one voxel per axis) and split between the two ends, then clipped to the volume.
+* strategy ``C``: boxes (strategy A or B, :mod:`..prompt.strategies`), z-range and in-plane bounds (the
+  rectangle holding the mask on every slice) from each first-pass mask;
+* strategy ``D``: the same, each box and the bounds enlarged by 10 % in area (both sides scaled by
+  ``sqrt(1.1)``) and the z-range by 20 % in height, about their centres; growth is rounded **up** to whole
+  voxels (so small boxes grow by at least one voxel per axis) and split between the two ends, then clipped to
+  the volume.
 
-Objects excluded from the cascade (thin or small structures, ``Structure.cascade = False``) and objects whose
-first pass came back empty keep their first-pass result.
+The first-pass masks are the objects' parts of the fused first-pass label map. Objects excluded from the
+cascade (thin or small structures, ``Structure.cascade = False``) and objects with an empty first pass keep
+their first-pass result.
 """
 from __future__ import annotations
 
 import math
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
+
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn
 from ..prompt.base import Box2D, ObjectPrompt, ObjectResult, PromptableEngine
-from ..prompt.strategies import boxes_for_object, z_extent
+from ..prompt.fusion import fuse
+from ..prompt.strategies import boxes_for_object, mask_bounds, z_extent
 
 CASCADES = ("C", "D")
 AREA_FACTOR = 1.10
@@ -49,29 +55,41 @@ def enlarge_range(z_range: tuple[int, int], n_slices: int, height_factor: float 
     return _grow(int(z_range[0]), int(z_range[1]), height_factor, n_slices)
 
 
-def cascade_prompt(result: ObjectResult, mode: str = "D", strategy: str = "A") -> Optional[ObjectPrompt]:
-    """The second-pass prompt of one first-pass result (``None`` when its mask is empty)."""
+def cascade_prompt(result: ObjectResult, mode: str = "D", strategy: str = "A",
+                   mask: Optional[np.ndarray] = None) -> Optional[ObjectPrompt]:
+    """The second-pass prompt of one first-pass result, from ``mask`` (default: the result's own mask;
+    :func:`run_cascade` passes the object's part of the fused label map). ``None`` when that mask is empty."""
     if mode not in CASCADES:
         raise InputError(f"unknown cascade {mode!r}; use C (boxes from the first pass) or D (enlarged)")
-    if not result.mask.any():
+    mask = result.mask if mask is None else mask
+    if not mask.any():
         return None
-    z = z_extent(result.mask)
-    boxes = boxes_for_object(result.mask, strategy)
+    z = z_extent(mask)
+    boxes = boxes_for_object(mask, strategy)
+    i0, j0, i1, j1 = mask_bounds(mask)
+    bounds = Box2D(z[0], i0, j0, i1, j1)
     if mode == "D":
-        shape = result.mask.shape
+        shape = mask.shape
         boxes = [enlarge_box(b, shape) for b in boxes]
+        bounds = enlarge_box(bounds, shape)
         z = enlarge_range(z, shape[0])
-    return ObjectPrompt(result.object_id, boxes, z, result.name)
+    return ObjectPrompt(result.object_id, boxes, z, result.name, (bounds.i0, bounds.j0, bounds.i1, bounds.j1))
 
 
 def run_cascade(engine: PromptableEngine, prepared, first: Sequence[ObjectResult], mode: str = "D",
                 strategy: str = "A", exclude: Iterable[int] = (), *, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelToken] = None) -> list[ObjectResult]:
-    """Second pass over ``first`` (same order); ``exclude`` = object ids that keep their first-pass result."""
+    """Second pass over ``first`` (same order); ``exclude`` = object ids that keep their first-pass result.
+
+    Prompts come from the first pass as the user sees it: each object's part of the fused label map
+    (:func:`~..prompt.fusion.fuse`: overlaps resolved, stray fragments dropped), not its raw mask, which may
+    overlap its neighbours. An object with nothing left after fusion keeps its first-pass result.
+    """
     excluded = set(int(v) for v in exclude)
+    fused = fuse(first) if first else None
     prompts = []
     for r in first:
-        p = None if r.object_id in excluded else cascade_prompt(r, mode, strategy)
+        p = None if r.object_id in excluded else cascade_prompt(r, mode, strategy, fused == r.object_id)
         if p is not None:
             prompts.append(p)
     second = {r.object_id: r for r in engine.segment(prepared, prompts, progress=progress, cancel=cancel)} \

@@ -33,7 +33,7 @@ from ..progress import CancelToken, ProgressFn, check, report
 from ..prompt import get_engine
 from ..prompt.base import ObjectPrompt
 from ..prompt.fusion import fuse
-from ..prompt.strategies import boxes_for_object, z_extent
+from ..prompt.strategies import boxes_for_object, mask_bounds, z_extent
 from ..volume import Volume, read_volume
 from .augment import augment
 from .auto import atlas_boxes
@@ -181,7 +181,8 @@ def evaluate(case: EvalCase, engine: str = "classical", strategy: str = "A", cas
         return {n: overlap_metrics(fused == values[n], masks[n], spacing, distances=False)["dice"] for n in names}
 
     report(progress, 0.45, "engine with boxes from the reference masks")
-    ref_prompts = [ObjectPrompt(values[n], boxes_for_object(masks[n], strategy), z_extent(masks[n]), n) for n in names]
+    ref_prompts = [ObjectPrompt(values[n], boxes_for_object(masks[n], strategy), z_extent(masks[n]), n,
+                                mask_bounds(masks[n])) for n in names]
     dice_ref = dice_of(eng.segment(prepared, ref_prompts, progress=sub(0.45, 0.6), cancel=cancel))
     check(cancel)
     report(progress, 0.6, "engine with automatic boxes")

@@ -10,6 +10,7 @@ only goes down from there (no full-resolution level), and metrics are sampled (`
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..overrides import SharedOverride
 from ..progress import CancelToken, ProgressFn, check, report
 from ..volume import Geometry, Volume, atomic_write
 
@@ -34,6 +36,10 @@ class RegistrationSettings:
     ``resolution_mm``: isotropic working spacing (``0`` = the fixed image's own spacing, no resampling);
     ``levels``: pyramid shrink factors relative to that spacing; ``deformable``: ``"bspline"`` (Mattes MI,
     works across MRI contrasts), ``"demons"`` (same contrast only, after histogram matching) or ``"none"``.
+    ``deterministic``: the optimisations (metric and optimiser) run on one ITK thread, so the same images give
+    the same transform on every run (ITK's multi-threaded Mattes MI sums in a varying order, which moved atlas
+    boxes by a voxel from run to run); ``threads`` then only applies to the other filters, and parallelism
+    comes from running independent registrations at once.
     """
 
     resolution_mm: float = 3.0
@@ -51,6 +57,7 @@ class RegistrationSettings:
     seed: int = 7
     init_search_mm: float = 0.0
     threads: int = 0
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         if self.deformable not in DEFORMABLE:
@@ -65,6 +72,7 @@ class RegistrationSettings:
         """Content key of the parameters that change the result (``threads`` excluded)."""
         d = asdict(self)
         d.pop("threads")
+        d.pop("deterministic")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -188,9 +196,33 @@ def _method(settings: RegistrationSettings, levels: Sequence[int], fixed: sitk.I
     method.SetShrinkFactorsPerLevel(list(levels))
     method.SetSmoothingSigmasPerLevel([max(f - 1, 0) * 0.5 for f in levels])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    if settings.threads:
-        method.SetNumberOfThreads(settings.threads)
+    _set_threads(method, settings)
     return method
+
+
+def _set_threads(method: sitk.ImageRegistrationMethod, settings: RegistrationSettings) -> None:
+    if settings.deterministic:
+        method.SetNumberOfThreads(1)
+    elif settings.threads:
+        method.SetNumberOfThreads(settings.threads)
+
+
+def _one_itk_thread() -> int:
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    return previous
+
+
+#: ITK's global default thread count set to 1 while any registration runs: the v4 registration method's metric
+#: and virtual-domain filters take their threads from it, not from ``SetNumberOfThreads``, and more than one
+#: thread makes the optimisation differ from run to run.
+_itk_single_threaded = SharedOverride(_one_itk_thread, sitk.ProcessObject.SetGlobalDefaultNumberOfThreads)
+
+
+def _execute(method: sitk.ImageRegistrationMethod, settings: RegistrationSettings, fixed: sitk.Image,
+             moving: sitk.Image) -> None:
+    with _itk_single_threaded() if settings.deterministic else contextlib.nullcontext():
+        method.Execute(fixed, moving)
 
 
 def _overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
@@ -212,9 +244,11 @@ def plausible_affine(matrix: np.ndarray, max_scale: float = 1.6) -> bool:
 
 def _initial_transform(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings) -> sitk.Euler3DTransform:
     """Rigid start: centres of mass aligned, optionally refined by an exhaustive translation search."""
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
-    init = sitk.Euler3DTransform(init)
+    initializer = sitk.CenteredTransformInitializerFilter()
+    initializer.MomentsOn()
+    if settings.deterministic:  # image moments are sums: one thread gives the same centre on every machine
+        initializer.SetNumberOfThreads(1)
+    init = sitk.Euler3DTransform(initializer.Execute(fixed, moving, sitk.Euler3DTransform()))
     if settings.init_search_mm <= 0:
         return init
     step = 2.0 * max(fixed.GetSpacing())
@@ -230,9 +264,8 @@ def _initial_transform(fixed: sitk.Image, moving: sitk.Image, settings: Registra
     method.SetOptimizerAsExhaustive([0, 0, 0, n, n, n], stepLength=step)
     method.SetOptimizerScales([1, 1, 1, 1, 1, 1])
     method.SetInitialTransform(init, inPlace=True)
-    if settings.threads:
-        method.SetNumberOfThreads(settings.threads)
-    method.Execute(fixed, moving)
+    _set_threads(method, settings)
+    _execute(method, settings, fixed, moving)
     return init
 
 
@@ -265,7 +298,7 @@ def register(fixed: Union[Volume, sitk.Image], moving: Union[Volume, sitk.Image]
     method.SetInitialTransform(rigid, inPlace=True)
     mon = _Monitor(method, settings.rigid_iterations * len(settings.levels), progress, cancel, 0.0, span,
                    f"rigid {mname} -> {fname}")
-    method.Execute(f, m)
+    _execute(method, settings, f, m)
     mon.finish()
 
     # affine, started from the rigid result
@@ -281,7 +314,7 @@ def register(fixed: Union[Volume, sitk.Image], moving: Union[Volume, sitk.Image]
     method.SetInitialTransform(affine, inPlace=True)
     mon = _Monitor(method, settings.affine_iterations * len(settings.levels), progress, cancel, span, 2 * span,
                    f"affine {mname} -> {fname}")
-    method.Execute(f, m)
+    _execute(method, settings, f, m)
     mon.finish()
     if not plausible_affine(np.asarray(affine.GetMatrix()).reshape(3, 3)):
         # the affine stage diverged (shear/scale far from any head): keep the rigid alignment
@@ -318,7 +351,7 @@ def _bspline(f: sitk.Image, m: sitk.Image, affine: sitk.Transform, settings: Reg
     method.SetInitialTransform(bspline, inPlace=True)
     mon = _Monitor(method, settings.bspline_iterations * len(settings.levels), progress, cancel, start, 1.0,
                    "B-spline")
-    method.Execute(f, m)
+    _execute(method, settings, f, m)
     mon.finish()
     return bspline
 

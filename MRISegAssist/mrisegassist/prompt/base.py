@@ -57,15 +57,37 @@ class Box2D:
 
 @dataclass
 class ObjectPrompt:
-    """One object: one or more boxes (each on its own slice) and an optional inclusive ``z_range``.
+    """One object: one or more boxes (each on its own slice), an optional inclusive ``z_range`` and optional
+    in-plane ``bounds``.
 
-    Without ``z_range`` the engine propagates from the prompted slices until the object vanishes.
+    Without ``z_range`` the engine propagates from the prompted slices until the object vanishes. ``bounds`` =
+    ``(i0, j0, i1, j1)`` (inclusive voxel rectangle, the same on every slice) says the object lies inside it, as
+    inside a 3D ROI drawn around it: propagated boxes are clipped to it and nothing outside it is kept.
     """
 
     object_id: int
     boxes: list[Box2D]
     z_range: Optional[tuple[int, int]] = None
     name: str = ""
+    bounds: Optional[tuple[int, int, int, int]] = None
+
+    def clip_box(self, xyxy: np.ndarray) -> np.ndarray:
+        """``[x0, y0, x1, y1]`` clipped to ``bounds`` (unchanged without bounds)."""
+        if self.bounds is None:
+            return xyxy
+        i0, j0, i1, j1 = self.bounds
+        x0, y0, x1, y1 = (float(v) for v in xyxy)
+        return np.array([min(max(x0, i0), i1), min(max(y0, j0), j1), max(min(x1, i1), i0), max(min(y1, j1), j0)],
+                        dtype=np.float32)
+
+    def outside_bounds(self, shape2d: Sequence[int]) -> Optional[np.ndarray]:
+        """``[j, i]`` bool mask of the slice pixels outside ``bounds`` (``None`` without bounds)."""
+        if self.bounds is None:
+            return None
+        i0, j0, i1, j1 = self.bounds
+        out = np.ones(tuple(shape2d), dtype=bool)
+        out[j0:j1 + 1, i0:i1 + 1] = False
+        return out
 
     def validate(self, shape: Sequence[int]) -> "ObjectPrompt":
         if self.object_id < 1:
@@ -86,7 +108,21 @@ class ObjectPrompt:
             outside = [b.k for b in boxes if not z[0] <= b.k <= z[1]]
             if outside:
                 raise InputError(f"object {self.object_id}: box slice(s) {outside} outside z-range {z}")
-        return ObjectPrompt(self.object_id, sorted(boxes, key=lambda b: b.k), z, self.name)
+        bounds = self.bounds
+        if bounds is not None:
+            bi0, bj0, bi1, bj1 = (int(v) for v in bounds)
+            if bi1 < bi0 or bj1 < bj0:
+                raise InputError(f"object {self.object_id}: bounds {tuple(bounds)} are empty (need i0 <= i1, j0 <= j1)")
+            bounds = (max(bi0, 0), max(bj0, 0), min(bi1, shape[2] - 1), min(bj1, shape[1] - 1))
+            if bounds[2] < bounds[0] or bounds[3] < bounds[1]:
+                raise InputError(f"object {self.object_id}: bounds {(bi0, bj0, bi1, bj1)} lie outside the slice")
+            apart = [b.k for b in boxes if b.i1 < bounds[0] or b.i0 > bounds[2] or b.j1 < bounds[1] or b.j0 > bounds[3]]
+            if apart:
+                raise InputError(f"object {self.object_id}: box(es) on slice(s) {apart} lie outside its bounds "
+                                 f"{bounds}")
+            boxes = [Box2D(b.k, max(b.i0, bounds[0]), max(b.j0, bounds[1]), min(b.i1, bounds[2]), min(b.j1, bounds[3]))
+                     for b in boxes]
+        return ObjectPrompt(self.object_id, sorted(boxes, key=lambda b: b.k), z, self.name, bounds)
 
 
 @dataclass

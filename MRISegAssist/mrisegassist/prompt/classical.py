@@ -69,6 +69,9 @@ class ClassicalParams:
     polarity: str = "auto"        #: "auto", "bright", "dark" or "similar" (intermediate intensity) object
     part_fraction: float = 0.3    #: polarity candidates: parts at least this fraction of the largest count
     off_centre: float = 0.1       #: prompted slice: when less of the candidate lies in the core, it is the core
+    extreme_span: float = 0.5     #: tissue beyond the ring's range (its largest part) spanning this much of the
+    #: box makes the object bright or dark rather than intermediate ...
+    extreme_core: float = 0.1     #: ... as does that part filling this fraction of the box centre (a thin slit)
 
 
 @dataclass
@@ -230,11 +233,23 @@ class ClassicalEngine(SliceEngine):
         so dark neighbours such as CSF next to a bright lesion do not lower it)."""
         return float(np.percentile(u[ring], self.params.bg_percentile))
 
-    def _anchor_levels(self, prepared: PreparedVolume, k: int, mask: np.ndarray) -> tuple[float, float, float]:
-        """``(polarity, object level, background level)`` of the object on its prompted slice (levels are
-        polarity-adjusted intensities: median inside the mask, ring percentile around it), cached."""
+    def _box_polarity(self, prepared: PreparedVolume, k: int, box: np.ndarray) -> float:
+        """The polarity :meth:`predict_slice` finds for ``box`` on a prompted slice ``k``."""
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        img = prepared.slice(k)
+        region, inbox, _, core, stats = self._crop(img.shape, x0, y0, x1, y1, prepared.body(k))
+        crop = img[region]
+        return self._polarity(crop, inbox, stats, prepared.noise, float(np.median(crop[core])), core)
+
+    def _anchor_levels(self, prepared: PreparedVolume, k: int, mask: np.ndarray,
+                       box: Optional[np.ndarray] = None) -> tuple[float, float, float, float]:
+        """``(polarity, centre, object level, background level)`` of the object on its prompted slice (levels
+        are polarity-adjusted intensities: a percentile inside the mask, ring percentile around it), cached.
+        With the prompted ``box`` the polarity is the one the prompted slice was segmented with; without it,
+        it is estimated around the mask."""
         p = self.params
-        key = (k, hashlib.sha1(np.packbits(mask).tobytes()).hexdigest(), p.anchor_percentile)
+        box_key = None if box is None else tuple(int(round(float(v))) for v in box)
+        key = (k, hashlib.sha1(np.packbits(mask).tobytes()).hexdigest(), box_key, p.anchor_percentile)
         hit = prepared.anchors.get(key)
         if hit is None:
             jj, ii = np.nonzero(mask)
@@ -243,9 +258,12 @@ class ClassicalEngine(SliceEngine):
             crop = prepared.slice(k)[region]
             inside = crop[mask[region]]
             centre = float(np.median(inside))
-            sign = self._polarity(crop, inbox, ring, prepared.noise, centre)
-            if sign and (centre - np.median(crop[ring])) * sign < 0:  # the mask itself says otherwise
-                sign = -sign
+            if box is not None:
+                sign = self._box_polarity(prepared, k, box)
+            else:
+                sign = self._polarity(crop, inbox, ring, prepared.noise, centre)
+                if sign and (centre - np.median(crop[ring])) * sign < 0:  # the mask itself says otherwise
+                    sign = -sign
             u = _transform(crop, sign, centre)
             hit = prepared.anchors[key] = (sign, centre, float(np.percentile(u[mask[region]], p.anchor_percentile)),
                                            self._background(u, ring))
@@ -270,13 +288,15 @@ class ClassicalEngine(SliceEngine):
         crop = img[region]
         out = np.full((nj, ni), OUTSIDE_LOGIT, dtype=np.float32)
         if prior is not None:
-            sign, centre, obj_level, bg_anchor = self._anchor_levels(prepared, prior.anchor_k, prior.anchor_mask)
+            sign, centre, obj_level, bg_anchor = self._anchor_levels(prepared, prior.anchor_k, prior.anchor_mask,
+                                                                     prior.anchor_box)
             prev = ndimage.binary_dilation(prior.mask[region], iterations=1) & inbox
             if prev.any():
                 core = prev
         else:
             centre = float(np.median(crop[core]))
-            sign = self._polarity(crop, inbox, stats, prepared.noise, centre)
+            sign = self._polarity(crop, inbox, stats, prepared.noise, centre, core)
+            parts = None
             if sign:  # an object off the box centre (a curved or split structure): its levels come from it
                 parts, _ = self._candidate(crop, inbox, stats, prepared.noise, sign)
                 if parts.any() and (parts & core).sum() < p.off_centre * parts.sum():
@@ -284,6 +304,11 @@ class ClassicalEngine(SliceEngine):
         u = _transform(crop, sign, centre)
         base = self._background(u, stats)
         peak = float(np.percentile(u[core], p.peak_percentile))
+        if prior is None and parts is not None and parts.any() and peak - base < p.min_cnr * prepared.noise:
+            # a prompted box asserts its object: when the centre shows none (mostly the object's surroundings,
+            # e.g. a tall box around a thin curved ventricle), the box's candidate object gives the levels
+            core = parts
+            peak = float(np.percentile(u[core], p.peak_percentile))
         if prior is not None:  # judged against the prompted slice's object (absolute levels): no drift
             base = max(base, bg_anchor)
             ref = obj_level - bg_anchor
@@ -330,11 +355,14 @@ class ClassicalEngine(SliceEngine):
         return self._random_walk(contrast, seeds)
 
     def _polarity(self, crop: np.ndarray, inbox: np.ndarray, ring: np.ndarray, noise: float,
-                  centre: float) -> float:
+                  centre: float, core: Optional[np.ndarray] = None) -> float:
         """+1 if the boxed object is brighter than its surroundings, -1 if darker, 0 if in between.
 
         In between: both clearly brighter and clearly darker tissue (``intermediate`` of the ring each) surround
-        the box centre's intensity ``centre`` (e.g. grey-matter nuclei between white matter and CSF).
+        the box centre's intensity ``centre`` (e.g. grey-matter nuclei between white matter and CSF), and the
+        largest connected part of the tissue beyond the ring's range neither spans the box (``extreme_span``)
+        nor fills ``extreme_core`` of its centre ``core`` (a thin dark slit in the middle of the box is the
+        object; a sliver of ventricle along the edge of a box around the caudate is not).
         For each polarity the candidate object is the box's regions at least half-way from the ring's median to
         the box's extreme, its largest connected part and the parts at least ``part_fraction`` of its size (an
         object cut in pieces on the slice, e.g. a curved ventricle); the polarity whose candidate spans the box clearly
@@ -345,10 +373,18 @@ class ClassicalEngine(SliceEngine):
         r, b = crop[ring], crop[inbox]
         margin = 2.0 * noise
         if min(np.mean(r > centre + margin), np.mean(r < centre - margin)) >= self.params.intermediate:
-            # ... unless the box holds tissue brighter or darker than all the ring (an enhancing rim around
-            # a dark necrotic centre is a bright object)
+            # ... unless the box holds tissue brighter or darker than all the ring and that tissue spans the box
+            # (an enhancing rim around a dark necrotic centre is a bright object; a sliver of ventricle along
+            # the edge of a box around the caudate is a neighbour, not the object)
             (r_lo, r_hi), (b_lo, b_hi) = np.percentile(r, [5, 95]), np.percentile(b, [5, 95])
-            if b_hi <= r_hi + 1.5 * margin and b_lo >= r_lo - 1.5 * margin:
+            lo, hi = r_lo - 1.5 * margin, r_hi + 1.5 * margin
+            if b_hi <= hi and b_lo >= lo:
+                return 0.0
+            parts, n = ndimage.label(inbox & ((crop > hi) | (crop < lo)), structure=np.ones((3, 3), bool))
+            largest = parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:])) if n else None
+            central = core is not None and largest is not None and \
+                (largest & core).sum() >= self.params.extreme_core * core.sum()
+            if largest is None or (_span(largest, inbox) < self.params.extreme_span and not central):
                 return 0.0
         spans, peaks = {}, {}
         for sign in (1.0, -1.0):

@@ -16,6 +16,8 @@ to the ends of the z-range.
 
 Only the connected components of a slice's mask that touch its prompt box are kept (SAM sometimes returns
 far-away fragments); the logits of discarded pixels are set to :data:`OUTSIDE_LOGIT`, so ``mask == logits > 0``.
+A prompt with ``bounds`` (a 3D ROI's rectangle) has its propagated boxes clipped to them and nothing outside them
+kept, so a leak into neighbouring tissue cannot wander beyond the ROI.
 """
 from __future__ import annotations
 
@@ -34,12 +36,13 @@ from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, SliceEngine
 @dataclass(frozen=True)
 class SlicePrior:
     """What an engine with ``accepts_prior = True`` is told on a propagated slice: the previous slice ``k`` and
-    its kept mask (``[j, i]`` bool), and the prompted slice this walk started from with its mask."""
+    its kept mask (``[j, i]`` bool), and the prompted slice this walk started from with its mask and box."""
 
     k: int
     mask: np.ndarray
     anchor_k: int
     anchor_mask: np.ndarray
+    anchor_box: Optional[np.ndarray] = None  #: ``[x0, y0, x1, y1]`` the prompted slice was segmented in
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class _ObjectWalk:
         self.scores: dict[int, float] = {}
         self.predicted = 0
         self.anchor_area = 0
-        self.anchor_of: dict[int, tuple[int, np.ndarray]] = {}  # kept slice -> (prompted slice, its mask)
+        self.anchor_of: dict[int, tuple] = {}  # kept slice -> (prompted slice, its mask, its box)
         self._prior = bool(getattr(engine, "accepts_prior", False))
 
     def predict(self, k: int, box: np.ndarray, prior: Optional[SlicePrior],
@@ -125,6 +128,9 @@ class _ObjectWalk:
         self.predicted += 1
         self.tick()
         logits2d = np.asarray(logits2d, dtype=np.float32)
+        outside = self.prompt.outside_bounds(logits2d.shape)
+        if outside is not None:
+            logits2d = np.where(outside, OUTSIDE_LOGIT, logits2d).astype(np.float32, copy=False)
         fg = logits2d > 0
         keep = _components_in_box(fg, box)
         area = int(keep.sum())
@@ -149,14 +155,14 @@ class _ObjectWalk:
         """Follow the object from kept slice ``start`` in direction ``step`` up to slice ``limit`` (inclusive),
         stopping at an already kept slice or where the object vanishes. Returns the last kept slice."""
         k = start
-        anchor = self.anchor_of.get(start, (start, self.mask[start]))
+        anchor = self.anchor_of.get(start, (start, self.mask[start], None))
         while (k + step <= limit) if step > 0 else (k + step >= limit):
             nxt = k + step
             if self.kept[nxt]:
                 break
             prev = self.mask[k]
             prior = SlicePrior(k, prev, *anchor) if self._prior else None
-            if not self.predict(nxt, self.config.next_box(prev), prior, int(prev.sum())):
+            if not self.predict(nxt, self.prompt.clip_box(self.config.next_box(prev)), prior, int(prev.sum())):
                 break
             self.anchor_of[nxt] = anchor
             k = nxt
@@ -166,6 +172,9 @@ class _ObjectWalk:
         p = self.prompt
         lo, hi = p.z_range if p.z_range is not None else (0, self.mask.shape[0] - 1)
         anchors = [b.k for b in p.boxes if self.predict(b.k, b.xyxy, None, None)]
+        for b in p.boxes:
+            if b.k in anchors:
+                self.anchor_of[b.k] = (b.k, self.mask[b.k], b.xyxy)
         self.anchor_area = max((int(self.mask[k].sum()) for k in anchors), default=0)
         if anchors:
             self.walk(anchors[0], -1, lo)

@@ -18,7 +18,8 @@ MP4 files and loads every frame), :func:`Sam2Engine._state` builds the same infe
 
 Prompts: every box of every object of a window goes into one inference state (``add_new_points_or_box``,
 ``box=``, memory not reset between them), then ``propagate_in_video`` runs forward from the first prompted
-slice and backward (``reverse=True``) from it, over the window. Without a ``z_range`` the window is the whole
+slice and backward (``reverse=True``) from it, over the window; an object's ``bounds`` (a 3D ROI's rectangle)
+mask its logits outside them. Without a ``z_range`` the window is the whole
 volume and a direction stops early once every object has been empty for ``vanish_frames`` frames past its
 outermost prompt. Prompt state is reset (``reset_state``) at every call; image features are kept.
 
@@ -29,7 +30,6 @@ autocast on CPU is ~10x slower); bf16 autocast on CUDA. Logits are full resoluti
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..overrides import SharedOverride
 from ..progress import CancelToken, ProgressFn, check, report
 from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, PromptableEngine
 from .sam import FoundationEngineMixin, PreparedVolume
@@ -157,27 +158,23 @@ class _InferenceState(dict):
             super().__setitem__(key, value)
 
 
-_quiet = {"lock": threading.Lock(), "depth": 0, "original": None}
-
-
-@contextlib.contextmanager
-def _quiet_sam2_progress():
-    """Silence the tqdm bar ``propagate_in_video`` draws (``sam2.sam2_video_predictor.tqdm``) while any engine
-    call runs (nesting- and thread-safe): the engine reports through its ``progress`` callback instead."""
+def _silence_tqdm():
     import sam2.sam2_video_predictor as module
 
-    with _quiet["lock"]:
-        if _quiet["depth"] == 0:
-            _quiet["original"] = module.tqdm
-            module.tqdm = lambda iterable, *args, **kwargs: iterable
-        _quiet["depth"] += 1
-    try:
-        yield
-    finally:
-        with _quiet["lock"]:
-            _quiet["depth"] -= 1
-            if _quiet["depth"] == 0:
-                module.tqdm = _quiet["original"]
+    original = module.tqdm
+    module.tqdm = lambda iterable, *args, **kwargs: iterable
+    return original
+
+
+def _restore_tqdm(original) -> None:
+    import sam2.sam2_video_predictor as module
+
+    module.tqdm = original
+
+
+#: Silences the tqdm bar ``propagate_in_video`` draws (``sam2.sam2_video_predictor.tqdm``) while any engine call
+#: runs: the engine reports through its ``progress`` callback instead.
+_quiet_sam2_progress = SharedOverride(_silence_tqdm, _restore_tqdm)
 
 
 def _upcast_memory(state: dict, frame: Optional[int] = None) -> None:
@@ -349,6 +346,7 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
         upcast = predictor.device.type != "cuda"  # under CUDA bf16 autocast the dtypes already agree
         if upcast:
             _upcast_memory(state)
+        outside = {p.object_id: p.outside_bounds(prepared.shape[1:]) for p in group}
         for reverse in (False, True):
             outermost = {p.object_id: (min if reverse else max)(b.k for b in p.boxes) - z0 for p in group}
             vanish = _Vanish(self.vanish_frames, outermost, reverse)
@@ -363,11 +361,13 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
                         continue
                     result = results[oid]
                     result.logits[k] = logits[idx]
+                    if outside[oid] is not None:  # the object's bounds (a 3D ROI): nothing outside is kept
+                        result.logits[k][outside[oid]] = OUTSIDE_LOGIT
                     if k not in result.scores:
                         result.slices.append(k)
                     result.scores[k] = self._presence(state, idx, f)
                     if unbounded:
-                        vanish.update(f, oid, bool((logits[idx] > 0).any()))
+                        vanish.update(f, oid, bool((result.logits[k] > 0).any()))
                 tick(k)
                 if unbounded and vanish.all_done:
                     break

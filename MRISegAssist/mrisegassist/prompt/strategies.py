@@ -65,6 +65,14 @@ def z_extent(mask: np.ndarray) -> tuple[int, int]:
     return int(ks[0]), int(ks[-1])
 
 
+def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """In-plane bounds ``(i0, j0, i1, j1)`` (inclusive) of a ``[k, j, i]`` mask over all its slices."""
+    jj, ii = np.nonzero(_check_3d(mask, "object mask").any(axis=0))
+    if jj.size == 0:
+        raise InputError("object mask is empty")
+    return int(ii.min()), int(jj.min()), int(ii.max()), int(jj.max())
+
+
 def box_slices(z_range: tuple[int, int], strategy: str) -> list[int]:
     """Prompted slices for a z-range: A = middle, B = 1/4, 1/2, 3/4 (rounded, deduplicated, sorted)."""
     if strategy not in STRATEGIES:
