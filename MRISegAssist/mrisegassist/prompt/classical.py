@@ -69,9 +69,9 @@ class ClassicalParams:
     polarity: str = "auto"        #: "auto", "bright", "dark" or "similar" (intermediate intensity) object
     part_fraction: float = 0.3    #: polarity candidates: parts at least this fraction of the largest count
     off_centre: float = 0.1       #: prompted slice: when less of the candidate lies in the core, it is the core
-    extreme_span: float = 0.5     #: tissue beyond the ring's range (its largest part) spanning this much of the
-    #: box makes the object bright or dark rather than intermediate ...
-    extreme_core: float = 0.1     #: ... as does that part filling this fraction of the box centre (a thin slit)
+    extreme_span: float = 0.6     #: a box with tissue beyond the ring's range is bright or dark (not intermediate)
+    #: when that side's candidate object spans this much of the box ...
+    extreme_core: float = 0.1     #: ... or the tissue beyond the range fills this fraction of the box centre
 
 
 @dataclass
@@ -359,10 +359,11 @@ class ClassicalEngine(SliceEngine):
         """+1 if the boxed object is brighter than its surroundings, -1 if darker, 0 if in between.
 
         In between: both clearly brighter and clearly darker tissue (``intermediate`` of the ring each) surround
-        the box centre's intensity ``centre`` (e.g. grey-matter nuclei between white matter and CSF), and the
-        largest connected part of the tissue beyond the ring's range neither spans the box (``extreme_span``)
-        nor fills ``extreme_core`` of its centre ``core`` (a thin dark slit in the middle of the box is the
-        object; a sliver of ventricle along the edge of a box around the caudate is not).
+        the box centre's intensity ``centre`` (e.g. grey-matter nuclei between white matter and CSF), unless the
+        box holds tissue beyond the ring's range whose side's candidate object spans the box (``extreme_span``)
+        or whose largest part fills ``extreme_core`` of the box centre ``core`` (a ventricle crescent in its own
+        box, a thin dark slit in the middle of the box; not a sliver of ventricle along the edge of a loose box
+        around the caudate).
         For each polarity the candidate object is the box's regions at least half-way from the ring's median to
         the box's extreme, its largest connected part and the parts at least ``part_fraction`` of its size (an
         object cut in pieces on the slice, e.g. a curved ventricle); the polarity whose candidate spans the box clearly
@@ -373,18 +374,21 @@ class ClassicalEngine(SliceEngine):
         r, b = crop[ring], crop[inbox]
         margin = 2.0 * noise
         if min(np.mean(r > centre + margin), np.mean(r < centre - margin)) >= self.params.intermediate:
-            # ... unless the box holds tissue brighter or darker than all the ring and that tissue spans the box
-            # (an enhancing rim around a dark necrotic centre is a bright object; a sliver of ventricle along
-            # the edge of a box around the caudate is a neighbour, not the object)
+            # ... unless the box holds tissue brighter or darker than all the ring and that side's object spans the
+            # box or fills its centre (an enhancing rim around a dark necrotic centre is a bright object, a
+            # ventricle crescent in its box a dark one; a sliver of ventricle along the edge of a loose box
+            # around the caudate is a neighbour, not the object)
             (r_lo, r_hi), (b_lo, b_hi) = np.percentile(r, [5, 95]), np.percentile(b, [5, 95])
             lo, hi = r_lo - 1.5 * margin, r_hi + 1.5 * margin
             if b_hi <= hi and b_lo >= lo:
                 return 0.0
-            parts, n = ndimage.label(inbox & ((crop > hi) | (crop < lo)), structure=np.ones((3, 3), bool))
-            largest = parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:])) if n else None
-            central = core is not None and largest is not None and \
-                (largest & core).sum() >= self.params.extreme_core * core.sum()
-            if largest is None or (_span(largest, inbox) < self.params.extreme_span and not central):
+            sides = []
+            if b_hi > hi:
+                sides.append((1.0, crop > hi))
+            if b_lo < lo:
+                sides.append((-1.0, crop < lo))
+            if not any(self._extreme_is_object(crop, inbox, ring, noise, core, sign, beyond)
+                       for sign, beyond in sides):
                 return 0.0
         spans, peaks = {}, {}
         for sign in (1.0, -1.0):
@@ -393,6 +397,20 @@ class ClassicalEngine(SliceEngine):
         if abs(spans[1.0] - spans[-1.0]) > 0.25:
             return 1.0 if spans[1.0] > spans[-1.0] else -1.0
         return 1.0 if peaks[1.0] >= peaks[-1.0] else -1.0
+
+    def _extreme_is_object(self, crop: np.ndarray, inbox: np.ndarray, ring: np.ndarray, noise: float,
+                           core: Optional[np.ndarray], sign: float, beyond: np.ndarray) -> bool:
+        """Whether tissue beyond the ring's range (``beyond``, on side ``sign``) is the boxed object: that side's
+        candidate spans the box, or the largest part of ``beyond`` fills ``extreme_core`` of the box centre."""
+        p = self.params
+        candidate, _ = self._candidate(crop, inbox, ring, noise, sign)
+        if candidate.any() and _span(candidate, inbox) >= p.extreme_span:
+            return True
+        parts, n = ndimage.label(inbox & beyond, structure=np.ones((3, 3), bool))
+        if n == 0 or core is None:
+            return False
+        largest = parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+        return bool((largest & core).sum() >= p.extreme_core * core.sum())
 
     def _candidate(self, crop: np.ndarray, inbox: np.ndarray, ring: np.ndarray, noise: float,
                    sign: float) -> tuple[np.ndarray, float]:
