@@ -256,11 +256,11 @@ class MRISegAssistLogic:
         ``rois``: one entry per object, either a ROI node or a list of ROI nodes (boxes on several slices of
         one object). A ROI spanning several slices also bounds the object (its slices and its rectangle on each
         slice); ``strategy`` ``"A"`` prompts its middle slice, ``"B"`` its quartile slices; a flat ROI prompts
-        its slice and the engine propagates until the object vanishes. ``z_range`` (inclusive slice indices ``k``) overrides the
-        slice bounds of every object. Segments are named after the ROIs (or ``names``) and replaced on re-run;
-        ROIs from :meth:`atlas_boxes` give their structure's colour. ``cascade`` (``"C"`` or ``"D"``, needs the
-        atlas package) adds a second pass prompted from each first-pass mask (``D``: boxes enlarged 10 % in area,
-        slices 20 %), skipping atlas structures marked as not cascading.
+        its slice and the engine propagates until the object vanishes. ``z_range`` (inclusive slice indices
+        ``k``) overrides the slice bounds of every object. Segments are named after the ROIs (or ``names``) and
+        replaced on re-run; ROIs from :meth:`atlas_boxes` give their structure's colour. ``cascade`` (``"C"`` or
+        ``"D"``, needs the atlas package) adds a second pass prompted from each first-pass mask (``D``: boxes
+        enlarged 10 % in area, slices 20 %), skipping atlas structures marked as not cascading.
         """
         return self.segment_from_rois_job(volume_node, rois, engine, segmentation_node, strategy, z_range, names,
                                           cascade, checkpoint, device).run(progress, cancel)

@@ -21,10 +21,6 @@ class SharedOverride:
         self._depth = 0
         self._saved: Any = None
 
-    @property
-    def active(self) -> bool:
-        return self._depth > 0
-
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with self._lock:

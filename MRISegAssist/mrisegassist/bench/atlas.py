@@ -145,7 +145,8 @@ def run_speed(args) -> int:
     progress, close = _progress(args, "baseline (serial, full resolution)")
     try:
         with measure(runs["baseline"]):
-            base = baseline_boxes(target, base_set, replace(FULL, threads=cpu_count(), deterministic=False), progress=progress)
+            settings = replace(FULL, threads=cpu_count(), deterministic=False)
+            base = baseline_boxes(target, base_set, settings, progress=progress)
     finally:
         close()
     runs["baseline"]["seconds"] = round(runs["baseline"]["seconds"], 2)

@@ -238,8 +238,13 @@ class ClassicalEngine(SliceEngine):
         x0, y0, x1, y1 = (int(round(float(v))) for v in box)
         img = prepared.slice(k)
         region, inbox, _, core, stats = self._crop(img.shape, x0, y0, x1, y1, prepared.body(k))
-        crop = img[region]
-        return self._polarity(crop, inbox, stats, prepared.noise, float(np.median(crop[core])), core)
+        return self._prompted_polarity(img[region], inbox, stats, core, prepared.noise)[0]
+
+    def _prompted_polarity(self, crop: np.ndarray, inbox: np.ndarray, stats: np.ndarray, core: np.ndarray,
+                           noise: float) -> tuple[float, float]:
+        """``(polarity, centre)`` of a prompted box: the box centre's median intensity and :meth:`_polarity`."""
+        centre = float(np.median(crop[core]))
+        return self._polarity(crop, inbox, stats, noise, centre, core), centre
 
     def _anchor_levels(self, prepared: PreparedVolume, k: int, mask: np.ndarray,
                        box: Optional[np.ndarray] = None) -> tuple[float, float, float, float]:
@@ -294,8 +299,7 @@ class ClassicalEngine(SliceEngine):
             if prev.any():
                 core = prev
         else:
-            centre = float(np.median(crop[core]))
-            sign = self._polarity(crop, inbox, stats, prepared.noise, centre, core)
+            sign, centre = self._prompted_polarity(crop, inbox, stats, core, prepared.noise)
             parts = None
             if sign:  # an object off the box centre (a curved or split structure): its levels come from it
                 parts, _ = self._candidate(crop, inbox, stats, prepared.noise, sign)

@@ -118,6 +118,7 @@ class _ObjectWalk:
         self.anchor_area = 0
         self.anchor_of: dict[int, tuple] = {}  # kept slice -> (prompted slice, its mask, its box)
         self._prior = bool(getattr(engine, "accepts_prior", False))
+        self._outside = prompt.outside_bounds(shape[1:])  # [j, i] pixels outside the prompt's bounds, or None
 
     def predict(self, k: int, box: np.ndarray, prior: Optional[SlicePrior],
                 prev_area: Optional[int]) -> bool:
@@ -128,9 +129,8 @@ class _ObjectWalk:
         self.predicted += 1
         self.tick()
         logits2d = np.asarray(logits2d, dtype=np.float32)
-        outside = self.prompt.outside_bounds(logits2d.shape)
-        if outside is not None:
-            logits2d = np.where(outside, OUTSIDE_LOGIT, logits2d).astype(np.float32, copy=False)
+        if self._outside is not None:
+            logits2d = np.where(self._outside, OUTSIDE_LOGIT, logits2d).astype(np.float32, copy=False)
         fg = logits2d > 0
         keep = _components_in_box(fg, box)
         area = int(keep.sum())
