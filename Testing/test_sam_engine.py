@@ -14,6 +14,7 @@ import torch
 
 from conftest import data_path
 from mrisegassist.errors import CheckpointError, InputError
+from mrisegassist.prompt.accel import AccelOptions
 from mrisegassist.prompt.base import OUTSIDE_LOGIT, Box2D, ObjectPrompt
 from mrisegassist.prompt.sam import SamEngine, build_sam_model
 from mrisegassist.prompt.windowing import FrameSource
@@ -119,6 +120,29 @@ def test_embedding_cache_is_lazy_reused_and_bounded(brats):
     assert prepared.cache.keys() == [k + 1, k + 2] and prepared.cache.bytes <= prepared.cache.max_bytes
     third, _ = engine.predict_slice(prepared, k, box)
     assert np.array_equal(first, third) and prepared.encoder_calls == 4 and len(encodes) == 4
+
+
+def test_batched_encoding_follows_the_walk_and_matches_sam_predictor(brats):
+    """``encode_batch=3``: a new walk encodes its slice and both neighbours in one encoder call, a walk going up
+    encodes the next slices up; every slice's logits equal SamPredictor's on that slice alone."""
+    flair, _, k, box = brats
+    model = small_sam()
+    calls = []
+    model.image_encoder.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+    engine = SamEngine.from_model(model, "sam-small-test", options=AccelOptions(encode_batch=3))
+    prepared = engine.prepare(flair)
+    ours = {k: engine.predict_slice_detailed(prepared, k, box)}
+    assert calls == [3] and sorted(prepared.cache.computed) == [k - 1, k, k + 1]
+    for kk in (k + 1, k + 2, k + 3):
+        ours[kk] = engine.predict_slice_detailed(prepared, kk, box)
+    assert calls == [3, 3] and sorted(prepared.cache.computed) == list(range(k - 1, k + 5))
+    reference, frames = SamPredictor(model), FrameSource(flair)
+    for kk, (logits, score, low) in ours.items():
+        reference.set_image(frames.rgb_uint8(kk))
+        ref, iou, ref_low = reference.predict(box=box, multimask_output=False, return_logits=True)
+        np.testing.assert_allclose(low, ref_low[0], atol=1e-4)
+        np.testing.assert_allclose(logits, ref[0], atol=1e-4)
+        assert score == pytest.approx(float(np.clip(iou[0], 0, 1)), abs=1e-5)
 
 
 def test_segment_3d_through_shared_propagation(brats):

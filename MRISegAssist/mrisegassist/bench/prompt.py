@@ -1,28 +1,41 @@
 """``mrisegassist bench prompt``: speed and memory of our SAM 2 / MedSAM2 path against the official
-``SAM2VideoPredictor`` used the way existing Slicer plugins use it, plus SAM ViT-B per-slice times.
+``SAM2VideoPredictor`` used the way existing Slicer plugins use it, plus SAM ViT-B per-slice encoding.
 
 Case: a real BraTS FLAIR (default ``brats2013-deepmedic/pat0001``) with one box on the slice where the expert
 tumour label is largest (``--frames N`` keeps N slices around it). Models at seeded random initialisation
-(no weights can be downloaded here): masks are not anatomical, Dice measures agreement of the two code paths.
+(no weights can be downloaded here): masks are not anatomical, Dice measures agreement of the code paths.
 
 * **reference**: every slice windowed and written as a JPEG folder (quality 100), ``init_state`` on it, the box
-  added, ``propagate_in_video`` forward and backward over all frames; re-prompt = ``reset_state`` + moved box +
-  propagation again (the predictor keeps one frame's features, so everything is re-encoded).
-* **ours**: :class:`~mrisegassist.prompt.sam2_engine.Sam2Engine` on the array (no JPEG round trip), with the
-  object's z-range = the expert tumour extent (+/- ``--margin`` slices), as a Slicer ROI around it gives it;
-  re-prompt = a moved box on the prepared volume (cached image features). ``--full`` adds ours over all frames.
+  added, ``propagate_in_video`` forward and backward over all frames, fp32; re-prompt = ``reset_state`` + moved
+  box + propagation again (the predictor keeps one frame's features, so everything is re-encoded).
+  ``--reference-bf16`` adds the same under bf16 autocast; ``--vos`` adds sam2's ``SAM2VideoPredictorVOS``
+  (``torch.compile`` of its modules; its first, compiling, run is reported apart).
+* **ours**: :class:`~mrisegassist.prompt.sam2_engine.Sam2Engine` on the array (no JPEG round trip), once per
+  ``--variants`` entry (:class:`~mrisegassist.prompt.accel.AccelOptions`, e.g. ``precision=fp32,graphs=off``):
+  (1) the object's z-range = the expert tumour extent (+/- ``--margin``), as a Slicer ROI around it gives it;
+  (2) re-prompt = a moved box on that prepared volume (cached image features); (3) an object of
+  ``--object-slices`` slices (default 100) from a fresh prepared volume: the end-to-end time from a loaded model
+  and a volume in memory, and its re-prompt. ``--full`` adds ours over all frames.
 
-Time: wall seconds and CPU seconds (this process, all threads: steadier than wall time when other jobs share
-the machine) of one run each, in this process, same volume and box, after an untimed warm-up of the model on
-9 slices (one-off first-call costs are charged to neither side); per propagated slice = time / slices
-segmented. Memory: peak resident memory during the step minus the resident memory before it (Linux
-``VmHWM`` reset through ``/proc/self/clear_refs``; freed heap returned with ``malloc_trim`` between steps); on
-CUDA the peak allocated GPU memory. Encoder calls are counted with a forward hook on the image encoder.
+Goals (issue 12), per variant: per propagated slice at most 0.5x the reference's; a 100-slice object under 1 s
+and its re-prompt under 0.3 s (times scaled to 100 slices when the volume has fewer); masks Dice >= 0.99
+against the fp32 reference for an fp32 variant, >= 0.98 for a bf16 one; re-prompt without re-encoding.
+
+Time: wall seconds and CPU seconds (this process, all threads) of one run each, in this process, same volume
+and box, after an untimed warm-up of each variant on 9 slices (one-off costs: allocator growth, kernel
+selection, CUDA-graph capture, compilation; reported as ``warmup_s``); per propagated slice = time / slices
+segmented. Memory: peak resident memory during the step minus before it (Linux ``VmHWM``); on CUDA the peak
+allocated GPU memory. ``encoded`` counts the slices the image encoder ran on (a forward hook, batch sizes
+summed).
 """
 from __future__ import annotations
 
+import datetime
+import platform
 import tempfile
 import time
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +44,11 @@ import numpy as np
 from . import add_data_flag
 
 CASE = "brats2013-deepmedic/pat0001"
+GOAL_PER_SLICE_RATIO = 0.5
+GOAL_OBJECT_S = 1.0
+GOAL_REPROMPT_S = 0.3
+GOAL_DICE_FP32 = 0.99
+GOAL_DICE_BF16 = 0.98
 
 
 def register(sub) -> None:
@@ -42,21 +60,152 @@ def register(sub) -> None:
     p.add_argument("--case", default=CASE, help="case folder inside --data with flair.nii.gz and labels.nii.gz")
     p.add_argument("--frames", type=int, default=0, help="keep N slices around the tumour (0: all)")
     p.add_argument("--size", type=int, default=512,
-                   help="SAM 2 input size: 512 = MedSAM2 configuration (default), 1024 = SAM 2.1 hiera-tiny")
+                   help="SAM 2 input size: 512 = MedSAM2 configuration (default), 1024 = SAM 2.1 hiera-tiny "
+                        "(others: the MedSAM2 configuration at that size); 0 skips SAM 2")
     p.add_argument("--margin", type=int, default=0,
                    help="slices added on each side of the tumour extent for our z-range (default 0: a ROI drawn "
                         "around the tumour)")
+    p.add_argument("--object-slices", type=int, default=100, help="slices of the end-to-end object (default 100)")
+    p.add_argument("--variants", default="auto",
+                   help="';'-separated engine options to time, each 'key=value,...' of AccelOptions or 'auto' "
+                        "(default: auto = the device's defaults)")
+    p.add_argument("--reference-bf16", action="store_true", help="also run the official predictor in bf16")
+    p.add_argument("--vos", action="store_true",
+                   help="also run sam2's SAM2VideoPredictorVOS (torch.compile max-autotune; long first run)")
     p.add_argument("--full", action="store_true", help="also run ours over all frames (per-slice parity)")
     p.add_argument("--sam-slices", type=int, default=1, help="slices timed for SAM ViT-B (0: skip)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--sam-variants", default="auto",
+                   help="';'-separated engine options for SAM ViT-B batched encoding (default: auto)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
+# ----------------------------------------------------------------------------------------------- results
+@dataclass
+class Run:
+    """One timed run. ``dice_*``: masks against the fp32 reference (in our z-range / whole volume) and the
+    bf16 reference (z-range) where run."""
+
+    label: str
+    seconds: float
+    cpu_seconds: float
+    slices: int
+    encoded: int
+    peak_extra_mb: Optional[float] = None
+    peak_gpu_mb: Optional[float] = None
+    dice_in_z_range: Optional[float] = None
+    dice_whole_volume: Optional[float] = None
+    dice_vs_bf16_reference: Optional[float] = None
+
+    @property
+    def per_slice_s(self) -> float:
+        return self.seconds / max(self.slices, 1)
+
+    @property
+    def per_slice_cpu_s(self) -> float:
+        return self.cpu_seconds / max(self.slices, 1)
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), per_slice_s=self.per_slice_s, per_slice_cpu_s=self.per_slice_cpu_s)
+
+
+@dataclass
+class Goal:
+    name: str
+    value: Optional[float]
+    target: str
+    met: bool
+
+
+@dataclass
+class Variant:
+    """Our engine with one set of options: its runs, ratios against the fp32 reference and the goals."""
+
+    spec: str
+    description: str
+    precision: str
+    warmup_s: float
+    runs: list[Run] = field(default_factory=list)
+    slices_ratio: float = 0.0
+    time_ratio: float = 0.0
+    cpu_time_ratio: float = 0.0
+    per_slice_ratio: float = 0.0
+    per_slice_cpu_ratio: float = 0.0
+    reprompt_time_ratio: float = 0.0
+    object_per_100_s: float = 0.0
+    reprompt_per_100_s: float = 0.0
+    goals: list[Goal] = field(default_factory=list)
+
+    def run(self, label: str) -> Run:
+        return next(r for r in self.runs if r.label == label)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["runs"] = [r.as_dict() for r in self.runs]
+        return out
+
+
+@dataclass
+class SamRow:
+    """SAM ViT-B: seconds per slice to encode (image encoder) and to decode one box, Dice of the box masks
+    against ``SamPredictor`` one slice at a time (``None`` for the reference itself)."""
+
+    label: str
+    slices: int
+    encode_s: float
+    decode_s: float
+    encoded: int
+    dice_vs_reference: Optional[float] = None
+
+
+@dataclass
+class Summary:
+    case: str
+    model: str
+    device: str
+    device_name: str
+    torch: str
+    date: str
+    threads: int
+    references: list[Run]
+    variants: list[Variant]
+    reference_note: str = ""
+    failed: list[str] = field(default_factory=list)
+    sam_vit_b: list[SamRow] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["references"] = [r.as_dict() for r in self.references]
+        out["variants"] = [v.as_dict() for v in self.variants]
+        return out
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> Optional[float]:
     total = int(a.sum()) + int(b.sum())
     return None if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def _timed(label: str, device: str, fn) -> tuple[Run, object]:
+    from . import measure
+
+    row: dict = {}
+    with measure(row, device):
+        value, slices, encoded = fn()
+    return Run(label, row["seconds"], row["cpu_seconds"], slices, encoded, row.get("peak_extra_mb"),
+               row.get("peak_gpu_mb")), value
+
+
+def device_info(device: str) -> tuple[str, str]:
+    """``(device name, torch version string)`` for the report."""
+    import torch
+
+    version = f"torch {torch.__version__}"
+    if str(device).startswith("cuda"):
+        version += f", CUDA {torch.version.cuda}"
+        return torch.cuda.get_device_name(torch.device(device)), version
+    return f"{platform.processor() or platform.machine()} CPU", version
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -79,6 +228,13 @@ def _case(args):
     return np.ascontiguousarray(flair), kc, (int(ii.min()), int(jj.min()), int(ii.max()), int(jj.max())), z_range
 
 
+def object_range(n: int, kc: int, slices: int) -> tuple[int, int]:
+    """An inclusive window of ``min(slices, n)`` slices containing ``kc``, centred on it where possible."""
+    m = min(slices, n)
+    lo = max(0, min(kc - m // 2, n - m))
+    return lo, lo + m - 1
+
+
 def _reference_run(predictor, folder: str, box: np.ndarray, kc: int, state=None):
     """Official usage: init_state on the JPEG folder (unless a state is given: reset it), box, both directions."""
     if state is None:
@@ -94,148 +250,308 @@ def _reference_run(predictor, folder: str, box: np.ndarray, kc: int, state=None)
     return masks, state
 
 
-def _sam_times(args, volume: np.ndarray, kc: int, box) -> dict:
+def _options(spec: str):
+    from ..prompt.accel import AccelOptions
+
+    return AccelOptions() if spec.strip() in ("", "auto") else AccelOptions.parse(spec)
+
+
+def _variant(args, predictor, variant_name: str, spec: str, volume, box, moved, z_range, calls) -> tuple:
+    """Warm-up and the timed runs of our engine with one option set; returns (Variant, {label: masks})."""
     import torch
 
+    from ..prompt.base import Box2D, ObjectPrompt
+    from ..prompt.sam2_engine import Sam2Engine
+
+    options = _options(spec)
+    engine = Sam2Engine.from_model(predictor, variant_name, options=options)
+    n, kc = volume.shape[0], box.k
+    t0 = time.perf_counter()
+    warm = engine.prepare(volume)  # warm-up: the box's slice and the 8 above it (the memory bank fills up)
+    engine.segment(warm, [ObjectPrompt(1, [box], z_range=(kc, min(kc + 8, n - 1)))])
+    if str(args.device).startswith("cuda"):
+        torch.cuda.synchronize()
+    warmup = time.perf_counter() - t0
+    del warm
+    dtype = options.dtype(str(engine.device))
+    out = Variant(spec, engine.options.describe(str(engine.device)), "bf16" if dtype is not None else "fp32",
+                  warmup)
+    masks: dict[str, np.ndarray] = {}
+    prepared_box: list = []
+
+    def ours(label: str, prompt_box: Box2D, zr, reuse: bool = False):
+        def go():
+            calls.clear()
+            prepared = prepared_box[0] if reuse else engine.prepare(volume)
+            (result,) = engine.segment(prepared, [ObjectPrompt(1, [prompt_box], z_range=zr)])
+            if not reuse:
+                prepared_box[:] = [prepared]
+            return result.mask, len(result.slices), sum(calls)
+
+        run, mask = _timed(label, args.device, go)
+        out.runs.append(run)
+        masks[label] = mask
+
+    ours("z-range", box, z_range)
+    ours("re-prompt", moved, z_range, reuse=True)
+    obj = object_range(n, kc, args.object_slices)
+    ours("object", box, obj)
+    ours("object re-prompt", moved, obj, reuse=True)
+    if args.full:
+        ours("all frames", box, (0, n - 1))
+    prepared_box.clear()
+    if engine.tracker is not None and engine.tracker.notes:
+        out.description += "; " + "; ".join(dict.fromkeys(engine.tracker.notes))
+    if engine.lean_unsupported and options.loop == "lean":
+        out.description += f"; official loop used: {engine.lean_unsupported}"
+    if engine.tracker is not None:
+        engine.tracker.clear()  # its banks and CUDA graphs (the predictor is shared with the next variant)
+    return out, masks
+
+
+def _score(variant: Variant, masks: dict, references: dict[str, Run], ref_masks: dict, z_range, obj_range,
+           object_slices: int) -> None:
+    """Dice against the references and the issue's goals."""
+    z0, z1 = z_range
+    o0, o1 = obj_range
+    windows = {"z-range": (z0, z1), "re-prompt": (z0, z1), "object": (o0, o1), "object re-prompt": (o0, o1),
+               "all frames": (0, None)}
+    for run in variant.runs:
+        a, b = windows[run.label]
+        ref = ref_masks["reference re-prompt" if "re-prompt" in run.label else "reference"]
+        sl = slice(a, None if b is None else b + 1)
+        run.dice_in_z_range = _dice(masks[run.label][sl], ref[sl])
+        run.dice_whole_volume = _dice(masks[run.label], ref)
+        if "reference bf16" in ref_masks and "re-prompt" not in run.label:
+            run.dice_vs_bf16_reference = _dice(masks[run.label][sl], ref_masks["reference bf16"][sl])
+    zr, rp, ob, obr = (variant.run(x) for x in ("z-range", "re-prompt", "object", "object re-prompt"))
+    ref, ref_rp = references["reference"], references["reference re-prompt"]
+    variant.slices_ratio = zr.slices / ref.slices
+    variant.time_ratio = zr.seconds / ref.seconds
+    variant.cpu_time_ratio = zr.cpu_seconds / ref.cpu_seconds
+    variant.per_slice_ratio = zr.per_slice_s / ref.per_slice_s
+    variant.per_slice_cpu_ratio = zr.per_slice_cpu_s / ref.per_slice_cpu_s
+    variant.reprompt_time_ratio = rp.seconds / ref_rp.seconds
+    variant.object_per_100_s = ob.seconds * 100.0 / max(ob.slices, 1)
+    variant.reprompt_per_100_s = obr.seconds * 100.0 / max(obr.slices, 1)
+    dice_goal = GOAL_DICE_FP32 if variant.precision == "fp32" else GOAL_DICE_BF16
+    dice = zr.dice_in_z_range
+    variant.goals = [
+        Goal("per-slice time / reference", variant.per_slice_ratio, f"<= {GOAL_PER_SLICE_RATIO}",
+             variant.per_slice_ratio <= GOAL_PER_SLICE_RATIO),
+        Goal(f"{object_slices}-slice object end to end (s per 100 slices)", variant.object_per_100_s,
+             f"< {GOAL_OBJECT_S}", variant.object_per_100_s < GOAL_OBJECT_S),
+        Goal("re-prompt (s per 100 slices)", variant.reprompt_per_100_s, f"< {GOAL_REPROMPT_S}",
+             variant.reprompt_per_100_s < GOAL_REPROMPT_S),
+        Goal(f"Dice vs fp32 reference ({variant.precision})", dice, f">= {dice_goal}",
+             dice is not None and dice >= dice_goal),
+        Goal("re-prompt re-encodes no slice", float(rp.encoded + obr.encoded), "== 0",
+             rp.encoded + obr.encoded == 0),
+    ]
+
+
+def _references(args, predictor, volume, box, moved, calls, variant_name: str) -> tuple[list[Run], dict, str]:
+    """The official predictor from a JPEG folder: fp32, its re-prompt, and optionally bf16 and VOS."""
+    import torch
+    from PIL import Image
+
+    from ..prompt.accel import autocast
+    from ..prompt.sam2_engine import build_sam2_predictor
+    from ..prompt.windowing import FrameSource
+
+    runs: list[Run] = []
+    masks: dict[str, np.ndarray] = {}
+    note = ""
+    n = volume.shape[0]
+    frames = FrameSource(volume)
+    with tempfile.TemporaryDirectory(prefix="mrisegassist-bench-") as folder:
+        state_box: list = []
+
+        def official(label: str, model, prompt_box, dtype=None, reuse: bool = False, write: bool = False):
+            def go():
+                calls.clear()
+                if write:
+                    for k in range(n):
+                        Image.fromarray(frames.rgb_uint8(k)).save(Path(folder) / f"{k:05d}.jpg", quality=100)
+                with autocast(args.device, dtype):
+                    mask, state = _reference_run(model, folder, prompt_box.xyxy, box.k,
+                                                 state_box[0] if reuse else None)
+                state_box[:] = [state]
+                return mask, n, sum(calls)
+
+            run, mask = _timed(label, args.device, go)
+            runs.append(run)
+            masks[label] = mask
+
+        official("reference", predictor, box, write=True)
+        official("reference re-prompt", predictor, moved, reuse=True)
+        if args.reference_bf16:
+            official("reference bf16", predictor, box, dtype=torch.bfloat16)
+        state_box.clear()
+        if args.vos:
+            note = "VOS = sam2's SAM2VideoPredictorVOS (torch.compile max-autotune), fp32"
+            try:
+                vos = build_sam2_predictor(variant_name, args.device, image_size=args.size, vos_optimized=True)
+                vos.load_state_dict(predictor.state_dict())
+                vos.image_encoder.register_forward_hook(
+                    lambda _m, inputs, _o: calls.append(int(inputs[0].shape[0])))
+                official("reference VOS first run (compiles)", vos, box)
+                official("reference VOS", vos, box)
+                del vos
+            except Exception as exc:  # noqa: BLE001 - the official route's failure is a result, reported
+                note += f"; failed: {type(exc).__name__}: {str(exc)[:400]}"
+            state_box.clear()
+    return runs, masks, note
+
+
+def _sam_rows(args, volume: np.ndarray, kc: int, box) -> list[SamRow]:
+    """SAM ViT-B: ``SamPredictor`` one slice at a time (reference), then our engine per ``--sam-variants``
+    (batched encoding of the same slices, then one box per slice)."""
+    import torch
+    from segment_anything import SamPredictor
+
     from ..prompt.sam import SamEngine, build_sam_model
+    from ..prompt.windowing import FrameSource
 
     torch.manual_seed(args.seed)
-    engine = SamEngine.from_model(build_sam_model("vit_b"), "sam-vit-b", device=args.device)
-    prepared = engine.prepare(volume)
-    encode_decode, decode = [], []
-    for n in range(args.sam_slices):
-        k = min(max(kc + n - args.sam_slices // 2, 0), volume.shape[0] - 1)
+    model = build_sam_model("vit_b").to(args.device)
+    n = args.sam_slices
+    ks = [min(max(kc + i - n // 2, 0), volume.shape[0] - 1) for i in range(n)]
+    ks = list(dict.fromkeys(ks))
+    xyxy = np.array(box, np.float32)
+    frames = FrameSource(volume)
+    reference = SamPredictor(model)
+    ref_masks, enc, dec = {}, [], []
+    reference.set_image(frames.rgb_uint8(ks[0]))  # warm-up
+    for k in ks:
         t0 = time.perf_counter()
-        engine.predict_slice(prepared, k, np.array(box, np.float32))
+        reference.set_image(frames.rgb_uint8(k))
+        if str(args.device).startswith("cuda"):
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
-        engine.predict_slice(prepared, k, np.array(box, np.float32) + 2)
+        m, _, _ = reference.predict(box=xyxy, multimask_output=False, return_logits=True)
         t2 = time.perf_counter()
-        encode_decode.append(t1 - t0)
-        decode.append(t2 - t1)
-    dec = float(np.median(decode))
-    return {"slices": args.sam_slices, "encode_s": float(np.median(encode_decode)) - dec, "decode_s": dec,
-            "encoder_calls": prepared.encoder_calls}
+        ref_masks[k] = m[0] > 0
+        enc.append(t1 - t0)
+        dec.append(t2 - t1)
+    rows = [SamRow("SamPredictor, one slice at a time", len(ks), float(np.median(enc)), float(np.median(dec)),
+                   len(ks))]
+    for spec in filter(None, (s.strip() for s in args.sam_variants.split(";"))):
+        engine = SamEngine.from_model(model, "sam-vit-b", options=_options(spec))
+        engine.encode(engine.prepare(volume), ks[:1])  # warm-up (and the CUDA batch-size probe)
+        prepared = engine.prepare(volume)
+        t0 = time.perf_counter()
+        engine.encode(prepared, ks)
+        if str(args.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        dice, dec = [], []
+        for k in ks:
+            t2 = time.perf_counter()
+            logits, _ = engine.predict_slice(prepared, k, xyxy)
+            dec.append(time.perf_counter() - t2)
+            dice.append(_dice(logits > 0, ref_masks[k]))
+        valid = [d for d in dice if d is not None]
+        rows.append(SamRow(f"ours: {engine.options.describe(engine.device).replace('lean loop, ', '')}", len(ks),
+                           (t1 - t0) / len(ks), float(np.median(dec)), prepared.encoder_calls,
+                           float(np.mean(valid)) if valid else None))
+        engine.release()
+    return rows
 
 
 def run(args) -> int:
     import torch
-    from PIL import Image
 
     from ..cli import emit
-    from . import measure
-    from ..prompt.base import Box2D, ObjectPrompt
-    from ..prompt.sam2_engine import Sam2Engine, build_sam2_predictor
-    from ..prompt.windowing import FrameSource
+    from ..errors import MRISegAssistError
+    from ..prompt.accel import DeviceMemoryError, resolve_device
+    from ..prompt.base import Box2D
+    from ..prompt.sam2_engine import build_sam2_predictor
 
+    args.device = resolve_device(args.device)
     volume, kc, (i0, j0, i1, j1), z_range = _case(args)
     box = Box2D(kc, i0, j0, i1, j1)
     moved = Box2D(kc, i0 + 2, j0 + 2, i1 + 2, j1 + 2)
-    variant = "medsam2" if args.size == 512 else "sam2.1-hiera-tiny"
-    torch.manual_seed(args.seed)
-    predictor = build_sam2_predictor(variant, args.device, image_size=args.size)
-    calls: list = []
-    predictor.image_encoder.register_forward_hook(lambda *_: calls.append(1))
-    rows: dict[str, dict] = {}
-    masks: dict[str, np.ndarray] = {}
-
-    def ours(label: str, engine, prepared, prompt_box: Box2D, zr):
-        calls.clear()
-        row = rows.setdefault(label, {})
-        with measure(row, args.device):
-            if prepared is None:
-                prepared = engine.prepare(volume)
-            (result,) = engine.segment(prepared, [ObjectPrompt(1, [prompt_box], z_range=zr)])
-        row.update(slices=len(result.slices), encoder_calls=len(calls))
-        masks[label] = result.mask
-        return prepared
-
-    # untimed warm-up over the box's slice and the 8 above it (the memory bank fills up: 7 frames): the first
-    # passes of a process pay one-off costs (allocator growth, oneDNN/cuDNN kernel selection) that would
-    # otherwise be charged to whichever run is first
-    warm = Sam2Engine.from_model(predictor, variant)
-    warm.segment(warm.prepare(volume), [ObjectPrompt(1, [box], z_range=(kc, min(kc + 8, len(volume) - 1)))])
-    del warm
-    engine = Sam2Engine.from_model(predictor, variant)
-    prepared = ours("ours (z-range)", engine, None, box, z_range)
-    ours("ours re-prompt", engine, prepared, moved, z_range)
-    del prepared
-    if args.full:
-        ours("ours (all frames)", Sam2Engine.from_model(predictor, variant), None, box, (0, volume.shape[0] - 1))
-
-    frames = FrameSource(volume)
-    with tempfile.TemporaryDirectory(prefix="mrisegassist-bench-") as folder:
-        calls.clear()
-        row = rows.setdefault("reference", {})
-        with measure(row, args.device):
-            for k in range(volume.shape[0]):
-                Image.fromarray(frames.rgb_uint8(k)).save(Path(folder) / f"{k:05d}.jpg", quality=100)
-            masks["reference"], state = _reference_run(predictor, folder, box.xyxy, kc)
-        row.update(slices=volume.shape[0], encoder_calls=len(calls))
-        calls.clear()
-        row = rows.setdefault("reference re-prompt", {})
-        with measure(row, args.device):
-            masks["reference re-prompt"], _ = _reference_run(predictor, folder, moved.xyxy, kc, state)
-        row.update(slices=volume.shape[0], encoder_calls=len(calls))
-        del state
-
-    z0, z1 = z_range
-    for label, row in rows.items():
-        row["per_slice_s"] = row["seconds"] / max(row["slices"], 1)
-        row["per_slice_cpu_s"] = row["cpu_seconds"] / max(row["slices"], 1)
-        ref = masks["reference re-prompt" if "re-prompt" in label else "reference"]
-        if label.startswith("ours"):
-            row["dice_in_z_range"] = _dice(masks[label][z0:z1 + 1], ref[z0:z1 + 1])
-            row["dice_whole_volume"] = _dice(masks[label], ref)
-    ours_row, ref_row = rows["ours (z-range)"], rows["reference"]
-    ratio = {"slices_ours_vs_reference": ours_row["slices"] / ref_row["slices"],
-             "time_ours_vs_reference": ours_row["seconds"] / ref_row["seconds"],
-             "cpu_time_ours_vs_reference": ours_row["cpu_seconds"] / ref_row["cpu_seconds"],
-             "per_slice_ours_vs_reference": ours_row["per_slice_s"] / ref_row["per_slice_s"],
-             "per_slice_cpu_ours_vs_reference": ours_row["per_slice_cpu_s"] / ref_row["per_slice_cpu_s"],
-             "reprompt_time_ours_vs_reference": rows["ours re-prompt"]["seconds"]
-             / rows["reference re-prompt"]["seconds"],
-             "reprompt_cpu_time_ours_vs_reference": rows["ours re-prompt"]["cpu_seconds"]
-             / rows["reference re-prompt"]["cpu_seconds"]}
-    ratio["goal_time_le_0.5_met"] = ratio["time_ours_vs_reference"] <= 0.5
-    ratio["goal_dice_ge_0.99_met"] = (rows["ours (z-range)"]["dice_in_z_range"] or 0.0) >= 0.99
-    ratio["goal_reprompt_no_reencoding_met"] = rows["ours re-prompt"]["encoder_calls"] == 0
-    summary = {"case": f"{args.case} FLAIR, {volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]}, box "
-                       f"on slice {kc} from the expert tumour label, our z-range {z0}..{z1}",
-               "model": f"{variant} at {args.size} px, seeded random weights (seed {args.seed})",
-               "device": args.device, "threads": torch.get_num_threads(), "rows": rows, "ratios": ratio}
+    name, version = device_info(args.device)
+    variant_name = "sam2.1-hiera-tiny" if args.size == 1024 else "medsam2"
+    references: list[Run] = []
+    variants: list[Variant] = []
+    failed: list[str] = []
+    note = ""
+    if args.size > 0:
+        torch.manual_seed(args.seed)
+        predictor = build_sam2_predictor(variant_name, args.device, image_size=args.size)
+        calls: list = []
+        predictor.image_encoder.register_forward_hook(lambda _m, inputs, _o: calls.append(int(inputs[0].shape[0])))
+        ours_masks = []
+        for spec in filter(None, (s.strip() for s in args.variants.split(";"))):
+            try:
+                variant, masks = _variant(args, predictor, variant_name, spec, volume, box, moved, z_range, calls)
+            except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others' figures
+                if not isinstance(exc, MRISegAssistError) or isinstance(exc, DeviceMemoryError):
+                    traceback.print_exc()
+                failed.append(f"[{spec}] failed: {type(exc).__name__}: {str(exc)[:400]}")
+                continue
+            variants.append(variant)
+            ours_masks.append(masks)
+        references, ref_masks, note = _references(args, predictor, volume, box, moved, calls, variant_name)
+        ref_runs = {r.label: r for r in references}
+        z = slice(z_range[0], z_range[1] + 1)
+        for r in references:  # bf16 and VOS references against the fp32 one
+            if r.label != "reference" and "re-prompt" not in r.label:
+                r.dice_in_z_range = _dice(ref_masks[r.label][z], ref_masks["reference"][z])
+                r.dice_whole_volume = _dice(ref_masks[r.label], ref_masks["reference"])
+        for variant, masks in zip(variants, ours_masks):
+            _score(variant, masks, ref_runs, ref_masks, z_range, object_range(volume.shape[0], kc,
+                                                                              args.object_slices),
+                   args.object_slices)
+    summary = Summary(
+        case=f"{args.case} FLAIR, {volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]}, box on slice {kc} "
+             f"from the expert tumour label, our z-range {z_range[0]}..{z_range[1]}",
+        model=f"{variant_name} at {args.size} px, seeded random weights (seed {args.seed})" if args.size else "-",
+        device=args.device, device_name=name, torch=version,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        threads=torch.get_num_threads(), references=references, variants=variants, reference_note=note,
+        failed=failed)
     if args.sam_slices > 0:
-        summary["sam_vit_b"] = _sam_times(args, volume, kc, (i0, j0, i1, j1))
-    emit(args, summary, format_table)
+        summary.sam_vit_b = _sam_rows(args, volume, kc, (i0, j0, i1, j1))
+    emit(args, summary.as_dict(), lambda _d: format_table(summary))
     return 0
 
 
-def format_table(summary: dict) -> str:
+def format_table(summary: Summary) -> str:
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    lines = [f"case:   {summary['case']}", f"model:  {summary['model']}",
-             f"device: {summary['device']} ({summary['threads']} threads)", "",
-             f"{'run':<22}{'seconds':>9}{'CPU s':>9}{'slices':>8}{'s/slice':>9}{'encodes':>9}{'peak MB':>9}"
-             f"{'Dice z-rng':>11}{'Dice vol':>10}"]
-    for label, row in summary["rows"].items():
-        peak = row.get("peak_gpu_mb", row.get("peak_extra_mb"))
-        lines.append(f"{label:<22}{row['seconds']:>9.2f}{row['cpu_seconds']:>9.1f}{row['slices']:>8d}"
-                     f"{row['per_slice_s']:>9.3f}{row['encoder_calls']:>9d}{fmt(peak, '.0f'):>9}"
-                     f"{fmt(row.get('dice_in_z_range'), '.4f'):>11}{fmt(row.get('dice_whole_volume'), '.4f'):>10}")
-    r = summary["ratios"]
-    lines += ["", f"ours / reference time: {r['time_ours_vs_reference']:.3f} wall, "
-                  f"{r['cpu_time_ours_vs_reference']:.3f} CPU (goal <= 0.5: "
-                  f"{'met' if r['goal_time_le_0.5_met'] else 'NOT met'}); per slice "
-                  f"{r['per_slice_ours_vs_reference']:.3f} wall, {r['per_slice_cpu_ours_vs_reference']:.3f} CPU",
-              f"(time ratio = slices ratio {r['slices_ours_vs_reference']:.3f} x per-slice ratio: the saving is "
-              f"the slices outside the object's z-range)",
-              f"re-prompt ours / reference: {r['reprompt_time_ours_vs_reference']:.3f} wall, "
-              f"{r['reprompt_cpu_time_ours_vs_reference']:.3f} CPU; re-encoding avoided: "
-              f"{'yes' if r['goal_reprompt_no_reencoding_met'] else 'NO'}",
-              f"Dice ours vs reference in the z-range >= 0.99: {'met' if r['goal_dice_ge_0.99_met'] else 'NOT met'}"]
-    sam = summary.get("sam_vit_b")
-    if sam:
-        lines.append(f"SAM ViT-B per slice: encode {sam['encode_s']:.2f} s, decode {sam['decode_s']:.3f} s "
-                     f"(median of {sam['slices']} slice(s))")
-    return "\n".join(lines)
+    head = (f"{'run':<38}{'seconds':>9}{'CPU s':>9}{'slices':>8}{'s/slice':>9}{'encoded':>9}{'peak MB':>9}"
+            f"{'Dice z':>9}{'Dice vol':>10}{'Dice bf16':>10}")
 
+    def line(label: str, row: Run) -> str:
+        peak = row.peak_gpu_mb if row.peak_gpu_mb is not None else row.peak_extra_mb
+        return (f"{label:<38}{row.seconds:>9.3f}{row.cpu_seconds:>9.1f}{row.slices:>8d}{row.per_slice_s:>9.4f}"
+                f"{row.encoded:>9d}{fmt(peak, '.0f'):>9}{fmt(row.dice_in_z_range, '.4f'):>9}"
+                f"{fmt(row.dice_whole_volume, '.4f'):>10}{fmt(row.dice_vs_bf16_reference, '.4f'):>10}")
+
+    lines = [f"case:   {summary.case}", f"model:  {summary.model}",
+             f"device: {summary.device} = {summary.device_name}; {summary.torch}; {summary.threads} CPU threads; "
+             f"{summary.date}"]
+    if summary.references:
+        lines += ["", head] + [line(r.label, r) for r in summary.references]
+        if summary.reference_note:
+            lines.append(summary.reference_note)
+    for v in summary.variants:
+        lines += ["", f"ours [{v.spec}]: {v.description}; warm-up {v.warmup_s:.2f} s", head]
+        lines += [line(r.label, r) for r in v.runs]
+        lines += [f"time ours / reference: {v.time_ratio:.3f} wall, {v.cpu_time_ratio:.3f} CPU = slices ratio "
+                  f"{v.slices_ratio:.3f} x per-slice ratio {v.per_slice_ratio:.3f} wall "
+                  f"({v.per_slice_cpu_ratio:.3f} CPU); re-prompt {v.reprompt_time_ratio:.3f}"]
+        for g in v.goals:
+            lines.append(f"  goal {g.name}: {fmt(g.value, '.4f')} (target {g.target}) "
+                         f"{'met' if g.met else 'NOT met'}")
+    lines += [f"variant {f}" for f in summary.failed]
+    if summary.sam_vit_b:
+        lines += ["", f"{'SAM ViT-B':<60}{'slices':>7}{'encode s':>10}{'decode s':>10}{'encoded':>9}{'Dice':>8}"]
+        for s in summary.sam_vit_b:
+            lines.append(f"{s.label:<60}{s.slices:>7d}{s.encode_s:>10.4f}{s.decode_s:>10.4f}{s.encoded:>9d}"
+                         f"{fmt(s.dice_vs_reference, '.4f'):>8}")
+    return "\n".join(lines)

@@ -2,12 +2,16 @@
 
 A slice becomes an 8-bit RGB frame through :class:`~.windowing.FrameSource` (percentile window of the
 volume); SAM's own ``SamPredictor`` preprocessing (``ResizeLongestSide`` to 1024, pixel normalisation,
-padding) and image encoder make its embedding, computed lazily the first time a slice is needed and kept in a
+padding) and image encoder make its embedding, computed the first time a slice is needed and kept in a
 bounded LRU (:class:`~.windowing.SliceCache`) inside the prepared handle, so re-prompting never re-encodes.
+On a miss, :meth:`SamEngine.embedding` encodes a *batch*: the slice and the next ones the slice-to-slice walk
+will ask for (continuing the direction of the previous request; around the slice for a new walk), one image
+encoder call for all (``options.encode_batch``; 0 = from free GPU memory on CUDA, 1 = one slice, elsewhere).
 :meth:`SamEngine.predict_slice` restores a slice's cached ``features`` / ``original_size`` / ``input_size`` into
 the predictor and calls ``SamPredictor.predict(box=..., multimask_output=False, return_logits=True)``: the
-logits are exactly those SamPredictor gives for that slice image and box. 3D comes from the shared
-slice-to-slice propagation (:mod:`.propagation`). fp32 on every device.
+logits are those SamPredictor gives for that slice image and box. 3D comes from the shared slice-to-slice
+propagation (:mod:`.propagation`). Precision (``options.precision``): the image encoder runs under bf16
+autocast on CUDA by default (embeddings stored as float32), fp32 elsewhere; prompt encoder and mask decoder fp32.
 
 Box coordinates are ``[x0, y0, x1, y1]`` float pixels of the slice (x = i, y = j); logits are ``[j, i]``.
 """
@@ -23,6 +27,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, check
+from .accel import AccelOptions, autocast, encode_in_batches, resolve_device
 from .base import SliceEngine
 from .weights import load_into, load_state_dict, resolve_checkpoint
 from .windowing import FrameSource, SliceCache, Window
@@ -39,6 +44,17 @@ def sam_variant(variant: str) -> tuple[str, str]:
         if variant in (name, model_type):
             return name, model_type
     raise InputError(f"unknown SAM variant {variant!r}; use one of {', '.join(SAM_VARIANTS)}")
+
+
+def default_cache_bytes(device: str, cpu_default: int) -> int:
+    """A prepared volume's feature-cache bound: ``cpu_default`` off CUDA; on CUDA up to 4 GiB (at most a tenth
+    of the GPU's memory), so a whole walk stays encoded."""
+    if not str(device).startswith("cuda"):
+        return int(cpu_default)
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return int(max(cpu_default, min(4 << 30, total // 10)))
 
 
 def build_sam_model(model_type: str):
@@ -66,8 +82,12 @@ class PreparedVolume:
         return self.cache.misses
 
 
+@dataclass
 class SamPrepared(PreparedVolume):
-    """A volume bound to a :class:`SamEngine` (embeddings: ``(features, original_size, input_size)``)."""
+    """A volume bound to a :class:`SamEngine` (embeddings: ``(features, original_size, input_size)``);
+    ``last``: the slice asked for last (the walk's direction for batch encoding)."""
+
+    last: Optional[int] = None
 
 
 def check_box(box, shape: Sequence[int]) -> np.ndarray:
@@ -108,6 +128,10 @@ class FoundationEngineMixin:
 
         with self._lock:
             setattr(self, self._model_attr, None)
+            tracker = getattr(self, "tracker", None)
+            if tracker is not None:
+                tracker.clear()
+                self.tracker = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -124,36 +148,42 @@ class FoundationEngineMixin:
 class SamEngine(FoundationEngineMixin, SliceEngine):
     """SAM ViT-B/L/H per slice. ``SamEngine(variant, device="cpu", checkpoint=None)`` loads the verified
     official checkpoint (:func:`~.weights.resolve_checkpoint`; ``download=True`` fetches it);
-    :meth:`from_model` wraps an already built model (e.g. seeded random initialisation in tests)."""
+    :meth:`from_model` wraps an already built model (e.g. seeded random initialisation in tests).
+    ``device="auto"``: cuda > mps > cpu; ``options``: :class:`~.accel.AccelOptions` (precision, encoder batch)."""
 
     def __init__(self, variant: str = "sam-vit-b", device: str = "cpu",
                  checkpoint: Optional[Union[str, Path]] = None, *, download: bool = False,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Optional[ProgressFn] = None,
-                 cancel: Optional[CancelToken] = None) -> None:
+                 cache_bytes: Optional[int] = None, options: Optional[AccelOptions] = None,
+                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> None:
         name, model_type = sam_variant(variant)
+        device = resolve_device(device)
         path = resolve_checkpoint(name, checkpoint, download=download, progress=progress, cancel=cancel)
         model = build_sam_model(model_type)
         load_into(model, load_state_dict(path), f"SAM {model_type}", path)
-        self._setup(model, name, device, cache_bytes)
+        self._setup(model, name, device, cache_bytes, options)
         self.checkpoint = path
 
     @classmethod
     def from_model(cls, model, name: str = "sam-vit-b", device: Optional[str] = None,
-                   cache_bytes: int = DEFAULT_CACHE_BYTES) -> "SamEngine":
+                   cache_bytes: Optional[int] = None, options: Optional[AccelOptions] = None) -> "SamEngine":
         """Wrap a built ``segment_anything`` ``Sam`` model (kept on its device unless ``device`` is given)."""
         engine = cls.__new__(cls)
-        engine._setup(model, name, device, cache_bytes)
+        engine._setup(model, name, None if device is None else resolve_device(device), cache_bytes, options)
         engine.checkpoint = None
         return engine
 
-    def _setup(self, model, name: str, device: Optional[str], cache_bytes: int) -> None:
+    def _setup(self, model, name: str, device: Optional[str], cache_bytes: Optional[int],
+               options: Optional[AccelOptions]) -> None:
         from segment_anything import SamPredictor
 
         if device is not None:
             model = model.to(device)
-        self._init_engine(name, cache_bytes)
         self.model = model.float().eval()
+        self._init_engine(name, default_cache_bytes(self.device, DEFAULT_CACHE_BYTES) if cache_bytes is None
+                          else cache_bytes)
         self.predictor = SamPredictor(self.model)
+        self.options = options or AccelOptions()
+        self._batch = self.options.encode_batch  # 0 until the first CUDA batch measured the memory per slice
 
     @property
     def device(self) -> str:
@@ -178,7 +208,7 @@ class SamEngine(FoundationEngineMixin, SliceEngine):
         self._check_prepared(prepared)
         box = check_box(box, prepared.shape)
         check(cancel)
-        features, original_size, input_size = self.embedding(prepared, k)
+        features, original_size, input_size = self.embedding(prepared, k, cancel=cancel)
         check(cancel)
         with self._lock:
             p = self.predictor
@@ -189,23 +219,53 @@ class SamEngine(FoundationEngineMixin, SliceEngine):
                 p.reset_image()
         return masks[0].astype(np.float32, copy=False), float(np.clip(ious[0], 0.0, 1.0)), low_res[0]
 
-    def embedding(self, prepared: SamPrepared, k: int) -> tuple:
+    def embedding(self, prepared: SamPrepared, k: int, *, cancel: Optional[CancelToken] = None) -> tuple:
         """``(features [1, 256, 64, 64], original_size, input_size)`` of slice ``k``, encoded at most once
-        while it stays in the prepared handle's LRU cache."""
+        while it stays in the prepared handle's LRU cache (with the next slices of the walk, see the module)."""
         self._check_prepared(prepared)
         k = int(k)
-        if not 0 <= k < prepared.shape[0]:
-            raise InputError(f"slice k={k} is outside the volume (0..{prepared.shape[0] - 1})")
-
-        def encode() -> tuple:
-            image = prepared.frames.rgb_uint8(k)
-            with self._lock:
-                self.predictor.set_image(image)
-                entry = (self.predictor.features, self.predictor.original_size, self.predictor.input_size)
-                self.predictor.reset_image()
+        n = prepared.shape[0]
+        if not 0 <= k < n:
+            raise InputError(f"slice k={k} is outside the volume (0..{n - 1})")
+        last, prepared.last = prepared.last, k
+        entry = prepared.cache.get(k)
+        if entry is not None:
             return entry
+        step = k - last if last is not None and abs(k - last) == 1 else 0
+        ahead = [k + step * i for i in range(1, n)] if step else \
+            [k + s * i for i in range(1, n) for s in (1, -1)]
+        batch = [k] + [kk for kk in ahead if 0 <= kk < n and kk not in prepared.cache][:max(self._batch, 1) - 1]
+        self.encode(prepared, batch, cancel=cancel)
+        entry = prepared.cache.get(k)
+        if entry is None:
+            raise InputError(f"the embedding cache ({prepared.cache.max_bytes} bytes) cannot hold one slice")
+        return entry
 
-        return prepared.cache.get_or_compute(k, encode)
+    def encode(self, prepared: SamPrepared, ks: Sequence[int], *, cancel: Optional[CancelToken] = None) -> None:
+        """Encode slices ``ks`` (those not cached) in batches: SamPredictor's own preprocessing per slice
+        (``ResizeLongestSide`` on the 8-bit frame), one image-encoder call per batch, embeddings kept as float32."""
+        import torch
+
+        self._check_prepared(prepared)
+        missing = list(dict.fromkeys(int(k) for k in ks if int(k) not in prepared.cache))
+        if not missing:
+            return
+        device, dtype = self.device, self.options.dtype(self.device)
+
+        def encode(chunk: Sequence[int]) -> None:
+            images = [torch.as_tensor(self.predictor.transform.apply_image(prepared.frames.rgb_uint8(k)))
+                      for k in chunk]
+            batch = torch.stack(images).permute(0, 3, 1, 2).contiguous().to(device)
+            with self._lock, torch.inference_mode(), autocast(device, dtype):
+                features = self.model.image_encoder(self.model.preprocess(batch)).float()
+            original, input_size = tuple(prepared.shape[1:]), tuple(batch.shape[-2:])
+            for i, k in enumerate(chunk):
+                prepared.cache.add_computed(k, (features[i:i + 1].clone(), original, input_size))
+
+        used = encode_in_batches(missing, encode, device, self._batch, "encoding SAM slices",
+                                 check=lambda: check(cancel))
+        if self.options.encode_batch == 0 and device.startswith("cuda"):
+            self._batch = used
 
 
 SamEngine._prepared_type = SamPrepared

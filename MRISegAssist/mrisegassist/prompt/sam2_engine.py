@@ -4,9 +4,8 @@ The axial slices of the volume are the frames of a video (frame ``f`` of a windo
 ``k = z0 + f``). Instead of ``SAM2VideoPredictor.init_state(video_path)`` (which only reads JPEG folders or
 MP4 files and loads every frame), :func:`Sam2Engine._state` builds the same inference-state dictionary with
 
-* ``images``: a lazy frame sequence; frame ``f`` is made on demand by :meth:`.windowing.FrameSource.sam2_tensor`
-  (the resize + ImageNet normalisation of ``sam2.utils.misc.load_video_frames``), only when the predictor asks
-  for it, i.e. on an image-feature cache miss;
+* ``images``: a lazy frame sequence; frame ``f`` is made on demand by :meth:`.windowing.FrameSource.sam2_tensor`,
+  only when the predictor asks for it, i.e. on an image-feature cache miss;
 * ``cached_features``: sam2 1.1.0's ``_get_image_feature`` looks a frame up with
   ``inference_state["cached_features"].get(frame_idx)`` and, on a miss, runs ``forward_image`` and *replaces*
   the dict with ``{frame_idx: (image, backbone_out)}`` (it keeps one frame). Our state routes that lookup to
@@ -16,20 +15,29 @@ MP4 files and loads every frame), :func:`Sam2Engine._state` builds the same infe
   ``vision_pos_enc`` (identical for every frame of one size) is kept once; the ``image`` element of the
   tuple, which sam2 1.1.0 never reads after encoding, is a broadcast placeholder.
 
+Encoding: the slices a walk needs are encoded ahead of it in batches (:meth:`Sam2Engine.encode`): the raw
+slices are uploaded and windowed, resized and normalised on the device (:meth:`.windowing.FrameSource.sam2_batch`),
+the image encoder runs on the batch, and the features stay on the device. Batch size: ``options.encode_batch``
+(0 = from free GPU memory on CUDA, :data:`CPU_ENCODE_BATCH` elsewhere), halved on CUDA out-of-memory
+(:mod:`.accel`).
+
 Prompts: every box of every object of a window goes into one inference state (``add_new_points_or_box``,
-``box=``, memory not reset between them), then ``propagate_in_video`` runs forward from the first prompted
-slice and backward (``reverse=True``) from it, over the window; an object's ``bounds`` (a 3D ROI's rectangle)
-mask its logits outside them. Without a ``z_range`` the window is the whole
-volume and a direction stops early once every object has been empty for ``vanish_frames`` frames past its
-outermost prompt. Prompt state is reset (``reset_state``) at every call; image features are kept.
+``box=``, memory not reset between them) and ``propagate_in_video_preflight`` encodes their memories; the
+objects are then followed forward from the first prompted slice and backward from it, over the window, by
+:class:`.sam2_track.Sam2Tracker` (``options.loop = "lean"``: the official per-frame maths with device-side
+bookkeeping, fixed shapes and CUDA graphs on CUDA) or by the official ``propagate_in_video``
+(``loop = "official"``, the frame-by-frame reference). An object's ``bounds`` (a 3D ROI's rectangle) mask its
+logits outside them. Without a ``z_range`` the window is the whole volume and a direction stops early once
+every object has been empty for ``vanish_frames`` frames past its outermost prompt. Prompt state is reset
+(``reset_state``) at every call; image features are kept.
 
 MedSAM2 = the packaged ``sam2.1_hiera_t.yaml`` with ``image_size=512`` and memory-attention RoPE
-``feat_sizes=[32, 32]``. ``fill_hole_area = 0`` (the ``_C`` extension is not built). fp32 on CPU (bf16
-autocast on CPU is ~10x slower); bf16 autocast on CUDA. Logits are full resolution ``[k, j, i]``.
+``feat_sizes=[32, 32]``. ``fill_hole_area = 0`` (the ``_C`` extension is not built). Precision
+(``options.precision``): fp32 on CPU (bf16 autocast on CPU is ~10x slower), bf16 autocast on CUDA by default.
+Logits are full resolution ``[k, j, i]``.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +49,17 @@ import torch
 from ..errors import InputError
 from ..overrides import SharedOverride
 from ..progress import CancelToken, ProgressFn, check, report
+from .accel import AccelOptions, autocast, encode_in_batches, resolve_device
 from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, PromptableEngine
-from .sam import FoundationEngineMixin, PreparedVolume
+from .sam import FoundationEngineMixin, PreparedVolume, default_cache_bytes
+from .sam2_track import FrameFeatures, Sam2Tracker, Vanish, unsupported_reason
 from .weights import load_into, load_state_dict, resolve_checkpoint
 from .windowing import Window
 
-DEFAULT_CACHE_BYTES = 3 << 29  # 1.5 GiB: ~370 slices at 512 px, ~90 at 1024 px
+DEFAULT_CACHE_BYTES = 3 << 29  # 1.5 GiB: ~370 slices at 512 px, ~90 at 1024 px (fp32)
 DEFAULT_VANISH_FRAMES = 3
+#: slices per image-encoder call off CUDA (auto): 4 took ~35 % less CPU time per slice than 1 (Hiera-T, 512 px)
+CPU_ENCODE_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -84,9 +96,13 @@ def sam2_variant(variant: str) -> Sam2Variant:
     return spec
 
 
-def build_sam2_predictor(variant: str, device: str = "cpu", image_size: Optional[int] = None):
+def build_sam2_predictor(variant: str, device: str = "cpu", image_size: Optional[int] = None,
+                         vos_optimized: bool = False):
     """An official ``SAM2VideoPredictor`` for ``variant`` at (seedable) random initialisation, eval mode,
-    ``fill_hole_area = 0``. ``image_size`` overrides the variant's input size (multiple of 16)."""
+    ``fill_hole_area = 0``. ``image_size`` overrides the variant's input size (multiple of 16).
+    ``vos_optimized``: sam2's ``SAM2VideoPredictorVOS`` (``torch.compile`` of the memory attention, memory
+    encoder, prompt encoder and mask decoder, mode ``max-autotune``, compiled on first use; and of the image
+    encoder, except Hiera-T's, which sam2's config says does not support compilation)."""
     from sam2.build_sam import build_sam2_video_predictor
 
     spec = sam2_variant(variant)
@@ -96,7 +112,10 @@ def build_sam2_predictor(variant: str, device: str = "cpu", image_size: Optional
             raise InputError(f"SAM 2 image size must be a multiple of 16, got {image_size}")
         overrides = [o for o in overrides if "image_size" not in o and "feat_sizes" not in o]
         overrides += rope_overrides(image_size)
-    predictor = build_sam2_video_predictor(spec.config, None, device=device, hydra_overrides_extra=overrides)
+    if vos_optimized and spec.config.endswith("_t.yaml"):
+        overrides.append("++model.compile_image_encoder=False")
+    predictor = build_sam2_video_predictor(spec.config, None, device=device, hydra_overrides_extra=overrides,
+                                           vos_optimized=vos_optimized)
     predictor.fill_hole_area = 0
     return predictor
 
@@ -194,26 +213,7 @@ def _upcast_memory(state: dict, frame: Optional[int] = None) -> None:
                     out["maskmem_features"] = feats.float()
 
 
-class _Vanish:
-    """Early stop of one propagation direction: an object is finished once it has been empty on
-    ``frames`` consecutive frames beyond its outermost prompted frame in the direction of travel."""
-
-    def __init__(self, frames: int, outermost: dict[int, int], reverse: bool) -> None:
-        self.frames, self.outermost, self.reverse = frames, outermost, reverse
-        self.empty = {oid: 0 for oid in outermost}
-        self.done: set[int] = set()
-
-    def update(self, f: int, oid: int, nonempty: bool) -> None:
-        beyond = f < self.outermost[oid] if self.reverse else f > self.outermost[oid]
-        if not beyond or oid in self.done:
-            return
-        self.empty[oid] = 0 if nonempty else self.empty[oid] + 1
-        if self.empty[oid] >= self.frames:
-            self.done.add(oid)
-
-    @property
-    def all_done(self) -> bool:
-        return len(self.done) == len(self.outermost)
+_Vanish = Vanish  # the early-stop rule lives in sam2_track; kept importable under its old name
 
 
 class Sam2Engine(FoundationEngineMixin, PromptableEngine):
@@ -221,38 +221,52 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
 
     ``Sam2Engine(variant, device="cpu", checkpoint=None)`` loads the verified catalog checkpoint
     (``download=True`` fetches it); :meth:`from_model` wraps an already built ``SAM2VideoPredictor``.
-    ``vanish_frames``: empty frames after which an unbounded propagation stops.
+    ``device="auto"``: cuda > mps > cpu. ``vanish_frames``: empty frames after which an unbounded propagation
+    stops. ``options``: :class:`~.accel.AccelOptions` (precision, encoder batch, CUDA graphs, compile, loop).
+    ``cache_bytes``: bound of a prepared volume's feature cache (default: 1.5 GiB; on CUDA up to 4 GiB).
     """
 
     _model_attr = "predictor"
 
     def __init__(self, variant: str = "sam2.1-hiera-tiny", device: str = "cpu",
                  checkpoint: Optional[Union[str, Path]] = None, *, download: bool = False,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, vanish_frames: int = DEFAULT_VANISH_FRAMES,
+                 cache_bytes: Optional[int] = None, vanish_frames: int = DEFAULT_VANISH_FRAMES,
+                 options: Optional[AccelOptions] = None,
                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> None:
         spec = sam2_variant(variant)
+        device = resolve_device(device)
         path = resolve_checkpoint(spec.weights, checkpoint, download=download, progress=progress, cancel=cancel)
         predictor = build_sam2_predictor(variant, "cpu")
         load_into(predictor, load_state_dict(path), variant, path)
-        self._setup(predictor.to(device), variant, cache_bytes, vanish_frames)
+        self._setup(predictor.to(device), variant, cache_bytes, vanish_frames, options)
         self.checkpoint = path
 
     @classmethod
-    def from_model(cls, predictor, name: str = "sam2.1-hiera-tiny", cache_bytes: int = DEFAULT_CACHE_BYTES,
-                   vanish_frames: int = DEFAULT_VANISH_FRAMES) -> "Sam2Engine":
+    def from_model(cls, predictor, name: str = "sam2.1-hiera-tiny", cache_bytes: Optional[int] = None,
+                   vanish_frames: int = DEFAULT_VANISH_FRAMES,
+                   options: Optional[AccelOptions] = None) -> "Sam2Engine":
         """Wrap a built ``SAM2VideoPredictor`` (e.g. :func:`build_sam2_predictor` after ``torch.manual_seed``)."""
         engine = cls.__new__(cls)
-        engine._setup(predictor, name, cache_bytes, vanish_frames)
+        engine._setup(predictor, name, cache_bytes, vanish_frames, options)
         engine.checkpoint = None
         return engine
 
-    def _setup(self, predictor, name: str, cache_bytes: int, vanish_frames: int) -> None:
+    def _setup(self, predictor, name: str, cache_bytes: Optional[int], vanish_frames: int,
+               options: Optional[AccelOptions]) -> None:
         if int(vanish_frames) < 1:
             raise InputError(f"vanish_frames must be >= 1, got {vanish_frames}")
         predictor.fill_hole_area = 0
-        self._init_engine(name, cache_bytes)
         self.predictor = predictor.eval()
+        device = str(self.predictor.device)
+        self._init_engine(name, default_cache_bytes(device, DEFAULT_CACHE_BYTES) if cache_bytes is None
+                          else cache_bytes)
         self.vanish_frames = int(vanish_frames)
+        self.options = options or AccelOptions()
+        #: why the lean loop cannot run this model (then the official loop runs), ``None`` when it can
+        self.lean_unsupported = unsupported_reason(self.predictor)
+        self.tracker = Sam2Tracker(self.predictor, self.options) if self.lean_unsupported is None else None
+        # 0 on CUDA until the first batch measured the memory per slice
+        self._batch = self.options.encode_batch or (0 if device.startswith("cuda") else CPU_ENCODE_BATCH)
 
     @property
     def device(self):
@@ -262,11 +276,16 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
     def image_size(self) -> int:
         return int(self.predictor.image_size)
 
+    @property
+    def dtype(self):
+        """The autocast dtype (``None``: fp32)."""
+        return self.options.dtype(str(self.device))
+
     # ---------------------------------------------------------------------------------------- protocol
     def prepare(self, volume: np.ndarray, *, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelToken] = None,
                 window: Optional[Union[Window, Sequence[float]]] = None) -> Sam2Prepared:
-        """Bind ``volume`` ``[k, j, i]`` (not copied, never modified); frames are encoded lazily."""
+        """Bind ``volume`` ``[k, j, i]`` (not copied, never modified); frames are encoded when a walk needs them."""
         return Sam2Prepared(*self._frames(volume, window, cancel), self._id, self.image_size)
 
     def segment(self, prepared: Sam2Prepared, prompts: Sequence[ObjectPrompt], *,
@@ -292,20 +311,68 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
             done[0] += 1
             report(progress, done[0] / total, f"slice {k}")
 
-        with self._lock, self._autocast(), _quiet_sam2_progress():
+        lean = self.options.loop == "lean" and self.tracker is not None
+        with self._lock, torch.inference_mode(), autocast(self.device, self.dtype), _quiet_sam2_progress():
             for (z0, z1, unbounded), group in groups.items():
-                self._run_window(prepared, z0, z1, unbounded, group, results, tick, cancel)
+                state = self._prompted_state(prepared, z0, z1, group, cancel)
+                run = self._run_lean if lean else self._run_official
+                run(prepared, state, z0, z1, unbounded, group, results, tick, cancel)
+                self.predictor.reset_state(state)  # free the per-frame outputs; the image features stay cached
         report(progress, 1.0, "done")
         for r in results.values():
             r.mask = r.logits > 0
         return [results[i] for i in ids]
 
-    # ------------------------------------------------------------------------------------ internals
-    def _autocast(self):
-        if self.predictor.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    # ------------------------------------------------------------------------------------ encoding
+    def encode(self, prepared: Sam2Prepared, ks: Sequence[int], cancel: Optional[CancelToken] = None) -> None:
+        """Encode the slices ``ks`` not cached yet, in batches on the device (features kept there)."""
+        self._check_prepared(prepared)
+        missing = list(dict.fromkeys(int(k) for k in ks if int(k) not in prepared.cache))
+        if not missing:
+            return
+        device = self.device
 
+        def run(chunk: Sequence[int]) -> None:
+            images = prepared.frames.sam2_batch(chunk, prepared.image_size, device)
+            out = self.predictor.forward_image(images)
+            if prepared.pos_enc is None:
+                prepared.pos_enc = [p[:1].clone() for p in out["vision_pos_enc"]]
+            for i, k in enumerate(chunk):
+                prepared.cache.add_computed(k, [level[i:i + 1].clone() for level in out["backbone_fpn"]])
+
+        with self._lock, torch.inference_mode(), autocast(device, self.dtype):
+            used = encode_in_batches(missing, run, str(device), self._batch, "encoding SAM 2 frames",
+                                     check=lambda: check(cancel))
+        if self.options.encode_batch == 0 and str(device).startswith("cuda"):
+            self._batch = used
+
+    def _features(self, prepared: Sam2Prepared, k: int) -> FrameFeatures:
+        fpn = prepared.cache.get(k)
+        if fpn is None:  # evicted (cache smaller than the walk): encode it again
+            self.encode(prepared, [k])
+            fpn = prepared.cache.get(k)
+            if fpn is None:
+                raise InputError(f"the feature cache ({prepared.cache.max_bytes} bytes) cannot hold one slice")
+        return FrameFeatures(fpn, prepared.pos_enc[-1])
+
+    def _lookahead(self, prepared: Sam2Prepared, z0: int, z1: int, frames: Sequence[int]) -> list[int]:
+        """Slices of ``frames`` (window-relative, in walk order) and, when one of them is not encoded yet, the
+        next ones in the walk's direction, up to one encoder batch, limited by what half the feature cache holds."""
+        ks = [z0 + f for f in frames]
+        if all(k in prepared.cache for k in ks):
+            return []
+        want = max(self._batch, len(ks))
+        if want > len(ks) and len(prepared.cache):
+            per_slice = prepared.cache.bytes / len(prepared.cache)
+            want = min(want, max(len(ks), int(prepared.cache.max_bytes // 2 // max(per_slice, 1))))
+        step = -1 if len(ks) > 1 and ks[1] < ks[0] else 1
+        k = ks[-1]
+        while len(ks) < want and z0 <= k + step <= z1:
+            k += step
+            ks.append(k)
+        return ks
+
+    # ------------------------------------------------------------------------------------ internals
     def _state(self, prepared: Sam2Prepared, z0: int, z1: int) -> dict:
         """The inference state of frames ``z0..z1`` (as ``init_state`` makes it), prompts reset."""
         state = prepared.states.get((z0, z1))
@@ -334,22 +401,48 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
         prepared.states[(z0, z1)] = state
         return state
 
-    def _run_window(self, prepared: Sam2Prepared, z0: int, z1: int, unbounded: bool,
-                    group: list[ObjectPrompt], results: dict, tick, cancel: Optional[CancelToken]) -> None:
-        predictor = self.predictor
+    def _prompted_state(self, prepared: Sam2Prepared, z0: int, z1: int, group: list[ObjectPrompt],
+                        cancel: Optional[CancelToken]) -> dict:
+        """The window's state with every box added and the prompted frames' memories encoded."""
+        prompted = sorted({b.k for p in group for b in p.boxes})
+        self.encode(prepared, self._lookahead(prepared, z0, z1, [k - z0 for k in prompted]), cancel)
         state = self._state(prepared, z0, z1)
         for p in group:
             for box in p.boxes:
                 check(cancel)
-                predictor.add_new_points_or_box(state, frame_idx=box.k - z0, obj_id=p.object_id, box=box.xyxy)
-        predictor.propagate_in_video_preflight(state)  # encodes the prompted frames' memory (idempotent)
-        upcast = predictor.device.type != "cuda"  # under CUDA bf16 autocast the dtypes already agree
+                self.predictor.add_new_points_or_box(state, frame_idx=box.k - z0, obj_id=p.object_id, box=box.xyxy)
+        self.predictor.propagate_in_video_preflight(state)  # encodes the prompted frames' memory
+        return state
+
+    def _run_lean(self, prepared: Sam2Prepared, state: dict, z0: int, z1: int, unbounded: bool,
+                  group: list[ObjectPrompt], results: dict, tick, cancel: Optional[CancelToken]) -> None:
+        outside = {p.object_id: p.outside_bounds(prepared.shape[1:]) for p in group}
+        tracked = self.tracker.track(
+            state, lambda f: self._features(prepared, z0 + f),
+            prefetch=lambda frames: self.encode(prepared, self._lookahead(prepared, z0, z1, frames), cancel),
+            vanish_frames=self.vanish_frames if unbounded else None, outside=outside,
+            tick=lambda f: tick(z0 + f), cancel=cancel)
+        for obj in tracked:
+            result = results[obj.obj_id]
+            ks = [z0 + f for f in obj.slices]
+            if ks:
+                result.logits[ks] = obj.logits
+            for k, f in zip(ks, obj.slices):
+                if k not in result.scores:
+                    result.slices.append(k)
+                result.scores[k] = obj.scores[f]
+
+    def _run_official(self, prepared: Sam2Prepared, state: dict, z0: int, z1: int, unbounded: bool,
+                      group: list[ObjectPrompt], results: dict, tick, cancel: Optional[CancelToken]) -> None:
+        """``propagate_in_video`` frame by frame (the reference; image features encoded lazily, one by one)."""
+        predictor = self.predictor
+        upcast = self.dtype is None  # under bf16 autocast the dtypes already agree
         if upcast:
             _upcast_memory(state)
         outside = {p.object_id: p.outside_bounds(prepared.shape[1:]) for p in group}
         for reverse in (False, True):
             outermost = {p.object_id: (min if reverse else max)(b.k for b in p.boxes) - z0 for p in group}
-            vanish = _Vanish(self.vanish_frames, outermost, reverse)
+            vanish = Vanish(self.vanish_frames, outermost, reverse)
             for f, obj_ids, masks in predictor.propagate_in_video(state, reverse=reverse):
                 check(cancel)
                 if upcast:
@@ -371,7 +464,6 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
                 tick(k)
                 if unbounded and vanish.all_done:
                     break
-        predictor.reset_state(state)  # free the per-frame outputs; the image features stay cached
 
     @staticmethod
     def _presence(state: dict, obj_idx: int, f: int) -> float:

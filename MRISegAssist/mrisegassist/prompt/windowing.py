@@ -9,9 +9,11 @@ replicated into the three RGB channels.
   takes an explicit ``(low, high)`` window.
 * :class:`FrameSource` holds a reference to the volume and its window and makes one frame on demand:
   :meth:`~FrameSource.grey` (``[j, i]`` float32, 0..255), :meth:`~FrameSource.rgb_uint8` (``[j, i, 3]`` uint8,
-  the image SAM's ``SamPredictor.set_image`` takes) and :meth:`~FrameSource.sam2_tensor` (``[3, S, S]``
-  float32, resized to the SAM 2 model size and ImageNet-normalised exactly as ``sam2.utils.misc``'s frame
-  loaders do: PIL bicubic resize, ``/255``, ``(x - mean) / std``). No full-volume frame stack is ever built.
+  the image SAM's ``SamPredictor.set_image`` takes) and :meth:`~FrameSource.sam2_batch` (``[n, 3, S, S]``
+  float32 on any torch device: the slices are uploaded as they are stored, then windowed, resized to the SAM 2
+  model size and ImageNet-normalised there as ``sam2.utils.misc``'s frame loaders do: bicubic resize (torch's
+  antialiased bicubic = PIL's bicubic filter, within 2e-6 on BraTS slices), ``/255``, ``(x - mean) / std``).
+  No full-volume frame stack is ever built.
 * :class:`SliceCache` is the bounded LRU (by bytes) that engines use to keep per-slice encodings.
 """
 from __future__ import annotations
@@ -113,19 +115,34 @@ class FrameSource:
         return np.repeat(grey[:, :, None], 3, axis=2)
 
     def sam2_tensor(self, k: int, image_size: int):
-        """Slice ``k`` as SAM 2 takes a video frame: ``torch.float32 [3, S, S]``, ``S = image_size``.
+        """Slice ``k`` as SAM 2 takes a video frame: ``torch.float32 [3, S, S]`` on the CPU (see :meth:`sam2_batch`)."""
+        return self.sam2_batch([k], image_size, "cpu")[0]
 
-        Resized (non-uniformly, to a square) with PIL's bicubic filter on the float window values,
-        divided by 255 and normalised with the ImageNet mean/std, as ``sam2.utils.misc`` does for JPEG frames.
+    def sam2_batch(self, ks: Sequence[int], image_size: int, device="cpu"):
+        """Slices ``ks`` as SAM 2 video frames: ``torch.float32 [n, 3, S, S]`` on ``device``, ``S = image_size``.
+
+        Only the raw slices cross to the device (in their stored dtype); the window (:meth:`Window.apply`'s
+        float32 arithmetic), the non-uniform resize to a square (bicubic, antialiased: PIL's filter, which
+        ``sam2.utils.misc`` uses), ``/255`` and the ImageNet normalisation run there as tensor operations.
         """
         import torch
-        from PIL import Image
+        import torch.nn.functional as F
 
-        grey = Image.fromarray(self.grey(k)).resize((image_size, image_size), Image.BICUBIC)
-        scaled = np.asarray(grey, dtype=np.float32) / np.float32(255.0)
-        mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
-        std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
-        return torch.from_numpy((scaled[None] - mean) / std)
+        ks = [self._check(k) for k in ks]
+        raw = self.volume[ks]
+        if raw.dtype.kind not in "fiu" or raw.dtype.itemsize > 4 or raw.dtype == np.uint32:
+            raw = raw.astype(np.float32)
+        elif raw.dtype.kind == "u" and raw.dtype != np.uint8:  # torch lacks uint16 arithmetic
+            raw = raw.astype(np.int32)
+        x = torch.from_numpy(np.ascontiguousarray(raw)).to(device, non_blocking=True).float()
+        low, scale = np.float32(self.window.low), np.float32(255.0 / (self.window.high - self.window.low))
+        x = ((x - float(low)) * float(scale)).clamp_(0.0, 255.0)[:, None]
+        if tuple(x.shape[-2:]) != (image_size, image_size):
+            x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
+        x = x / 255.0
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device)[None, :, None, None]
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device)[None, :, None, None]
+        return (x - mean) / std
 
 
 def tensor_bytes(obj: Any) -> int:
