@@ -79,7 +79,11 @@ for name in ("p512", "sam", "p1024", "compile", "vos"):
     if not path.is_file():
         print(f"== {name}: no result (skipped, failed or cut by its time limit: see log.txt)")
         continue
-    s = json.loads(path.read_text())
+    try:
+        s = json.loads(path.read_text())
+    except ValueError as exc:
+        print(f"== {name}: unreadable JSON ({exc}): see {name}.json")
+        continue
     print(f"== {name}: {s['model']} on {s['device_name']}; {s['torch']}; {s['date']}")
     for r in s["references"]:
         print(f"   {r['label']:<40} {r['seconds']:8.3f} s {r['slices']:4d} slices {r['per_slice_s'] * 1000:8.2f} ms/slice"

@@ -300,6 +300,7 @@ def _variant(args, predictor, variant_name: str, spec: str, volume, box, moved, 
     if args.full:
         ours("all frames", box, (0, n - 1))
     prepared_box.clear()
+    out.description += f"; encoder batch used {engine.encode_batch_size}"
     if engine.tracker is not None and engine.tracker.notes:
         out.description += "; " + "; ".join(dict.fromkeys(engine.tracker.notes))
     if engine.lean_unsupported and options.loop == "lean":
@@ -452,8 +453,8 @@ def _sam_rows(args, volume: np.ndarray, kc: int, box) -> list[SamRow]:
             dec.append(time.perf_counter() - t2)
             dice.append(_dice(logits > 0, ref_masks[k]))
         valid = [d for d in dice if d is not None]
-        rows.append(SamRow(f"ours: {engine.options.describe(engine.device).replace('lean loop, ', '')}", len(ks),
-                           (t1 - t0) / len(ks), float(np.median(dec)), prepared.encoder_calls,
+        label = f"ours: {engine.options.describe_encoder(engine.device, engine.encode_batch_size)}"
+        rows.append(SamRow(label, len(ks), (t1 - t0) / len(ks), float(np.median(dec)), prepared.encoder_calls,
                            float(np.mean(valid)) if valid else None))
         engine.release()
     return rows

@@ -116,6 +116,11 @@ class AccelOptions:
             return self.shapes == "fixed"
         return self.use_graphs(device) or self.compile != "off"
 
+    def describe_encoder(self, device: str, batch_used: int = 0) -> str:
+        dtype = self.dtype(device)
+        batch = f"{self.encode_batch}" if self.encode_batch else f"auto ({batch_used or 'not measured yet'})"
+        return f"{'bf16' if dtype is not None else 'fp32'} encoder, batch {batch}"
+
     def describe(self, device: str) -> str:
         dtype = self.dtype(device)
         if self.loop == "official":

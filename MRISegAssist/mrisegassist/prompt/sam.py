@@ -122,6 +122,11 @@ class FoundationEngineMixin:
         check(cancel)
         return FrameSource(volume, window), SliceCache(self.cache_bytes)
 
+    @property
+    def encode_batch_size(self) -> int:
+        """Slices per image-encoder call (on CUDA with ``encode_batch=0``: 0 until the first batch measured it)."""
+        return int(getattr(self, "_batch", 1))
+
     def release(self) -> None:
         """Free the model (and GPU memory); the engine cannot be used afterwards."""
         import torch

@@ -38,6 +38,8 @@ Logits are full resolution ``[k, j, i]``.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +116,9 @@ def build_sam2_predictor(variant: str, device: str = "cpu", image_size: Optional
         overrides += rope_overrides(image_size)
     if vos_optimized and spec.config.endswith("_t.yaml"):
         overrides.append("++model.compile_image_encoder=False")
-    predictor = build_sam2_video_predictor(spec.config, None, device=device, hydra_overrides_extra=overrides,
-                                           vos_optimized=vos_optimized)
+    with contextlib.redirect_stdout(sys.stderr):  # the VOS build prints a notice; stdout may carry --json
+        predictor = build_sam2_video_predictor(spec.config, None, device=device, hydra_overrides_extra=overrides,
+                                               vos_optimized=vos_optimized)
     predictor.fill_hole_area = 0
     return predictor
 
