@@ -22,8 +22,10 @@ and its re-prompt under 0.3 s (times scaled to 100 slices when the volume has fe
 against the fp32 reference for an fp32 variant, >= 0.98 for a bf16 one; re-prompt without re-encoding.
 
 Time: wall seconds and CPU seconds (this process, all threads) of one run each, in this process, same volume
-and box, after an untimed warm-up of each variant on 9 slices (one-off costs: allocator growth, kernel
-selection, CUDA-graph capture, compilation; reported as ``warmup_s``); per propagated slice = time / slices
+and box, after an untimed warm-up of the model, and of each variant, on 9 slices (one-off costs: allocator
+growth, kernel selection, CUDA-graph capture, compilation; a variant's is reported as ``warmup_s``). Order: the
+reference, then per variant its z-range run, object runs and z-range re-prompt, then the reference's re-prompt
+(so each pair compared is timed close together on a shared machine). Per propagated slice = time / slices
 segmented. Memory: peak resident memory during the step minus before it (Linux ``VmHWM``); on CUDA the peak
 allocated GPU memory. ``encoded`` counts the slices the image encoder ran on (a forward hook, batch sizes
 summed).
@@ -256,6 +258,17 @@ def _options(spec: str):
     return AccelOptions() if spec.strip() in ("", "auto") else AccelOptions.parse(spec)
 
 
+def _warm_up(predictor, variant_name: str, volume: np.ndarray, box) -> None:
+    """Untimed: the model on the box's slice and the 8 above it (the memory bank fills up), so that one-off
+    costs of the process (allocator growth, kernel selection) are charged to no timed run."""
+    from ..prompt.base import ObjectPrompt
+    from ..prompt.sam2_engine import Sam2Engine
+
+    engine = Sam2Engine.from_model(predictor, variant_name)
+    engine.segment(engine.prepare(volume), [ObjectPrompt(1, [box], z_range=(box.k, min(box.k + 8,
+                                                                                      volume.shape[0] - 1)))])
+
+
 def _variant(args, predictor, variant_name: str, spec: str, volume, box, moved, z_range, calls) -> tuple:
     """Warm-up and the timed runs of our engine with one option set; returns (Variant, {label: masks})."""
     import torch
@@ -277,29 +290,30 @@ def _variant(args, predictor, variant_name: str, spec: str, volume, box, moved, 
     out = Variant(spec, engine.options.describe(str(engine.device)), "bf16" if dtype is not None else "fp32",
                   warmup)
     masks: dict[str, np.ndarray] = {}
-    prepared_box: list = []
+    prepared_for: dict[str, object] = {}
 
-    def ours(label: str, prompt_box: Box2D, zr, reuse: bool = False):
+    def ours(label: str, prompt_box: Box2D, zr, reuse: Optional[str] = None):
         def go():
             calls.clear()
-            prepared = prepared_box[0] if reuse else engine.prepare(volume)
+            prepared = prepared_for[reuse] if reuse else engine.prepare(volume)
             (result,) = engine.segment(prepared, [ObjectPrompt(1, [prompt_box], z_range=zr)])
-            if not reuse:
-                prepared_box[:] = [prepared]
+            prepared_for[label] = prepared
             return result.mask, len(result.slices), sum(calls)
 
         run, mask = _timed(label, args.device, go)
         out.runs.append(run)
         masks[label] = mask
 
-    ours("z-range", box, z_range)
-    ours("re-prompt", moved, z_range, reuse=True)
+    # the z-range run first (next to the reference's first run) and its re-prompt last (next to the reference's)
     obj = object_range(n, kc, args.object_slices)
+    ours("z-range", box, z_range)
     ours("object", box, obj)
-    ours("object re-prompt", moved, obj, reuse=True)
+    ours("object re-prompt", moved, obj, reuse="object")
     if args.full:
         ours("all frames", box, (0, n - 1))
-    prepared_box.clear()
+    ours("re-prompt", moved, z_range, reuse="z-range")
+    out.runs.sort(key=lambda r: ["z-range", "re-prompt", "object", "object re-prompt", "all frames"].index(r.label))
+    prepared_for.clear()
     out.description += f"; encoder batch used {engine.encode_batch_size}"
     if engine.tracker is not None and engine.tracker.notes:
         out.description += "; " + "; ".join(dict.fromkeys(engine.tracker.notes))
@@ -351,58 +365,72 @@ def _score(variant: Variant, masks: dict, references: dict[str, Run], ref_masks:
     ]
 
 
-def _references(args, predictor, volume, box, moved, calls, variant_name: str) -> tuple[list[Run], dict, str]:
-    """The official predictor from a JPEG folder: fp32, its re-prompt, and optionally bf16 and VOS."""
-    import torch
-    from PIL import Image
+class _Reference:
+    """The official predictor from a JPEG folder (written in the first timed run): :meth:`first` = fp32 with the
+    box; :meth:`rest` = its re-prompt, then optionally bf16 and sam2's VOS predictor. Our variants run between the
+    two, so that each of our runs is timed next to the reference run it is compared with."""
 
-    from ..prompt.accel import autocast
-    from ..prompt.sam2_engine import build_sam2_predictor
-    from ..prompt.windowing import FrameSource
+    def __init__(self, args, predictor, volume: np.ndarray, box, moved, calls: list, variant_name: str,
+                 folder: str) -> None:
+        from ..prompt.windowing import FrameSource
 
-    runs: list[Run] = []
-    masks: dict[str, np.ndarray] = {}
-    note = ""
-    n = volume.shape[0]
-    frames = FrameSource(volume)
-    with tempfile.TemporaryDirectory(prefix="mrisegassist-bench-") as folder:
-        state_box: list = []
+        self.args, self.predictor, self.volume, self.box, self.moved = args, predictor, volume, box, moved
+        self.calls, self.variant_name, self.folder = calls, variant_name, folder
+        self.frames = FrameSource(volume)
+        self.runs: list[Run] = []
+        self.masks: dict[str, np.ndarray] = {}
+        self.note = ""
+        self._state: list = []
 
-        def official(label: str, model, prompt_box, dtype=None, reuse: bool = False, write: bool = False):
-            def go():
-                calls.clear()
-                if write:
-                    for k in range(n):
-                        Image.fromarray(frames.rgb_uint8(k)).save(Path(folder) / f"{k:05d}.jpg", quality=100)
-                with autocast(args.device, dtype):
-                    mask, state = _reference_run(model, folder, prompt_box.xyxy, box.k,
-                                                 state_box[0] if reuse else None)
-                state_box[:] = [state]
-                return mask, n, sum(calls)
+    def _official(self, label: str, model, prompt_box, dtype=None, reuse: bool = False, write: bool = False):
+        from PIL import Image
 
-            run, mask = _timed(label, args.device, go)
-            runs.append(run)
-            masks[label] = mask
+        from ..prompt.accel import autocast
 
-        official("reference", predictor, box, write=True)
-        official("reference re-prompt", predictor, moved, reuse=True)
+        n = self.volume.shape[0]
+
+        def go():
+            self.calls.clear()
+            if write:
+                for k in range(n):
+                    Image.fromarray(self.frames.rgb_uint8(k)).save(Path(self.folder) / f"{k:05d}.jpg", quality=100)
+            with autocast(self.args.device, dtype):
+                mask, state = _reference_run(model, self.folder, prompt_box.xyxy, self.box.k,
+                                             self._state[0] if reuse else None)
+            self._state[:] = [state]
+            return mask, n, sum(self.calls)
+
+        run, mask = _timed(label, self.args.device, go)
+        self.runs.append(run)
+        self.masks[label] = mask
+
+    def first(self) -> None:
+        self._official("reference", self.predictor, self.box, write=True)
+
+    def rest(self) -> None:
+        import torch
+
+        from ..prompt.sam2_engine import build_sam2_predictor
+
+        args = self.args
+        self._official("reference re-prompt", self.predictor, self.moved, reuse=True)
+        self._state.clear()
         if args.reference_bf16:
-            official("reference bf16", predictor, box, dtype=torch.bfloat16)
-        state_box.clear()
+            self._official("reference bf16", self.predictor, self.box, dtype=torch.bfloat16)
+            self._state.clear()
         if args.vos:
-            note = "VOS = sam2's SAM2VideoPredictorVOS (torch.compile max-autotune), fp32"
+            self.note = "VOS = sam2's SAM2VideoPredictorVOS (torch.compile max-autotune), fp32"
             try:
-                vos = build_sam2_predictor(variant_name, args.device, image_size=args.size, vos_optimized=True)
-                vos.load_state_dict(predictor.state_dict())
+                vos = build_sam2_predictor(self.variant_name, args.device, image_size=args.size, vos_optimized=True)
+                vos.load_state_dict(self.predictor.state_dict())
                 vos.image_encoder.register_forward_hook(
-                    lambda _m, inputs, _o: calls.append(int(inputs[0].shape[0])))
-                official("reference VOS first run (compiles)", vos, box)
-                official("reference VOS", vos, box)
+                    lambda _m, inputs, _o: self.calls.append(int(inputs[0].shape[0])))
+                self._official("reference VOS first run (compiles)", vos, self.box)
+                self._official("reference VOS", vos, self.box)
                 del vos
             except Exception as exc:  # noqa: BLE001 - the official route's failure is a result, reported
-                note += f"; failed: {type(exc).__name__}: {str(exc)[:400]}"
-            state_box.clear()
-    return runs, masks, note
+                self.note += f"; failed: {type(exc).__name__}: {str(exc)[:400]}"
+            self._state.clear()
 
 
 def _sam_rows(args, volume: np.ndarray, kc: int, box) -> list[SamRow]:
@@ -484,18 +512,24 @@ def run(args) -> int:
         predictor = build_sam2_predictor(variant_name, args.device, image_size=args.size)
         calls: list = []
         predictor.image_encoder.register_forward_hook(lambda _m, inputs, _o: calls.append(int(inputs[0].shape[0])))
+        _warm_up(predictor, variant_name, volume, box)
         ours_masks = []
-        for spec in filter(None, (s.strip() for s in args.variants.split(";"))):
-            try:
-                variant, masks = _variant(args, predictor, variant_name, spec, volume, box, moved, z_range, calls)
-            except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others' figures
-                if not isinstance(exc, MRISegAssistError) or isinstance(exc, DeviceMemoryError):
-                    traceback.print_exc()
-                failed.append(f"[{spec}] failed: {type(exc).__name__}: {str(exc)[:400]}")
-                continue
-            variants.append(variant)
-            ours_masks.append(masks)
-        references, ref_masks, note = _references(args, predictor, volume, box, moved, calls, variant_name)
+        with tempfile.TemporaryDirectory(prefix="mrisegassist-bench-") as folder:
+            reference = _Reference(args, predictor, volume, box, moved, calls, variant_name, folder)
+            reference.first()
+            for spec in filter(None, (s.strip() for s in args.variants.split(";"))):
+                try:
+                    variant, masks = _variant(args, predictor, variant_name, spec, volume, box, moved, z_range,
+                                              calls)
+                except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others' figures
+                    if not isinstance(exc, MRISegAssistError) or isinstance(exc, DeviceMemoryError):
+                        traceback.print_exc()
+                    failed.append(f"[{spec}] failed: {type(exc).__name__}: {str(exc)[:400]}")
+                    continue
+                variants.append(variant)
+                ours_masks.append(masks)
+            reference.rest()
+        references, ref_masks, note = reference.runs, reference.masks, reference.note
         ref_runs = {r.label: r for r in references}
         z = slice(z_range[0], z_range[1] + 1)
         for r in references:  # bf16 and VOS references against the fp32 one

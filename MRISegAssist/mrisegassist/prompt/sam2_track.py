@@ -218,7 +218,7 @@ class Sam2Tracker:
         return slots, ptrs
 
     # ----------------------------------------------------------------------------------------- banks
-    def _new_banks(self, rows: int, batch: int, feat_hw: int, low_res: tuple[int, int], n: int) -> _Banks:
+    def _new_banks(self, rows: int, batch: int, feat_hw: int, low_res: tuple[int, int]) -> _Banks:
         m, dev = self.model, self.device
         return _Banks(rows, batch,
                       mem=torch.zeros(rows * batch, feat_hw, m.mem_dim, dtype=torch.bfloat16, device=dev),
@@ -314,7 +314,7 @@ class Sam2Tracker:
         if fixed is not None:
             return fixed
         hw = fpn[2].shape[2] * fpn[2].shape[3]
-        banks = self._new_banks(rows, batch, hw, low_res, 0)
+        banks = self._new_banks(rows, batch, hw, low_res)
         feats = [torch.zeros_like(x) for x in fpn]
         static_pos = torch.zeros_like(pos)
         sizes = {"rd_rows": n_slots * batch, "rd_tpos": n_slots * batch, "slot_ok": n_slots * batch,
@@ -400,6 +400,7 @@ class Sam2Tracker:
         mem_pos = state["constants"]["maskmem_pos_enc"][-1]
         dtype = self._dtype()
 
+        fx: Optional[_Fixed] = None
         if fixed:
             m_sel = m.max_cond_frames_in_attn
             n_sel = n_cond if m_sel == -1 else min(n_cond, m_sel)
@@ -412,7 +413,7 @@ class Sam2Tracker:
             banks = fx.banks
             fx.pos.copy_(pos)
         else:
-            banks = self._new_banks(rows, batch, fpn[2].shape[2] * fpn[2].shape[3], low_res, n)
+            banks = self._new_banks(rows, batch, fpn[2].shape[2] * fpn[2].shape[3], low_res)
         with torch.inference_mode(), autocast(dev, dtype):
             self._fill_tables(banks, mem_pos, n)
             for b in range(batch):
@@ -451,8 +452,8 @@ class Sam2Tracker:
                     check(cancel)
                     todo = [b for b in range(batch) if f not in cond_rows[b]]
                     if todo:
-                        self._run_frame(f, reverse, todo, batch, features(f), banks, cond_rows, noncond, n,
-                                        fx if fixed else None, dtype)
+                        self._run_frame(f, reverse, todo, batch, features(f), banks, cond_rows, noncond, n, fx,
+                                        dtype)
                     added.append([b for b in todo if f not in noncond[b]])
                     for b in todo:
                         noncond[b].add(f)
