@@ -195,6 +195,16 @@ def _text_header(path: Path, name: str, what: str, stop: Callable[[str], bool]) 
     raise DamagedFileError(f"{name}: no end of the {what} header in the first {_MAX_HEADER:,} bytes")
 
 
+def _int_field(fields: dict, key: str, name: str, default: Optional[int] = 0) -> Optional[int]:
+    text = fields.get(key)
+    if not text:
+        return default
+    try:
+        return int(float(text))
+    except ValueError:
+        raise DamagedFileError(f"{name}: header field {key!r} is not a number: {text!r}") from None
+
+
 def _skip_lines(path: Path, offset: int, count: int, name: str) -> int:
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -217,8 +227,8 @@ def _nrrd_info(path: Path, name: str) -> VolumeFileInfo:
         fields[key.strip().lower().replace(" ", "")] = value.strip()
     encoding = {"gz": "gzip", "bz2": "bzip2", "txt": "text"}.get(fields.get("encoding", "raw").lower(),
                                                                    fields.get("encoding", "raw").lower())
-    line_skip = int(fields.get("lineskip", 0) or 0)
-    byte_skip = int(fields.get("byteskip", 0) or 0)
+    line_skip = _int_field(fields, "lineskip", name)
+    byte_skip = _int_field(fields, "byteskip", name)
     data_file: Optional[Path] = path
     offset = end
     spec = fields.get("datafile")
@@ -244,8 +254,8 @@ def _metaimage_info(path: Path, name: str) -> VolumeFileInfo:
     if spec is None:
         raise DamagedFileError(f"{name}: MetaImage header has no ElementDataFile")
     compressed = fields.get("compresseddata", "false").lower() in ("true", "1")
-    header_size = int(float(fields.get("headersize", 0) or 0))
-    comp_size = int(float(fields["compresseddatasize"])) if fields.get("compresseddatasize") else None
+    header_size = _int_field(fields, "headersize", name)
+    comp_size = _int_field(fields, "compresseddatasize", name, None)
     if spec.upper() == "LOCAL":
         data_file, offset = path, end
     elif spec.upper().startswith("LIST") or "%" in spec or " " in spec:
@@ -300,14 +310,16 @@ def _stream_length(fh, encoding: str, name: str, need: int) -> int:
     """Decompress the stream at ``fh``'s position in bounded chunks; return its decompressed length.
 
     Gzip and bzip2 may hold several concatenated members; bytes after the last one are ignored (as gzip does).
-    Raises :class:`DamagedFileError` when a stream ends early, fails its CRC/length check or is corrupted.
+    Decompression stops once the stream holds ``need`` bytes plus a 64 MB margin (a stream far longer than its
+    header says is not decompressed to its end: the readers ignore the excess too). Raises
+    :class:`DamagedFileError` when a stream ends early, fails its CRC/length check or is corrupted.
     """
     def new():
         if encoding == "bzip2":
             return bz2.BZ2Decompressor()
         return zlib.decompressobj(31 if encoding == "gzip" else 47)  # 47: zlib or gzip, as MetaIO accepts
 
-    what = {"gzip": "gzip", "zlib": "zlib", "bzip2": "bzip2"}[encoding]
+    what, enough = encoding, need + (1 << 26)
     dec, total, pending = new(), 0, b""
     while True:
         if not pending:
@@ -333,6 +345,8 @@ def _stream_length(fh, encoding: str, name: str, need: int) -> int:
             raise DamagedFileError(f"{name}: {what} stream is corrupted after {total:,} decompressed bytes "
                                    f"({text.split(':')[-1].strip()})") from None
         total += len(out)
+        if total >= enough:
+            return total
         if dec.eof:
             rest = dec.unused_data + pending
             pending = b""
