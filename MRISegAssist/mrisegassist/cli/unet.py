@@ -9,7 +9,7 @@ from ..errors import InputError
 
 
 def register(sub) -> None:
-    from ..unet import commands as cmd
+    from . import unet_commands as cmd
 
     p = sub.add_parser("segment", help="segment a case with a U-Net model (label map in the reference geometry)")
     p.add_argument("--model", required=True, help="model name (see `mrisegassist models`) or path")

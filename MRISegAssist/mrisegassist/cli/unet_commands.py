@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import emit
+from . import emit
 from ..errors import InputError
 from ..progress import tqdm_progress
 
@@ -43,7 +43,7 @@ def _evaluation(entry, labelmap, ref_path) -> dict:
     """Metrics of ``labelmap`` against a reference label file (resampled onto its grid if needed)."""
     from ..metrics import evaluate_labels
     from ..volume import read_volume, resample_to
-    from .postprocess import BRATS_REGIONS
+    from ..unet.postprocess import BRATS_REGIONS
 
     ref = read_volume(ref_path, kind="label", name=f"reference {Path(ref_path).name}")
     if not ref.geometry.same_as(labelmap.volume.geometry):
@@ -77,7 +77,7 @@ def _run(model, inputs: dict, reference, output: Path, device: str, quiet: bool,
     import time
 
     from ..labels import write_labelmap
-    from .inference import UNetSegmenter, load_model_case
+    from ..unet.inference import UNetSegmenter, load_model_case
 
     segmenter = UNetSegmenter(model, device, min_component_mm3=min_component)
     case = load_model_case(segmenter, inputs, reference)
@@ -99,7 +99,7 @@ def _run(model, inputs: dict, reference, output: Path, device: str, quiet: bool,
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from ..cli.unet import parse_inputs
+    from .unet import parse_inputs
 
     inputs = parse_inputs(args.input)
     for name, path in inputs.items():
@@ -114,7 +114,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .entries import list_models
+    from ..unet.entries import list_models
 
     rows = []
     for e in list_models():
@@ -144,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ..viz import overlay_png
     from ..volume import read_volume
-    from .data import find_case_files
+    from ..unet.data import find_case_files
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
