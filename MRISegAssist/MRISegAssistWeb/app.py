@@ -153,7 +153,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         for spec in self.logic.list_engines():
             status = self.logic.weights_status(spec["name"])
             items.append({"title": spec["name"], "value": spec["name"], "subtitle": spec["description"],
-                          "props": {"disabled": not status["available"], "subtitle": status["message"]}})
+                          "props": {"disabled": not status.available, "subtitle": status.message}})
         return items
 
     def _on_server_ready(self, **_) -> None:
@@ -360,7 +360,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     def _on_engine(self, engine, **_) -> None:
         if engine:
             status = self.logic.weights_status(engine)
-            self.state.engine_note = "" if status["available"] else status["message"]
+            self.state.engine_note = "" if status.available else status.message
 
     @page_action
     def auto_segment(self) -> None:
@@ -400,9 +400,9 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         def done(rois) -> str:
             for roi in rois:
                 self._track_roi(roi)
-            missing = self.logic.last_summary.get("not_found", [])
+            missing = self.logic.last_result.not_found
             text = f"{len(rois)} atlas box(es) added: review them, then propagate"
-            return text + ("; not found: " + "; ".join(m["name"] for m in missing) if missing else "")
+            return text + ("; not found: " + "; ".join(m.name for m in missing) if missing else "")
 
         self.jobs.start(job, done)
 
@@ -419,14 +419,12 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
             display.SetOpacity2DFill(0.4)
         self._on_show_3d(self.state.show_3d)
         self._refresh_results()
-        summary = self.logic.last_summary
+        result = self.logic.last_result
         took = f"{self.jobs.last_duration:.1f} s (engine {self.jobs.runner.compute_seconds:.1f} s)"
-        if summary.get("workflow") == "auto":
-            return f"auto-segmentation with {summary.get('model')} finished in {took}"
-        if summary.get("workflow") == "prompt":
-            engine = summary.get("engine") + (f" + cascade {summary['cascade']}" if summary.get("cascade") else "")
-            return f"{len(summary.get('objects', []))} object(s) segmented with {engine} in {took}"
-        return f"finished in {took}"
+        if result.workflow == "auto-segment":
+            return f"auto-segmentation with {result.model} finished in {took}"
+        engine = result.engine + (f" + cascade {result.cascade}" if result.cascade else "")
+        return f"{len(result.objects)} object(s) segmented with {engine} in {took}"
 
     @page_action
     def undo(self) -> None:
