@@ -99,6 +99,16 @@ class LocalWorker(SegmentationClient):
         return ServiceUnavailable(f"the MRISegAssist worker process stopped (exit code {code}); a new one starts "
                                   f"on the next run" + (f". Its last output:\n{tail}" if tail else ""))
 
+    def _lost(self, exc: ServiceUnavailable) -> ServiceUnavailable:
+        """The error to report when the worker cannot be reached: its exit if it died (waiting up to a second
+        for the system to report it), else ``exc``."""
+        if self.process is not None:
+            try:
+                self.process.wait(1.0)
+            except subprocess.TimeoutExpired:
+                return exc
+        return self._died()
+
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -185,10 +195,8 @@ class LocalWorker(SegmentationClient):
         http = self.wait_ready()
         try:
             return http.call(request, progress, cancel)
-        except ServiceUnavailable:
-            if not self.alive:
-                raise self._died() from None
-            raise
+        except ServiceUnavailable as exc:
+            raise self._lost(exc) from None
 
     def info(self) -> ServiceInfo:
         info = self.wait_ready().info()
@@ -238,7 +246,7 @@ class _WorkerSubmission(Submission):
                 self.request = None
             status = self.inner.poll()
         except ServiceUnavailable as exc:
-            return self._fail(self.worker._died() if not self.worker.alive else exc)
+            return self._fail(self.worker._lost(exc))
         if status.final:
             self._final = status
         return status
@@ -258,4 +266,4 @@ class _WorkerSubmission(Submission):
         try:
             return self.inner.result() if self.inner is not None else status.raise_error()
         except ServiceUnavailable as exc:
-            raise (self.worker._died() if not self.worker.alive else exc) from None
+            raise self.worker._lost(exc) from None
