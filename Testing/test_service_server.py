@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from service_env import ServerProcess, brats_case, wait_for
+from service_env import brats_case, server_process, wait_for
 
 from mrisegassist.errors import Cancelled, InputError
 from mrisegassist.prompt.base import Box2D, ObjectPrompt
@@ -29,7 +29,7 @@ def case():
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--host", "127.0.0.1", "--token", TOKEN, "--max-request-mb", "80")
+    srv = server_process("--host", "127.0.0.1", "--token", TOKEN, "--max-request-mb", "80")
     yield srv
     srv.stop()
 
@@ -132,7 +132,7 @@ def _get(port: int, path: str, headers: dict) -> tuple[int, dict]:
 
 
 def test_token_required_off_loopback():
-    srv = ServerProcess("--host", "0.0.0.0")
+    srv = server_process("--host", "0.0.0.0")
     try:
         line = next(x for x in srv.lines if x.startswith("access token"))
         token = line.split(":", 1)[1].split()[0]

@@ -55,12 +55,14 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     ``data_dir``: the only folder studies are read from (paths typed in the page are confined to it);
     ``output_dir``: where *Save* writes (default ``./mrisegassist-output``); ``token``: access token required
     on every request (see :mod:`.security`); ``loopback_only``: refuse requests whose Host is not loopback
-    (set when bound to 127.0.0.1); ``max_upload_mb``: total size of one upload.
+    (set when bound to 127.0.0.1); ``max_upload_mb``: total size of one upload; ``compute_server`` (+
+    ``compute_token``): a segmentation server (``mrisegassist server``) that computes instead of this process.
     """
 
     def __init__(self, server=None, *, data_dir=None, output_dir=None, token: Optional[str] = None,
                  loopback_only: bool = True, max_upload_mb: float = security.DEFAULT_MAX_UPLOAD_MB,
-                 device: Optional[str] = None, layout: str = DEFAULT_LAYOUT) -> None:
+                 device: Optional[str] = None, layout: str = DEFAULT_LAYOUT, compute_server: Optional[str] = None,
+                 compute_token: Optional[str] = None) -> None:
         super().__init__(server)
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
@@ -82,6 +84,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.logic = MRISegAssistLogic(self.scene, device=device)
+        if compute_server:
+            self.logic.use_server(compute_server, compute_token)
         self.jobs = PageJobs(self.state)
 
         self.study: Optional[StudyFiles] = None
@@ -288,7 +292,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         for roi in list(self.rois):
             self._forget_roi(roi)
         self.scene.Clear(0)
-        self.logic = MRISegAssistLogic(self.scene, device=self.logic.device)  # undo history is per study
+        self.logic = MRISegAssistLogic(self.scene, device=self.logic.device,  # undo history is per study
+                                       client=self.logic.client)
         self.volume_nodes, self.segmentation_node, self.reference, self.reference_node = {}, None, None, None
         self._reference_values = {}
         self.state.update({"study_loaded": False, "boxes": [], "segments": [], "metrics": [], "metrics_note": "",
