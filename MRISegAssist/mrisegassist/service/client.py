@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, report
 from . import wire
+from .wire import MissingVolume
 from .auth import is_loopback
 from .api import ServiceInfo, WeightsStatus
 from .protocol import (PREFIX, VERSION_HEADER, JobStatus, ServiceUnavailable, VersionMismatch, bearer,
@@ -196,7 +197,7 @@ class HttpSubmission(Submission):
         if status.state != "done":
             status.raise_error()
             raise InputError(f"the job is still {status.state}")
-        deflate = "" if is_loopback(self.client._host) else "?deflate=1"  # label maps shrink ~100x
+        deflate = "?deflate=1" if self.client.compress else ""  # label maps shrink ~100x
         _, body = self.client.request("GET", self.path + "/result" + deflate)
         return wire.loads(body, MAX_RESULT_BYTES)
 
@@ -206,10 +207,11 @@ class HttpClient(SegmentationClient):
 
     The first call checks that the server runs this client's version (:class:`VersionMismatch` naming both
     otherwise) and opens a session. ``timeout``: seconds for one HTTP exchange (uploads of large cases may need
-    more on slow networks).
+    more on slow networks). ``compress``: ask for deflated results (default: unless the server is on loopback).
     """
 
-    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 120.0,
+                 compress: Optional[bool] = None) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"server URL {url!r}: expected http://HOST:PORT (or https://)")
@@ -219,7 +221,9 @@ class HttpClient(SegmentationClient):
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self.token = token or None
         self.timeout = timeout
+        self.compress = (not is_loopback(self._host)) if compress is None else bool(compress)
         self._session: Optional[str] = None
+        self._known: set = set()  # fingerprints of the volumes the server holds for this session
         self._info: Optional[ServiceInfo] = None
         self._lock = threading.Lock()
 
@@ -242,6 +246,8 @@ class HttpClient(SegmentationClient):
             kind, message = "internal", f"HTTP {status}: {body[:300].decode('utf-8', 'replace')}"
         if kind == "auth":
             message = f"{self.where} refused the request: {message}"
+        if kind == "missing-volume":
+            return MissingVolume(message)
         return error_from(kind, message)
 
     def _unreachable(self, exc: BaseException) -> ServiceUnavailable:
@@ -301,19 +307,23 @@ class HttpClient(SegmentationClient):
             if self._session is None or renew:
                 self.connect()
                 self._session = json.loads(self.request("POST", f"{PREFIX}/sessions")[1])["session"]
+                self._known = set()
             return f"{PREFIX}/sessions/{self._session}"
 
     def submit(self, request) -> HttpSubmission:
-        body = wire.dumps(request)
+        """Upload ``request`` (volumes the session's server already holds go as their fingerprint only)."""
         path = self._session_path()
-        try:
-            _, data = self.request("POST", path + "/jobs", body, wire.MEDIA_TYPE)
-        except InputError as exc:
-            if "unknown session" not in str(exc):
-                raise
-            path = self._session_path(renew=True)  # the server restarted: a new session
-            _, data = self.request("POST", path + "/jobs", body, wire.MEDIA_TYPE)
-        return HttpSubmission(self, f"{path}/jobs/{json.loads(data)['job']}")
+        for attempt in range(3):
+            try:
+                _, data = self.request("POST", path + "/jobs", wire.dumps(request, known=self._known), wire.MEDIA_TYPE)
+                return HttpSubmission(self, f"{path}/jobs/{json.loads(data)['job']}")
+            except MissingVolume:
+                self._known.clear()  # the server dropped it: send every volume again
+            except InputError as exc:
+                if "unknown session" not in str(exc) or attempt:
+                    raise
+                path = self._session_path(renew=True)  # the server restarted: a new session
+        raise ServiceUnavailable(f"{self.where} keeps refusing this request's volumes")
 
     def call(self, request, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
              interval: float = 0.05):

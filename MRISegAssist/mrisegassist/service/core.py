@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +34,7 @@ from ..progress import CancelToken, ProgressFn, check, report
 from ..prompt.base import Box2D, ObjectPrompt
 from ..prompt.strategies import box_slices
 from ..volume import Volume, resample_to
+from .wire import fingerprint
 from .api import (ATLAS_ENGINE, AtlasBoxesRequest, AtlasBoxesResult, AutoRequest, AutoSegmentRequest,
                   DownloadWeightsRequest, EngineInfo, ModelInfo, NotFound, ObjectSummary, PromptRequest,
                   SegmentationResult, ServiceInfo, WeightsStatus)
@@ -59,16 +59,6 @@ def available_devices() -> list[str]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append("mps")
     return devices + ["cpu"]
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-    """sha256 of the arrays' shapes, dtypes and voxels (what an engine's prepared volume depends on)."""
-    digest = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.shape}{a.dtype.str}".encode())
-        digest.update(memoryview(a).cast("B"))
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ ROI -> prompt

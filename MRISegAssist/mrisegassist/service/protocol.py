@@ -4,7 +4,12 @@ Every request carries ``X-MRISegAssist-Version: <client version>`` and, when the
 ``Authorization: Bearer <token>``. Bodies of requests and results are archives (:mod:`.wire`, media type
 ``application/vnd.mrisegassist+zip``); small documents are JSON. Errors are JSON
 ``{"error": {"kind": "input" | "checkpoint" | "cancelled" | "version" | "auth" | "too-large" | "not-found" |
-"internal", "message": "..."}}`` with a 4xx/5xx status.
+"missing-volume" | "internal", "message": "..."}}`` with a 4xx/5xx status.
+
+Volumes in a request carry their sha256 (``{"__volume__": {"array", "sha256", "geometry"}}``); the server keeps
+the last few of each session, and a later request may send ``{"__volume__": {"ref": sha256, "geometry"}}``
+instead (re-prompting the same case uploads nothing). A reference the server no longer holds gets
+``409 missing-volume``, and the client sends the volume again.
 
 =======================================================  ============================================================
 ``GET /v1/info``                                         :class:`~.api.ServiceInfo` (JSON)
@@ -114,7 +119,7 @@ def error_from(kind: str, message: str) -> MRISegAssistError:
     """The exception a client raises for an error the server reported."""
     if kind == "cancelled":
         return Cancelled(message)
-    if kind in ("input", "too-large", "auth", "not-found"):
+    if kind in ("input", "too-large", "auth", "not-found", "missing-volume"):
         return InputError(message)
     if kind == "checkpoint":
         return CheckpointError(message)

@@ -45,11 +45,25 @@ class _Job:
     status: JobStatus = field(default_factory=lambda: JobStatus("queued", 0.0, "queued"))
     result: object = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    changed: Optional[asyncio.Event] = None
+    notified: float = 0.0
 
     def set(self, status: JobStatus) -> None:
+        """Record a new status (from the job thread); wake the event streams on a final state at once, on
+        progress at most every 0.25 s (few wake-ups: the event loop competes with the job for the GIL)."""
         with self.lock:
-            if not self.status.final:
-                self.status = status
+            if self.status.final:
+                return
+            self.status = status
+            now = time.monotonic()
+            if not (status.final or now - self.notified >= 0.25) or self.loop is None:
+                return
+            self.notified = now
+        try:
+            self.loop.call_soon_threadsafe(self.changed.set)
+        except RuntimeError:  # the loop has closed (shutdown)
+            pass
 
     def get(self) -> JobStatus:
         with self.lock:
@@ -60,6 +74,7 @@ class _Job:
 class _Session:
     id: str
     cache: PreparedCache
+    volumes: wire.VolumeStore = field(default_factory=wire.VolumeStore)
     jobs: dict = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -138,6 +153,7 @@ class SegmentationServer:
     async def release(self, request: web.Request) -> web.Response:
         for session in self.sessions.values():
             session.cache.clear()
+            session.volumes.clear()
         await asyncio.get_running_loop().run_in_executor(self.executor, self.service.release)
         return web.json_response({"released": True})
 
@@ -153,6 +169,7 @@ class SegmentationServer:
             for job in session.jobs.values():
                 job.cancel.cancel()
             session.cache.clear()
+            session.volumes.clear()
 
     def _session(self, request: web.Request) -> _Session:
         session = self.sessions.get(request.match_info["sid"])
@@ -185,10 +202,13 @@ class SegmentationServer:
             return _error(413, "too-large", f"the request ({length / 2 ** 20:.1f} MB) exceeds this server's limit of "
                                             f"{self.max_request_bytes / 2 ** 20:.0f} MB (--max-request-mb)")
         body = await request.read()
-        message = await self._blocking(wire.loads, body, self.max_request_bytes)
+        try:
+            message = await self._blocking(wire.loads, body, self.max_request_bytes, session.volumes)
+        except wire.MissingVolume as exc:
+            return _error(409, "missing-volume", str(exc))
         if not isinstance(message, REQUEST_TYPES):
             raise InputError(f"not a segmentation request: {type(message).__name__}")
-        job = _Job(secrets.token_hex(8), message)
+        job = _Job(secrets.token_hex(8), message, loop=asyncio.get_running_loop(), changed=asyncio.Event())
         finished = [j for j, x in session.jobs.items() if x.get().final]
         for jid in finished[:max(len(finished) - KEEP_FINISHED_JOBS + 1, 0)]:
             del session.jobs[jid]
@@ -226,16 +246,19 @@ class SegmentationServer:
         job = self._job(request)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        last, sent_at = None, 0.0
+        last = None
         while True:
+            job.changed.clear()
             status = job.get()
-            now = time.monotonic()
-            if status != last or now - sent_at >= 0.5:
+            if status != last:
                 await response.write((json.dumps(status.to_json()) + "\n").encode())
-                last, sent_at = status, now
+                last = status
             if status.final:
                 break
-            await asyncio.sleep(0.05)
+            try:
+                await asyncio.wait_for(job.changed.wait(), 0.5)
+            except asyncio.TimeoutError:  # heartbeat: the client checks its cancel flag on every line
+                await response.write((json.dumps(status.to_json()) + "\n").encode())
         await response.write_eof()
         return response
 

@@ -11,11 +11,14 @@ whose members add up to more than their size limit before anything is decompress
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import struct
+import threading
 import zipfile
 import zlib
+from collections import OrderedDict
 from typing import Any, Optional
 
 import numpy as np
@@ -40,9 +43,53 @@ def _atlas_boxes_class():
     return AtlasBoxes
 
 
+def fingerprint(*arrays: np.ndarray) -> str:
+    """sha256 of the arrays' shapes, dtypes and voxels."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.shape}{a.dtype.str}".encode())
+        digest.update(memoryview(a).cast("B") if a.size else b"")
+    return digest.hexdigest()
+
+
+class VolumeStore:
+    """Volumes a server keeps for one client session, by fingerprint (the ``size`` most recent), so a client
+    re-prompting the same volume sends only its fingerprint."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        with self._lock:
+            self._items[key] = array
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def get(self, key: str) -> np.ndarray:
+        with self._lock:
+            if key not in self._items:
+                raise MissingVolume(f"the server no longer holds volume {key[:12]}...: send it again")
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class MissingVolume(InputError):
+    """A message refers to a volume the server does not hold (any more)."""
+
+
 class _Writer:
-    def __init__(self, archive: zipfile.ZipFile, compress: bool) -> None:
+    def __init__(self, archive: zipfile.ZipFile, compress: bool, known: Optional[set] = None) -> None:
         self.archive, self.compress, self.count = archive, compress, 0
+        self.known = known  # fingerprints the receiver holds; None: always send volumes
+        self.sent: list[str] = []
 
     def array(self, a: np.ndarray) -> dict:
         a = np.ascontiguousarray(a)
@@ -67,8 +114,14 @@ class _Writer:
         if isinstance(obj, np.ndarray):
             return self.array(obj)
         if isinstance(obj, Volume):
-            return {"__volume__": {"array": self.array(obj.array), "geometry": obj.geometry.to_dict(),
-                                   "name": obj.name}}
+            volume = {"geometry": obj.geometry.to_dict(), "name": obj.name}
+            if self.known is None:
+                return {"__volume__": {"array": self.array(obj.array), **volume}}
+            key = fingerprint(obj.array)
+            if key in self.known:
+                return {"__volume__": {"ref": key, **volume}}
+            self.sent.append(key)
+            return {"__volume__": {"array": self.array(obj.array), "sha256": key, **volume}}
         if isinstance(obj, Geometry):
             return {"__geometry__": obj.to_dict()}
         if isinstance(obj, tuple):
@@ -87,21 +140,26 @@ class _Writer:
         raise InputError(f"cannot send a {name} to the segmentation service")
 
 
-def dumps(obj: Any, compress: bool = False) -> memoryview:
+def dumps(obj: Any, compress: bool = False, known: Optional[set] = None) -> memoryview:
     """One archive holding ``obj`` (members deflated at level 1 when ``compress``: label maps shrink ~100x, for
-    slow networks; stored otherwise, which is fastest on loopback)."""
+    slow networks; stored otherwise, which is fastest on loopback). With ``known`` (fingerprints of the volumes
+    the receiver holds), those volumes are sent as references and the others with their fingerprint, which
+    are added to ``known``."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED, allowZip64=True,
                          compresslevel=1 if compress else None) as archive:
-        writer = _Writer(archive, compress)
+        writer = _Writer(archive, compress, known)
         text = json.dumps(writer.encode(obj))
         archive.writestr(MESSAGE, text)
+    if known is not None:
+        known.update(writer.sent)
     return buffer.getbuffer()
 
 
 class _Reader:
-    def __init__(self, archive: Optional[zipfile.ZipFile], data: bytes = b"") -> None:
-        self.archive, self.data = archive, data
+    def __init__(self, archive: Optional[zipfile.ZipFile], data: bytes = b"",
+                 store: Optional[VolumeStore] = None) -> None:
+        self.archive, self.data, self.store = archive, data, store
 
     def _member(self, info: zipfile.ZipInfo) -> memoryview:
         """A member's bytes: a view into the message for stored members (CRC checked), else decompressed."""
@@ -147,7 +205,15 @@ class _Reader:
             return tuple(self.decode(v) for v in obj["__tuple__"])
         if "__volume__" in obj:
             v = obj["__volume__"]
-            return Volume(self.array(v["array"]), Geometry.from_dict(v["geometry"]), str(v.get("name", "")))
+            if "ref" in v:
+                if self.store is None:
+                    raise InputError("this message refers to a stored volume, but nothing is stored here")
+                array = self.store.get(str(v["ref"]))
+            else:
+                array = self.array(v["array"])
+                if self.store is not None and isinstance(v.get("sha256"), str):
+                    self.store.put(v["sha256"], array)
+            return Volume(array, Geometry.from_dict(v["geometry"]), str(v.get("name", "")))
         if "__geometry__" in obj:
             return Geometry.from_dict(obj["__geometry__"])
         if "__atlas_boxes__" in obj:
@@ -168,9 +234,10 @@ class _Reader:
         return {k: self.decode(v) for k, v in obj.items()}
 
 
-def loads(data: bytes, max_bytes: int) -> Any:
+def loads(data: bytes, max_bytes: int, store: Optional[VolumeStore] = None) -> Any:
     """The object in an archive made by :func:`dumps`; :class:`InputError` for anything else or anything larger
-    than ``max_bytes`` once decompressed."""
+    than ``max_bytes`` once decompressed. ``store`` resolves volume references and keeps the volumes sent with
+    their fingerprint (:class:`MissingVolume` for a reference it does not hold)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
@@ -187,7 +254,7 @@ def loads(data: bytes, max_bytes: int) -> Any:
         except (ValueError, zipfile.BadZipFile) as exc:
             raise InputError(f"message.json is damaged ({exc})") from None
         try:
-            return _Reader(archive, data).decode(message)
+            return _Reader(archive, data, store).decode(message)
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
             raise InputError(f"the archive is damaged ({exc})") from None
 
