@@ -366,7 +366,7 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                    if self.ui.zRangeCheckBox.checked else None)
         return self.logic.segment_from_rois_job(self.prompt_volume(), rois, engine=self.ui.engineComboBox.currentData,
                                                 segmentation_node=self._segmentation(), strategy=self._strategy(),
-                                                z_range=z_range, cascade=cascade)
+                                                z_range=z_range, cascade=cascade, extra_nodes=self.inputs())
 
     def onPropagate(self, *_args) -> None:
         rois = [[slicer.mrmlScene.GetNodeByID(i) for i in ids if slicer.mrmlScene.GetNodeByID(i)]

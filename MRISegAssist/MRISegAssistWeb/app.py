@@ -389,7 +389,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         job = self.logic.segment_from_rois_job(self.base_volume_node(), rois, engine=self.state.engine,
                                                segmentation_node=self._live_segmentation(),
                                                strategy=self.state.strategy,
-                                               cascade="D" if self.state.cascade else None)
+                                               cascade="D" if self.state.cascade else None,
+                                               extra_nodes=self.input_nodes())
         self.jobs.start(job, lambda node: self._segmentation_done(node, None))
 
     @page_action
