@@ -170,11 +170,6 @@ class MRISegAssistLogic:
     def weights_status(self, engine: str) -> WeightsStatus:
         """Weights of an engine where the service runs, without downloading (``available``, ``message``,
         ``details``: the full reason when missing, ``path``, ``licence``, ``url``, ``size_mb``)."""
-        from mrisegassist.prompt import engine_spec
-
-        spec = engine_spec(engine)
-        if not spec.needs_weights and not isinstance(self.client, HttpClient):
-            return WeightsStatus(engine, False, True, spec.licence, "no weights needed")  # no worker start
         return self.client.weights_status(engine)
 
     def download_weights_job(self, engine: str) -> Job:

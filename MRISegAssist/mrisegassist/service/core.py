@@ -32,7 +32,6 @@ from ..errors import InputError
 from ..labels import LabelInfo, LabelMap, default_color
 from ..progress import CancelToken, ProgressFn, check, report
 from ..prompt.base import Box2D, ObjectPrompt
-from ..prompt.strategies import box_slices
 from ..volume import Volume, resample_to
 from .wire import fingerprint
 from .api import (ATLAS_ENGINE, AtlasBoxesRequest, AtlasBoxesResult, AutoRequest, AutoSegmentRequest,
@@ -73,6 +72,8 @@ def prompt_from_extents(extents: Sequence[Extent], object_id: int, shape: Sequen
       bounds = the union of the thick ones' (none if all are flat).
     An explicit ``z_range`` overrides the derived one. ``shape`` is the volume's ``(k, j, i)``.
     """
+    from ..prompt.strategies import box_slices
+
     if not extents:
         raise InputError(f"object {object_id}: no box given")
     thick = [e for e in extents if e[5] > e[4]]
@@ -87,6 +88,32 @@ def prompt_from_extents(extents: Sequence[Extent], object_id: int, shape: Sequen
     derived = (min(e[4] for e in thick), max(e[5] for e in thick)) if thick else None
     zr = tuple(int(z) for z in z_range) if z_range is not None else derived
     return ObjectPrompt(object_id, boxes, zr, name, bounds).validate(shape)
+
+
+def weights_status(engine: str) -> WeightsStatus:
+    """Whether ``engine``'s weights are installed on this machine (never downloads)."""
+    from ..errors import CheckpointError
+    from ..prompt import engine_spec
+
+    spec = engine_spec(engine)
+    status = WeightsStatus(engine, spec.needs_weights, not spec.needs_weights, spec.licence, "no weights needed")
+    if not spec.needs_weights:
+        return status
+    try:
+        from ..prompt import weights
+
+        entry = weights.catalog_entry(engine)
+    except (ImportError, InputError) as exc:
+        return dataclasses.replace(status, message="no checkpoint catalog for this engine", details=str(exc))
+    size_mb = entry.as_dict()["approx_mb"]
+    status = dataclasses.replace(status, licence=f"{spec.licence}; checkpoint: {entry.licence}", url=entry.url,
+                                 size_mb=size_mb)
+    try:
+        path = str(weights.resolve_checkpoint(engine, download=False))
+        return dataclasses.replace(status, path=path, available=True, message="weights installed")
+    except CheckpointError as exc:
+        message = f"not installed ({size_mb} MB download)" if size_mb else "not installed"
+        return dataclasses.replace(status, message=message, details=str(exc))
 
 
 # ----------------------------------------------------------------------------------------------- caches
@@ -182,28 +209,7 @@ class Service:
 
     def weights_status(self, engine: str) -> WeightsStatus:
         """Whether ``engine``'s weights are installed here (never downloads)."""
-        from ..errors import CheckpointError
-        from ..prompt import engine_spec
-
-        spec = engine_spec(engine)
-        status = WeightsStatus(engine, spec.needs_weights, not spec.needs_weights, spec.licence, "no weights needed")
-        if not spec.needs_weights:
-            return status
-        try:
-            from ..prompt import weights
-
-            entry = weights.catalog_entry(engine)
-        except (ImportError, InputError) as exc:
-            return dataclasses.replace(status, message="no checkpoint catalog for this engine", details=str(exc))
-        size_mb = entry.as_dict()["approx_mb"]
-        status = dataclasses.replace(status, licence=f"{spec.licence}; checkpoint: {entry.licence}", url=entry.url,
-                                     size_mb=size_mb)
-        try:
-            path = str(weights.resolve_checkpoint(engine, download=False))
-            return dataclasses.replace(status, path=path, available=True, message="weights installed")
-        except CheckpointError as exc:
-            message = f"not installed ({size_mb} MB download)" if size_mb else "not installed"
-            return dataclasses.replace(status, message=message, details=str(exc))
+        return weights_status(engine)
 
     def download_weights(self, request: DownloadWeightsRequest, progress: Optional[ProgressFn] = None,
                          cancel: Optional[CancelToken] = None) -> WeightsStatus:
@@ -295,6 +301,7 @@ class Service:
         from ..prompt import engine_spec, get_engine
         from ..prompt.fusion import fuse
         from ..prompt.propagation import validate_prompts
+        from ..prompt.strategies import box_slices
 
         engine_spec(engine_name)  # unknown names fail before any work
         if cascade is not None and cascade not in CASCADES:

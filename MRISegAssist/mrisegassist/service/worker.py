@@ -204,7 +204,10 @@ class LocalWorker(SegmentationClient):
         return info
 
     def weights_status(self, engine: str) -> WeightsStatus:
-        return self.wait_ready().weights_status(engine)
+        """The worker runs on this machine with these files: answered here, without starting it."""
+        from .core import weights_status
+
+        return weights_status(engine)
 
     def release(self) -> None:
         """Stop the worker: everything it held is freed; the next run starts a new one."""
