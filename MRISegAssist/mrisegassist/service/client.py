@@ -210,7 +210,7 @@ class HttpClient(SegmentationClient):
     more on slow networks). ``compress``: ask for deflated results (default: unless the server is on loopback).
     """
 
-    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 120.0,
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 300.0,
                  compress: Optional[bool] = None) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
