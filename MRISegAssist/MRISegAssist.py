@@ -1,8 +1,9 @@
 """MRISegAssist: brain-MRI segmentation in 3D Slicer (U-Net auto-segmentation, box prompts, atlas boxes).
 
 Thin scripted module: the panel (``Resources/UI/MRISegAssist.ui``) calls :class:`MRISegAssistLogic`
-(``MRISegAssistLib/logic.py``), which reads MRML nodes, runs the ``mrisegassist`` engine and writes segments.
-Engine work runs in a worker thread; MRML is only touched on the main thread.
+(``MRISegAssistLib/logic.py``), which reads MRML nodes into requests for the segmentation service and writes
+the results as segments. The service runs in a local worker process (default) or on a remote server; the
+panel polls the job from a Qt timer, so no computation runs in Slicer's process.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from MRISegAssistLib.logic import MRISegAssistLogic  # noqa: F401  (the module's
 from MRISegAssistLib.tasks import BackgroundRunner
 
 SEQUENCES = ("flair", "t1", "t1c", "t2")
+#: (mode, label) of the "Compute on" choices; the logic's modes.
+COMPUTE_MODES = (("local", "Local worker (this computer)"), ("remote", "Remote server"),
+                 ("in-process", "In Slicer's process (debugging)"))
 
 
 class MRISegAssist(ScriptedLoadableModule):
@@ -59,6 +63,8 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(ui_widget)
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.logic = MRISegAssistLogic()
+        self.logic.use_local_worker()  # started on the first run, stopped by Release models and at exit
+        slicer.app.connect("aboutToQuit()", self.logic.close)
         self.runner = BackgroundRunner(schedule=lambda ms, fn: qt.QTimer.singleShot(ms, fn))
         self.selectors = {"flair": self.ui.flairSelector, "t1": self.ui.t1Selector, "t1c": self.ui.t1cSelector,
                           "t2": self.ui.t2Selector}
@@ -69,6 +75,8 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fill_atlas()
         for sequence in SEQUENCES:
             self.ui.promptSequenceComboBox.addItem(sequence)
+        for mode, label in COMPUTE_MODES:
+            self.ui.computeModeComboBox.addItem(label, mode)
 
         self.ui.guessInputsButton.connect("clicked(bool)", self.onGuessInputsClicked)
         for selector in self.selectors.values():
@@ -86,6 +94,9 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.atlasBoxesButton.connect("clicked(bool)", self.onAtlasBoxes)
         self.ui.atlasSegmentButton.connect("clicked(bool)", self.onAtlasSegment)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.computeModeComboBox.connect("currentIndexChanged(int)", self.onComputeModeChanged)
+        self.ui.connectButton.connect("clicked(bool)", self.onConnect)
+        self.ui.serverUrlLineEdit.connect("textChanged(QString)", self.updateButtons)
         self.ui.releaseModelsButton.connect("clicked(bool)", self.onReleaseModels)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onSegmentEditor)
@@ -101,12 +112,15 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self.runner is not None:
             self.runner.cancel()
+        if self.logic is not None:
+            self.logic.close()  # the local worker stops with the module
         self.removeObservers()
 
-    def _fill_models(self) -> None:
+    def _fill_models(self, choices=None) -> None:
+        """``choices``: ``[(name, title)]`` (a server's models), default: the models installed here."""
         self.ui.modelComboBox.clear()
-        for choice in self.logic.model_choices():
-            self.ui.modelComboBox.addItem(choice["title"], choice["name"])
+        for name, title in choices or [(c["name"], c["title"]) for c in self.logic.model_choices()]:
+            self.ui.modelComboBox.addItem(title, name)
         default = self.logic.default_model()
         if default is not None:
             self.ui.modelComboBox.setCurrentIndex(max(self.ui.modelComboBox.findData(default), 0))
@@ -157,6 +171,11 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorButton.enabled = self.ui.outputSegmentationSelector.currentNode() is not None
         self.ui.cancelButton.enabled = busy
         self.ui.releaseModelsButton.enabled = not busy
+        remote = self.ui.computeModeComboBox.currentData == "remote"
+        self.ui.serverUrlLineEdit.enabled = self.ui.serverTokenLineEdit.enabled = remote and not busy
+        self.ui.connectButton.enabled = remote and not busy and bool(self.ui.serverUrlLineEdit.text.strip())
+        self.ui.deviceComboBox.enabled = self.logic.mode != "remote"  # a server uses its own device
+        self.ui.workerStatusLabel.setText(self.logic.service_status())
 
     def onGuessInputs(self, force: bool = False) -> None:
         """Fill the sequence selectors from node names (only empty ones unless ``force``)."""
@@ -199,17 +218,43 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         engine = self.ui.engineComboBox.currentData
         if not engine:
             return
-        status = self.logic.weights_status(engine)
-        self.ui.weightsStatusLabel.setText(status["message"] if not status["available"] else
-                                           ("installed" if status["needs_weights"] else "no weights needed"))
-        self.ui.weightsStatusLabel.toolTip = status["path"] or status["details"] or status["message"]
-        self.ui.licenceLabel.setText(status["licence"])
-        self._weights_missing = status["needs_weights"] and not status["available"]
+        try:
+            status = self.logic.weights_status(engine)
+        except Exception as exc:  # the worker or server cannot be reached: say so, keep the panel usable
+            self.ui.weightsStatusLabel.setText(f"unknown ({exc})")
+            return
+        self.ui.weightsStatusLabel.setText(status.message if not status.available else
+                                           ("installed" if status.needs_weights else "no weights needed"))
+        self.ui.weightsStatusLabel.toolTip = status.path or status.details or status.message
+        self.ui.licenceLabel.setText(status.licence)
+        self._weights_missing = status.needs_weights and not status.available
         self.updateButtons()
 
     def onDeviceChanged(self, *_args) -> None:
         if not self._updating:
             self.logic.device = self.ui.deviceComboBox.currentText
+
+    def onComputeModeChanged(self, *_args) -> None:
+        """Local worker or in-process now; a remote server once Connect succeeds."""
+        mode = self.ui.computeModeComboBox.currentData
+        if mode == "local":
+            self.logic.use_local_worker()
+        elif mode == "in-process":
+            self.logic.use_in_process()
+        self.updateButtons()
+
+    def onConnect(self, *_args) -> None:
+        url, token = self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip() or None
+        try:
+            self.logic.use_server(url, token)
+            info = self.logic.client.info()
+        except Exception as exc:  # unreachable, wrong token, other version: explain, keep the previous choice
+            self.ui.statusLabel.setText(f"Cannot use the server: {exc}")
+            self.updateButtons()
+            return
+        self._fill_models([(m.name, m.title) for m in info.models])
+        self.ui.statusLabel.setText(f"Connected to {url} (MRISegAssist {info.version}, device {info.device})")
+        self.onEngineChanged()
 
     # ---------------------------------------------------------------------------------------- objects
     def _refresh_objects(self) -> None:
@@ -302,12 +347,10 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _show_result(self, segmentation) -> None:
         self.ui.outputSegmentationSelector.setCurrentNode(segmentation)
-        summary = self.logic.last_summary
-        if summary.get("workflow") == "auto":
-            text = ", ".join(f"{k}: {v} voxels" for k, v in summary["voxels"].items())
-        else:
-            text = ", ".join(f"{o['name']}: {o['voxels']} voxels" for o in summary.get("objects", []))
-        self.ui.statusLabel.setText(f"Done. {text}")
+        result = self.logic.last_result
+        text = ", ".join(f"{o.name}: {o.volume_ml:.2f} ml" for o in result.objects)
+        self.ui.statusLabel.setText(f"Done in {self.runner.compute_seconds:.1f} s ({self.logic.service_status()}). "
+                                    f"{text}")
 
     def onAutoSegment(self, *_args) -> None:
         model = self.ui.modelComboBox.currentData
@@ -323,7 +366,7 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                    if self.ui.zRangeCheckBox.checked else None)
         return self.logic.segment_from_rois_job(self.prompt_volume(), rois, engine=self.ui.engineComboBox.currentData,
                                                 segmentation_node=self._segmentation(), strategy=self._strategy(),
-                                                z_range=z_range, cascade=cascade)
+                                                z_range=z_range, cascade=cascade, extra_nodes=self.inputs())
 
     def onPropagate(self, *_args) -> None:
         rois = [[slicer.mrmlScene.GetNodeByID(i) for i in ids if slicer.mrmlScene.GetNodeByID(i)]
@@ -338,10 +381,10 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def done(rois):
             self._atlas_rois = [r.GetID() for r in rois]
-            missing = self.logic.last_summary.get("not_found", [])
+            missing = self.logic.last_result.not_found
             text = f"{len(rois)} boxes placed: review them, then press Segment boxes."
             if missing:
-                text += " Not found: " + "; ".join(f"{m['name']} ({m['reason']})" for m in missing)
+                text += " Not found: " + "; ".join(f"{m.name} ({m.reason})" for m in missing)
             self.ui.statusLabel.setText(text)
 
         self._start(lambda: self.logic.atlas_boxes_job(target, self.ui.atlasReferenceComboBox.currentText,
@@ -368,7 +411,9 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReleaseModels(self, *_args) -> None:
         self.logic.release_models()
-        self.ui.statusLabel.setText("Models released")
+        self.ui.statusLabel.setText("Models released" + (" (the local worker stopped)" if self.logic.mode == "local"
+                                                         else ""))
+        self.updateButtons()
 
     def onSegmentEditor(self, *_args) -> None:
         segmentation = self._segmentation()

@@ -138,36 +138,29 @@ def test_prepare_rejects_bad_volumes():
         engine.prepare(bad)
 
 
-def test_session_reruns_only_changed_objects(ms07):
+def test_service_reprompts_without_re_encoding(ms07):
+    """Re-prompting the same voxels (moved box, other objects, a copy of the array) never prepares the volume
+    again; other voxels do. The result is the engine's own on the same prompts."""
     from mrisegassist.errors import InputError
-    from mrisegassist.prompt.session import PromptSession
+    from mrisegassist.prompt.fusion import fuse
+    from mrisegassist.service import PromptRequest, Service
 
     flair, lesions = ms07
-    engine = ClassicalEngine()
-    session = PromptSession(engine, flair.array)
+    service = Service("cpu")
     (_, a), (_, b) = objects_from_mask(lesions, min_voxels=10)[:2]
-    (box_a,), (box_b,) = boxes_for_object(a, "A"), boxes_for_object(b, "A")
-    session.set_object(ObjectPrompt(1, [box_a]))
-    session.set_object(ObjectPrompt(session.next_object_id(), [box_b]))
-    assert session.pending() == [1, 2]
-    session.run()
-    assert session.segmented == 2 and session.pending() == []
-    labels = session.labels()
-    assert _dice(labels == 1, a) > 0.5 and _dice(labels == 2, b) > 0.5
-    session.run()
-    assert session.segmented == 2  # nothing changed, nothing re-segmented
+    box_b = boxes_for_object(b, "A")[0]
+    prompts = [ObjectPrompt(1, boxes_for_object(a, "B")), ObjectPrompt(2, [box_b])]
+    labels = service.prompt(PromptRequest(flair, prompts)).array
+    assert _dice(labels > 0, a | b) > 0.5  # expert lesion masks
+    engine = ClassicalEngine()
+    assert np.array_equal(labels, fuse(engine.segment(engine.prepare(flair.array), prompts)))
     moved = Box2D(box_b.k, box_b.i0 - 1, box_b.j0 - 1, box_b.i1 + 1, box_b.j1 + 1)
-    session.set_object(ObjectPrompt(2, [moved]))
-    assert session.pending() == [2]
-    with pytest.raises(InputError, match="run"):
-        session.labels()
-    session.run()
-    assert session.segmented == 3 and engine.normalisations == 1
+    again = service.prompt(PromptRequest(flair.with_array(flair.array.copy()), [ObjectPrompt(2, [moved])]))
+    assert service.cache.prepared == 1 and set(np.unique(again.array)) == {0, 2}
     with pytest.raises(InputError, match="outside"):
-        session.set_object(ObjectPrompt(2, [Box2D(500, 1, 1, 5, 5)]))
-    assert session.prompts[2].boxes == [moved]  # a rejected prompt leaves the session unchanged
-    session.remove_object(1)
-    assert set(np.unique(session.labels())) == {0, 2}
+        service.prompt(PromptRequest(flair, [ObjectPrompt(2, [Box2D(500, 1, 1, 5, 5)])]))
+    service.prompt(PromptRequest(flair.with_array(flair.array * 2.0), [ObjectPrompt(2, [moved])]))
+    assert service.cache.prepared == 2
 
 
 def test_curved_dark_structure_over_a_bounded_z_range():

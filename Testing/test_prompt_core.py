@@ -3,6 +3,9 @@ fusion, registry, validation. Propagation is driven by an "oracle" slice engine 
 expert mask inside it, so the walk itself (not a model) is what is tested."""
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from conftest import data_path
@@ -14,7 +17,8 @@ from mrisegassist.prompt import (ENGINES, cached_engines, get_engine, list_engin
 from mrisegassist.prompt.base import OUTSIDE_LOGIT, Box2D, ObjectPrompt, ObjectResult, SliceEngine
 from mrisegassist.prompt.fusion import fuse, largest_component
 from mrisegassist.prompt.propagation import PropagationConfig, propagate_objects
-from mrisegassist.prompt.strategies import boxes_for_object, objects_from_mask, prompts_from_mask, z_extent
+from mrisegassist.prompt.strategies import (box_slices, boxes_for_object, objects_from_mask, prompts_from_mask,
+                                            z_extent)
 from mrisegassist.volume import read_volume
 
 
@@ -104,7 +108,10 @@ def test_strategy_b_fills_gaps_once_from_the_nearer_prompt(components):
 
 def test_strategy_b_gap_is_closed_by_the_other_side_when_one_walk_stops(components):
     _, obj = components[0]
-    ka, kb, _ = (b.k for b in boxes_for_object(obj, "B"))
+    boxes = boxes_for_object(obj, "B")
+    boxes = [boxes[0], boxes[-1]]  # two prompts with a gap of more than one slice between them
+    ka, kb = (b.k for b in boxes)
+    assert kb - ka > 2
     # the lower prompt's walk is blocked right after ka: the first prediction of ka + 1 (made from ka,
     # whose gap walk runs first) sees nothing
     reference = obj.copy()
@@ -119,21 +126,54 @@ def test_strategy_b_gap_is_closed_by_the_other_side_when_one_walk_stops(componen
         return logits, score
 
     engine.predict_slice = predict
-    result = propagate_objects(engine, np.zeros(obj.shape, np.float32),
-                               [ObjectPrompt(1, boxes_for_object(obj, "B"))])[0]
+    result = propagate_objects(engine, np.zeros(obj.shape, np.float32), [ObjectPrompt(1, boxes)])[0]
     assert set(range(ka, kb + 1)) <= set(result.slices)  # no gap: reached from kb downwards
     assert [c[0] for c in engine.calls].count(blocked) == 2
     assert result.slices.index(blocked) > result.slices.index(kb)
+
+
+def rule_slice(k0: int, k1: int, f: Fraction) -> int:
+    """Independent statement of the A/B rule: the slice nearest to ``k0 + f (k1 - k0)``; a tie goes towards the
+    middle of the range, and at the middle itself to the lower slice."""
+    position = k0 + f * (k1 - k0)
+    lo, hi = math.floor(position), math.ceil(position)
+    if position - lo != hi - position:
+        return lo if position - lo < hi - position else hi
+    middle = Fraction(k0 + k1, 2)
+    if abs(lo - middle) != abs(hi - middle):
+        return lo if abs(lo - middle) < abs(hi - middle) else hi
+    return lo
+
+
+def test_box_slice_rule_on_every_small_range():
+    """The one A/B rule (``box_slices``) on all 132 (k0, k1, strategy) cases with 0 <= k0 <= k1 <= 10, and the
+    ROI -> prompt conversion of the front ends (``service.prompt_from_extents``) follows it."""
+    from mrisegassist.service import prompt_from_extents
+
+    fractions = {"A": (Fraction(1, 2),), "B": (Fraction(1, 4), Fraction(1, 2), Fraction(3, 4))}
+    cases = 0
+    for k0 in range(11):
+        for k1 in range(k0, 11):
+            for strategy, fs in fractions.items():
+                expected = sorted({rule_slice(k0, k1, f) for f in fs})
+                assert box_slices((k0, k1), strategy) == expected, (k0, k1, strategy)
+                prompt = prompt_from_extents([(3, 9, 4, 8, k0, k1)], 1, (12, 16, 16), strategy)
+                assert [b.k for b in prompt.boxes] == expected
+                cases += 1
+    assert cases == 132
+    assert box_slices((0, 3), "A") == [1] and box_slices((0, 3), "B") == [1, 2]
+    assert box_slices((8, 14), "B") == [10, 11, 12] and box_slices((80, 100), "B") == [85, 90, 95]
+    with pytest.raises(InputError, match="strategy"):
+        box_slices((0, 3), "C")
 
 
 def test_strategies_a_b_put_boxes_at_middle_and_quartiles(components):
     for _, obj in components[:6]:
         k0, k1 = z_extent(obj)
         (a,) = boxes_for_object(obj, "A")
-        assert a.k == round(k0 + 0.5 * (k1 - k0))
+        assert a.k == box_slices((k0, k1), "A")[0] == (k0 + k1) // 2
         b = boxes_for_object(obj, "B")
-        expected = sorted({round(k0 + f * (k1 - k0)) for f in (0.25, 0.5, 0.75)})
-        assert [x.k for x in b] == expected
+        assert [x.k for x in b] == box_slices((k0, k1), "B")
         for box in b + [a]:
             jj, ii = np.nonzero(obj[box.k])
             assert box.as_tuple() == (box.k, ii.min(), jj.min(), ii.max(), jj.max())

@@ -30,6 +30,8 @@ QT_API: dict[str, tuple[str | None, set[str], set[str]]] = {
     "QRadioButton": ("QAbstractButton", set(), set()),
     "ctkCollapsibleButton": ("QAbstractButton", {"collapsed", "setCollapsed"}, {"contentsCollapsed(bool)"}),
     "QLabel": ("QWidget", {"text", "setText", "wordWrap", "setWordWrap"}, set()),
+    "QLineEdit": ("QWidget", {"text", "setText", "placeholderText", "setPlaceholderText", "echoMode", "clear"},
+                  {"textChanged(QString)", "editingFinished()", "returnPressed()"}),
     "QComboBox": ("QWidget", {"addItem", "addItems", "clear", "count", "currentIndex", "setCurrentIndex",
                               "currentText", "setCurrentText", "currentData", "itemData", "setItemData", "findData",
                               "findText", "itemText", "insertItem", "removeItem"},
@@ -48,7 +50,7 @@ QT_API: dict[str, tuple[str | None, set[str], set[str]]] = {
 }
 #: Controls that do nothing unless the code reads or drives them.
 INTERACTIVE = {"QComboBox", "QSpinBox", "QCheckBox", "QRadioButton", "qMRMLNodeComboBox", "QListWidget",
-               "QProgressBar", "QPushButton", "QToolButton"}
+               "QProgressBar", "QPushButton", "QToolButton", "QLineEdit"}
 
 
 def api(cls: str) -> tuple[set[str], set[str]]:

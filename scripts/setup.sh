@@ -3,6 +3,7 @@
 # Usage: bash scripts/setup.sh [--no-browser]
 #   torch + torchvision: the pair segment-anything needs (torchvision imports beside this torch build).
 #   sam2 is installed with --no-deps (its own requirement list would pull a CUDA torch upgrade).
+#   The test extra brings pytest and import-linter (the layer contracts in pyproject.toml, Testing/test_layers.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -27,6 +27,7 @@ REQUIREMENTS: list[str] = [
     "tqdm>=4.66,<5",
     "matplotlib>=3.8,<4",
     "scikit-image>=0.22,<0.27",
+    "aiohttp>=3.9,<4",
 ]
 #: ``[project.optional-dependencies]`` groups the Slicer module can install on demand.
 OPTIONAL: dict[str, list[str]] = {

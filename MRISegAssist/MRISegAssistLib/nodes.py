@@ -27,6 +27,7 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from mrisegassist.errors import InputError
 from mrisegassist.labels import LabelInfo
 from mrisegassist.prompt.base import Box2D, ObjectPrompt
+from mrisegassist.service.core import prompt_from_extents
 from mrisegassist.volume import Geometry, Volume
 
 Extent = tuple[int, int, int, int, int, int]
@@ -170,26 +171,15 @@ def _roi_centre_ijk(roi_node, volume_node) -> np.ndarray:
     return (np.linalg.inv(ijk_to_ras(volume_node)) @ ras)[:3]
 
 
-def strategy_slices(k0: int, k1: int, strategy: str) -> list[int]:
-    """Prompted slices in ``k0..k1``: ``"A"`` the middle one, ``"B"`` the quartiles (deduplicated)."""
-    if strategy == "A":
-        return [(k0 + k1) // 2]
-    if strategy == "B":
-        return sorted({k0 + int(round(q * (k1 - k0))) for q in (0.25, 0.5, 0.75)})
-    raise InputError(f"unknown box strategy {strategy!r}; use 'A' (1 box) or 'B' (3 boxes)")
-
-
 def prompt_from_rois(volume_node, roi_nodes: Sequence, object_id: int, strategy: str = "A",
                      z_range: Optional[tuple[int, int]] = None, name: str = "") -> ObjectPrompt:
     """One object's prompt from one or more ROIs on ``volume_node``.
 
-    * One ROI spanning several slices: its rectangle on the middle slice (``"A"``) or on the quartile slices
-      (``"B"``), with the ROI's slices as the z-range and its rectangle as the object's bounds (the object lies
-      inside its 3D ROI: propagation never leaves it).
-    * One flat ROI (one slice): one box on that slice, no z-range (the engine propagates until the object
-      vanishes).
-    * Several ROIs (e.g. boxes drawn on three slices): one box per ROI on its middle slice; the z-range and the
-      bounds are the union of the thick ROIs' slices and rectangles, or none if all are flat.
+    The ROIs' voxel extents become a prompt by the service's rule
+    (:func:`mrisegassist.service.prompt_from_extents`: a thick ROI gives boxes on the slices of
+    ``prompt.strategies.box_slices`` A/B, its slices as z-range and its rectangle as bounds; a flat ROI one box
+    and no z-range; several ROIs one box each), except:
+
     * One ROI carrying a prompt stored by :func:`store_prompt` (atlas boxes) for this volume and ``strategy``,
       not moved or resized since: that prompt's boxes and z-range.
     An explicit ``z_range`` (inclusive slice indices) overrides the one derived from the ROIs.
@@ -197,22 +187,17 @@ def prompt_from_rois(volume_node, roi_nodes: Sequence, object_id: int, strategy:
     if not roi_nodes:
         raise InputError(f"object {object_id}: no ROI given")
     extents = [roi_extent(roi, volume_node) for roi in roi_nodes]
-    stored = _stored_prompt(roi_nodes[0], volume_node, extents[0], strategy) if len(roi_nodes) == 1 else None
-    thick = [e for e in extents if e[5] > e[4]]
-    bounds = (min(e[0] for e in thick), min(e[2] for e in thick), max(e[1] for e in thick),
-              max(e[3] for e in thick)) if thick else None
-    if stored is not None:  # e.g. atlas boxes: per-slice rectangles tighter than the ROI's 3D bounding box
-        boxes, derived = stored
-    else:
-        if len(extents) == 1:
-            i0, i1, j0, j1, k0, k1 = extents[0]
-            boxes = [Box2D(k, i0, j0, i1, j1) for k in strategy_slices(k0, k1, strategy)]
-        else:
-            boxes = [Box2D((k0 + k1) // 2, i0, j0, i1, j1) for i0, i1, j0, j1, k0, k1 in extents]
-        derived = (min(e[4] for e in thick), max(e[5] for e in thick)) if thick else None
-    zr = tuple(int(z) for z in z_range) if z_range is not None else derived
     name = name or (roi_nodes[0].GetName() if len(roi_nodes) == 1 else f"Object {object_id}")
-    return ObjectPrompt(object_id, boxes, zr, name, bounds).validate(volume_shape(volume_node))
+    shape = volume_shape(volume_node)
+    stored = _stored_prompt(roi_nodes[0], volume_node, extents[0], strategy) if len(roi_nodes) == 1 else None
+    if stored is None:
+        return prompt_from_extents(extents, object_id, shape, strategy, z_range, name)
+    # e.g. atlas boxes: per-slice rectangles tighter than the ROI's 3D bounding box, the ROI's bounds
+    boxes, derived = stored
+    i0, i1, j0, j1, k0, k1 = extents[0]
+    bounds = (i0, j0, i1, j1) if k1 > k0 else None
+    zr = tuple(int(z) for z in z_range) if z_range is not None else derived
+    return ObjectPrompt(object_id, boxes, zr, name, bounds).validate(shape)
 
 
 def store_prompt(roi_node, volume_node, prompt: ObjectPrompt, strategy: str) -> None:

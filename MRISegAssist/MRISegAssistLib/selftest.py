@@ -114,7 +114,7 @@ def run_glioma_case(logic, load: Loader, data: Path, model: Optional[str] = None
     segmentation = logic.auto_segment(inputs, model=model)
     from mrisegassist.unet.entries import get_model
 
-    entry = get_model(logic.last_summary["model"])
+    entry = get_model(logic.last_result.model)
     infos = entry.label_infos()
     ids = [segmentation.GetSegmentation().GetSegmentIdBySegmentName(i.name) for i in infos]
     exported = nodes.read_segments(segmentation, inputs[entry.inputs[0]], ids)

@@ -55,12 +55,14 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     ``data_dir``: the only folder studies are read from (paths typed in the page are confined to it);
     ``output_dir``: where *Save* writes (default ``./mrisegassist-output``); ``token``: access token required
     on every request (see :mod:`.security`); ``loopback_only``: refuse requests whose Host is not loopback
-    (set when bound to 127.0.0.1); ``max_upload_mb``: total size of one upload.
+    (set when bound to 127.0.0.1); ``max_upload_mb``: total size of one upload; ``compute_server`` (+
+    ``compute_token``): a segmentation server (``mrisegassist server``) that computes instead of this process.
     """
 
     def __init__(self, server=None, *, data_dir=None, output_dir=None, token: Optional[str] = None,
                  loopback_only: bool = True, max_upload_mb: float = security.DEFAULT_MAX_UPLOAD_MB,
-                 device: Optional[str] = None, layout: str = DEFAULT_LAYOUT) -> None:
+                 device: Optional[str] = None, layout: str = DEFAULT_LAYOUT, compute_server: Optional[str] = None,
+                 compute_token: Optional[str] = None) -> None:
         super().__init__(server)
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
@@ -82,6 +84,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.logic = MRISegAssistLogic(self.scene, device=device)
+        if compute_server:
+            self.logic.use_server(compute_server, compute_token)
         self.jobs = PageJobs(self.state)
 
         self.study: Optional[StudyFiles] = None
@@ -153,7 +157,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         for spec in self.logic.list_engines():
             status = self.logic.weights_status(spec["name"])
             items.append({"title": spec["name"], "value": spec["name"], "subtitle": spec["description"],
-                          "props": {"disabled": not status["available"], "subtitle": status["message"]}})
+                          "props": {"disabled": not status.available, "subtitle": status.message}})
         return items
 
     def _on_server_ready(self, **_) -> None:
@@ -288,7 +292,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         for roi in list(self.rois):
             self._forget_roi(roi)
         self.scene.Clear(0)
-        self.logic = MRISegAssistLogic(self.scene, device=self.logic.device)  # undo history is per study
+        self.logic = MRISegAssistLogic(self.scene, device=self.logic.device,  # undo history is per study
+                                       client=self.logic.client)
         self.volume_nodes, self.segmentation_node, self.reference, self.reference_node = {}, None, None, None
         self._reference_values = {}
         self.state.update({"study_loaded": False, "boxes": [], "segments": [], "metrics": [], "metrics_note": "",
@@ -360,7 +365,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     def _on_engine(self, engine, **_) -> None:
         if engine:
             status = self.logic.weights_status(engine)
-            self.state.engine_note = "" if status["available"] else status["message"]
+            self.state.engine_note = "" if status.available else status.message
 
     @page_action
     def auto_segment(self) -> None:
@@ -384,7 +389,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         job = self.logic.segment_from_rois_job(self.base_volume_node(), rois, engine=self.state.engine,
                                                segmentation_node=self._live_segmentation(),
                                                strategy=self.state.strategy,
-                                               cascade="D" if self.state.cascade else None)
+                                               cascade="D" if self.state.cascade else None,
+                                               extra_nodes=self.input_nodes())
         self.jobs.start(job, lambda node: self._segmentation_done(node, None))
 
     @page_action
@@ -400,9 +406,9 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         def done(rois) -> str:
             for roi in rois:
                 self._track_roi(roi)
-            missing = self.logic.last_summary.get("not_found", [])
+            missing = self.logic.last_result.not_found
             text = f"{len(rois)} atlas box(es) added: review them, then propagate"
-            return text + ("; not found: " + "; ".join(m["name"] for m in missing) if missing else "")
+            return text + ("; not found: " + "; ".join(m.name for m in missing) if missing else "")
 
         self.jobs.start(job, done)
 
@@ -419,14 +425,12 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
             display.SetOpacity2DFill(0.4)
         self._on_show_3d(self.state.show_3d)
         self._refresh_results()
-        summary = self.logic.last_summary
+        result = self.logic.last_result
         took = f"{self.jobs.last_duration:.1f} s (engine {self.jobs.runner.compute_seconds:.1f} s)"
-        if summary.get("workflow") == "auto":
-            return f"auto-segmentation with {summary.get('model')} finished in {took}"
-        if summary.get("workflow") == "prompt":
-            engine = summary.get("engine") + (f" + cascade {summary['cascade']}" if summary.get("cascade") else "")
-            return f"{len(summary.get('objects', []))} object(s) segmented with {engine} in {took}"
-        return f"finished in {took}"
+        if result.workflow == "auto-segment":
+            return f"auto-segmentation with {result.model} finished in {took}"
+        engine = result.engine + (f" + cascade {result.cascade}" if result.cascade else "")
+        return f"{len(result.objects)} object(s) segmented with {engine} in {took}"
 
     @page_action
     def undo(self) -> None:

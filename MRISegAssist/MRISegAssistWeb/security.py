@@ -16,63 +16,23 @@ size-limited uploads.
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import re
-import secrets
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 from urllib.parse import urlsplit
 
 from mrisegassist.errors import InputError
+from mrisegassist.service.auth import DEFAULT_HOST, access_token_for, is_loopback, token_matches  # noqa: F401
 
 TOKEN_COOKIE = "mrisegassist_token"
 TOKEN_QUERY = "token"
-DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_UPLOAD_MB = 2048
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 # ----------------------------------------------------------------------------------------------- binding
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, ``127.0.0.0/8`` and ``::1`` (brackets and a ``:port`` suffix allowed)."""
-    host = (host or "").strip().lower()
-    if host.startswith("["):
-        host = host[1:].split("]", 1)[0]
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def access_token_for(host: str, token: Optional[str]) -> tuple[Optional[str], bool]:
-    """The token the server requires when bound to ``host``: ``(token, generated)``.
-
-    On loopback a given token is honoured and none is required otherwise; on any other address a token is
-    required, so one is generated (``secrets.token_urlsafe``) when none is given.
-    """
-    if token is not None:
-        token = token.strip()
-        if len(token) < 8:
-            raise InputError("the access token must have at least 8 characters")
-        return token, False
-    if is_loopback(host):
-        return None, False
-    return secrets.token_urlsafe(24), True
-
-
-def token_matches(expected: Optional[str], candidate: Optional[str]) -> bool:
-    """Constant-time comparison; with no expected token everything matches."""
-    if expected is None:
-        return True
-    if not candidate:
-        return False
-    return hmac.compare_digest(expected.encode(), candidate.encode())
+# is_loopback, access_token_for, token_matches: the rules of mrisegassist.service.auth (shared with the
+# segmentation server).
 
 
 def request_token(query: dict, headers: dict, cookies: dict) -> tuple[Optional[str], str]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import add_json_flag
+from .prompt import add_service_flags
 from ..errors import InputError
 
 
 def register(sub) -> None:
-    from ..unet import commands as cmd
+    from . import unet_commands as cmd
 
     p = sub.add_parser("segment", help="segment a case with a U-Net model (label map in the reference geometry)")
     p.add_argument("--model", required=True, help="model name (see `mrisegassist models`) or path")
@@ -21,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--ref-mask", help="reference label map: print Dice / volume metrics against it")
     p.add_argument("--min-component", type=float, default=None, metavar="MM3",
                    help="remove connected components smaller than this (default: the model's setting)")
+    add_service_flags(p)
     add_json_flag(p)
     p.set_defaults(func=cmd.cmd_segment)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import emit
-from ..errors import InputError
+from typing import Optional
+
+from . import emit
+from .prompt import service_client
+from ..errors import CheckpointError, InputError
 from ..progress import tqdm_progress
 
 
@@ -39,23 +42,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluation(entry, labelmap, ref_path) -> dict:
+def _regions(model) -> Optional[str]:
+    """The model's evaluation regions (``"brats"`` or ``None``) when it is known here."""
+    from ..unet.entries import get_model
+
+    try:
+        return get_model(model).regions
+    except (InputError, CheckpointError):
+        return None
+
+
+def _evaluation(regions: Optional[str], labelmap, ref_path) -> dict:
     """Metrics of ``labelmap`` against a reference label file (resampled onto its grid if needed)."""
     from ..metrics import evaluate_labels
     from ..volume import read_volume, resample_to
-    from .postprocess import BRATS_REGIONS
+    from ..unet.postprocess import BRATS_REGIONS
 
     ref = read_volume(ref_path, kind="label", name=f"reference {Path(ref_path).name}")
     if not ref.geometry.same_as(labelmap.volume.geometry):
         ref = resample_to(ref, labelmap.volume.geometry, "nearest")
     return evaluate_labels(labelmap.volume.array, ref.array, labelmap.volume.geometry.spacing,
-                           labels=labelmap.labels, regions=BRATS_REGIONS if entry.regions == "brats" else None,
-                           lesionwise=entry.regions != "brats")
-
-
-def _summary(labelmap) -> dict:
-    ml = labelmap.volume.geometry.voxel_volume_ml
-    return {lab.name: round(float(labelmap.mask(lab.value).sum()) * ml, 3) for lab in labelmap.labels}
+                           labels=labelmap.labels, regions=BRATS_REGIONS if regions == "brats" else None,
+                           lesionwise=regions != "brats")
 
 
 def _text(result: dict) -> str:
@@ -72,34 +80,67 @@ def _text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _model_inputs(model, client) -> Optional[list[str]]:
+    """The model's input sequences, from the service's model list or the model's own description."""
+    from ..service import InProcessClient
+
+    known = {m.name: m.inputs for m in client.info().models}
+    if str(model) in known:
+        return known[str(model)]
+    from ..unet.entries import get_model
+
+    try:
+        return list(get_model(model).inputs)
+    except InputError:
+        if isinstance(client, InProcessClient):
+            raise
+        return None  # the server names what it lacks
+
+
 def _run(model, inputs: dict, reference, output: Path, device: str, quiet: bool,
-         min_component=None, ref_mask=None) -> tuple[dict, object, object]:
+         min_component=None, ref_mask=None, client=None) -> tuple[dict, object, object]:
+    """Read the model's sequences, segment through the service (in-process unless ``client``), write."""
     import time
 
     from ..labels import write_labelmap
-    from .inference import UNetSegmenter, load_model_case
+    from ..service import AutoSegmentRequest, InProcessClient
+    from ..volume import read_volume
 
-    segmenter = UNetSegmenter(model, device, min_component_mm3=min_component)
-    case = load_model_case(segmenter, inputs, reference)
+    client = client or InProcessClient(device=device)
+    needed = _model_inputs(model, client)
+    if needed is not None:
+        missing = [n for n in needed if n not in inputs]
+        if missing:
+            raise InputError(f"model {model!r} needs sequence(s) {', '.join(missing)}; "
+                             f"given {', '.join(inputs) or 'none'}")
+    reference = reference or (needed[0] if needed else next(iter(inputs)))
+    if reference not in inputs:
+        raise InputError(f"reference sequence {reference!r} is not among the inputs ({', '.join(inputs)})")
+    wanted = [reference] + [n for n in (needed or inputs) if n != reference]
     if not output.parent.exists():
         raise InputError(f"{output.parent}: output folder does not exist")
+    volumes = {n: inputs[n] if not isinstance(inputs[n], (str, Path)) else
+               read_volume(inputs[n], name=f"{n} ({Path(inputs[n]).name})") for n in wanted}
+    remote = not isinstance(client, InProcessClient)
+    request = AutoSegmentRequest(volumes, str(model), reference, min_component, None if remote else device)
     progress, close = tqdm_progress("segment", disable=quiet)
     t0 = time.perf_counter()
     try:
-        labelmap = segmenter.segment(case, progress)
+        result = client.call(request, progress)
     finally:
         close()
     seconds = time.perf_counter() - t0
-    write_labelmap(labelmap, output)
-    result = {"output": str(output), "model": segmenter.entry.name, "seconds": round(seconds, 2),
-              "reference": case.reference, "volumes_ml": _summary(labelmap), "timings": segmenter.timings}
+    write_labelmap(result.labels, output)
+    out = {"output": str(output), "model": result.model, "seconds": round(seconds, 2), "reference": reference,
+           "volumes_ml": {o.name: round(o.volume_ml, 3) for o in result.objects}, "timings": result.timings,
+           "computed": client.where}
     if ref_mask:
-        result["metrics"] = _evaluation(segmenter.entry, labelmap, ref_mask)
-    return result, labelmap, case
+        out["metrics"] = _evaluation(_regions(model), result.labels, ref_mask)
+    return out, result.labels, volumes[reference]
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from ..cli.unet import parse_inputs
+    from .unet import parse_inputs
 
     inputs = parse_inputs(args.input)
     for name, path in inputs.items():
@@ -107,14 +148,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise InputError(f"--input {name}: {path} does not exist")
     if args.ref_mask and not Path(args.ref_mask).exists():
         raise InputError(f"--ref-mask: {args.ref_mask} does not exist")
-    result, _, _ = _run(args.model, inputs, args.reference, Path(args.output), args.device, bool(args.json),
-                        args.min_component, args.ref_mask)
+    client = service_client(args)
+    try:
+        result, _, _ = _run(args.model, inputs, args.reference, Path(args.output), args.device, bool(args.json),
+                            args.min_component, args.ref_mask, client)
+    finally:
+        client.close()
     emit(args, result, _text)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .entries import list_models
+    from ..unet.entries import list_models
 
     rows = []
     for e in list_models():
@@ -144,7 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ..viz import overlay_png
     from ..volume import read_volume
-    from .data import find_case_files
+    from ..unet.data import find_case_files
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,13 +206,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         inputs = {k: v for k, v in written.items() if k not in ("labels", "brainmask")}
         ref_mask = written.get("labels")
     model = args.model or ("glioma-2d" if {"flair", "t1c"} <= set(inputs) else "ms-lesions-2d")
-    result, labelmap, case = _run(model, inputs, None, out / "labels.nii.gz", args.device, bool(args.json),
-                                  ref_mask=ref_mask)
+    result, labelmap, image = _run(model, inputs, None, out / "labels.nii.gz", args.device, bool(args.json),
+                                   ref_mask=ref_mask)
     result["case"] = str(case_dir)
     if result.get("metrics"):
         result["metrics_file"] = str(out / "metrics.json")
         (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2, default=str))
-    image = case.volume(case.reference)
     reference = read_volume(ref_mask, kind="label").array if ref_mask else None
     if reference is not None and reference.shape != image.array.shape:
         reference = None
