@@ -600,3 +600,35 @@ def test_web_upload_of_a_truncated_file_names_it_not_the_server_folder(web, tmp_
     app.upload_chunk([])
     assert app.state.error.startswith("t1.nii.gz: gzip stream ends early"), app.state.error
     assert "mrisegassist-upload" not in app.state.error and str(tmp_path) not in app.state.error
+
+
+@pytest.mark.parametrize("limit,message", [
+    (100_000, r"^t1\.gipl\.gz \(0\.4 MB\) exceeds the server's limit of 0\.1 MB for one upload$"),
+    (500_000, r"^t1\.gipl\.gz holds 1\.0 MB of voxel data when decompressed \(78x110x64 .*\), which exceeds the "
+              r"server's limit of 0\.5 MB for one upload$"),
+], ids=["bytes", "decompressed-voxels"])
+def test_web_upload_over_the_limit_names_the_file_and_its_size(web, limit, message):
+    app, _, _ = web
+    t1 = data_path("itksnap-mricrop", "t1.gipl.gz")
+    saved = app.uploads.budget.limit_bytes
+    app.uploads.budget.limit_bytes = limit
+    try:
+        app.upload_chunk([{"name": "t1.gipl.gz", "size": t1.stat().st_size, "content": t1.read_bytes()}])
+    finally:
+        app.uploads.budget.limit_bytes = saved
+    assert re.match(message, app.state.error), app.state.error
+    assert app.uploads.folder is None  # a refused upload leaves nothing behind
+
+
+def test_web_upload_after_a_refused_one_holds_only_its_own_files(web, tmp_path):
+    app, _, _ = web
+    write_volume(read_volume(data_path("itksnap-mricrop", "t1.gipl.gz")), tmp_path / "t2.nii.gz")
+    truncate(tmp_path / "t2.nii.gz", 0.5)
+    uploads = [[tmp_path / "t2.nii.gz"], [data_path("itksnap-mricrop", n) for n in ("t1.gipl.gz", "labels.gipl.gz")]]
+    for files in uploads:
+        app.upload_chunk([{"name": p.name, "size": p.stat().st_size, "content": p.read_bytes()} for p in files])
+        app.upload_chunk([])
+        if files == uploads[0]:
+            assert app.state.error.startswith("t2.nii.gz: gzip stream ends early"), app.state.error
+    assert app.state.error == "" and app.state.study_label == "uploaded files"
+    assert app.state.study_files == ["t1.gipl.gz"] and app.state.reference_file == "labels.gipl.gz"

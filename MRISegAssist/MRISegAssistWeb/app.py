@@ -76,6 +76,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         self.token = token
         self.loopback_only = loopback_only
         self.uploads = UploadArea(int(max_upload_mb * 2 ** 20))
+        self._receiving = False  # between the first chunk of an upload and its end (an empty chunk)
 
         self.server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
@@ -237,16 +238,27 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     def upload_chunk(self, files: list) -> None:
         """Receive uploaded files in chunks (empty list = end of upload, then load them as one study)."""
         if files:
-            if self.uploads.folder is None:
+            if not self._receiving:  # a new upload: the previous one (loaded or refused) is dropped
                 self.uploads.begin()
-            self.uploads.add(files)
+                self._receiving = True
+            try:
+                self.uploads.add(files)  # a refusal discards what this upload received
+            except Exception:
+                self._receiving = False
+                raise
             return
-        if self.uploads.folder is None:
+        receiving, self._receiving = self._receiving, False
+        if not receiving or self.uploads.folder is None:
             raise InputError("no file was uploaded")
-        self._load_folder(self.uploads.folder, "uploaded files")
+        try:
+            self._load_folder(self.uploads.folder, "uploaded files")
+        except Exception:
+            self.uploads.discard()  # a refused study is not mixed into the next upload
+            raise
 
     def upload_refused(self, message: str) -> None:
         """The page refused an upload before sending it (over the size limit)."""
+        self._receiving = False
         self.uploads.discard()
         self.state.error = message
 
