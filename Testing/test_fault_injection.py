@@ -198,6 +198,12 @@ REFUSED = [
     Case("evaluate-overlay-is-input", ("evaluate", "prev.nii.gz", "labels.gipl.gz", "--image", "t1.gipl.gz",
                                        "--overlay", "t1.gipl.gz"),
          r"error: --overlay t1\.gipl\.gz: is the input t1\.gipl\.gz"),
+    Case("atlas-o-is-target", ("atlas", "--target", "t1.gipl.gz", "--references", "builtin:colin27", "-o",
+                               "t1.gipl.gz"), r"error: -o t1\.gipl\.gz: is the input t1\.gipl\.gz"),
+    Case("bench-out-inside-data", ("bench", "prompt-accuracy", "--data", ".", "--out", "case"),
+         r"error: --out case: lies inside the case folder \. being read"),
+    Case("bench-png-inside-data", ("bench", "atlas-eval", "--data", ".", "--png", "eval.png"),
+         r"error: --png eval\.png: lies inside the case folder \. being read"),
     # ---- output paths checked before any work (item 6)
     Case("prompt-o-folder", ("prompt", "-q", "-i", "t1.gipl.gz", "-o", "case", "--box", BOX),
          r"error: -o case: is a folder; give a file name"),

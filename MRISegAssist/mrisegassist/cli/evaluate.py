@@ -84,10 +84,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from ..outputs import guard_output_folder
     from ..progress import tqdm_progress
     from ..synth import make_case, write_case
-
-    from ..outputs import guard_output_folder
 
     if args.count < 1:
         raise InputError("--count must be >= 1")

@@ -109,11 +109,18 @@ def _regions(model) -> Optional[str]:
         return None
 
 
-def _reference(ref_path, geometry):
-    """The reference label map on ``geometry`` (read and checked before computing)."""
-    from ..volume import read_volume, resample_to
+def _read_reference(path):
+    """``--ref-mask`` read and checked (before anything is computed)."""
+    from ..volume import read_volume
 
-    ref = read_volume(ref_path, kind="label", name=f"reference {Path(ref_path).name}")
+    return read_volume(path, kind="label", name=f"reference {Path(path).name}")
+
+
+def _reference(ref, geometry):
+    """The reference label map (a Volume or a path) on ``geometry``."""
+    from ..volume import Volume, resample_to
+
+    ref = ref if isinstance(ref, Volume) else _read_reference(ref)
     return ref if ref.geometry.same_as(geometry) else resample_to(ref, geometry, "nearest")
 
 
@@ -182,7 +189,7 @@ def _run(model, inputs: dict, reference, output: Path, device: str, quiet: bool,
     wanted = [reference] + [n for n in (needed or inputs) if n != reference]
     volumes = {n: inputs[n] if not isinstance(inputs[n], (str, Path)) else
                read_volume(inputs[n], name=f"{n} ({Path(inputs[n]).name})") for n in wanted}
-    ref = _reference(ref_mask, volumes[reference].geometry) if ref_mask else None
+    ref = _reference(ref_mask, volumes[reference].geometry) if ref_mask is not None else None
     remote = not isinstance(client, InProcessClient)
     request = AutoSegmentRequest(volumes, str(model), reference, min_component, None if remote else device)
     progress, close = tqdm_progress("segment", disable=quiet)
@@ -213,10 +220,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     check_device(args.device, used=not args.server, option="--device")
     guard_outputs([Output(Path(args.output), "labelmap", "-o")],
                   [*inputs.values(), args.ref_mask, *existing(args.model)])
+    ref = _read_reference(args.ref_mask) if args.ref_mask else None
     client = service_client(args)
     try:
         result, _, _ = _run(args.model, inputs, args.reference, Path(args.output), args.device, bool(args.json),
-                            args.min_component, args.ref_mask, client)
+                            args.min_component, ref, client)
     finally:
         client.close()
     emit(args, result, _text)
