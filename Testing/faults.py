@@ -115,3 +115,14 @@ def fill(folder: Path, leave: int = 0) -> Path:
         except OSError:
             pass
     return filler
+
+
+def limit_inodes(folder: Path, free: int = 1) -> None:
+    """Remount the tmpfs at ``folder`` so that only ``free`` more files can be created (then creating one fails
+    with ENOSPC, "No space left on device", as on a full disk): a full disk at an exact point of a write."""
+    st = os.statvfs(folder)
+    used = st.f_files - st.f_ffree
+    done = subprocess.run(["mount", "-o", f"remount,nr_inodes={used + free}", str(folder)], capture_output=True,
+                          text=True, timeout=30)
+    if done.returncode != 0:
+        raise PermissionError(f"remount nr_inodes refused: {done.stderr.strip()}")

@@ -157,6 +157,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "expected SEQ=PATH" in capsys.readouterr().err
     assert main(["segment", "--model", "nope", "-i", f"flair={tmp_path / 'missing.nii.gz'}", "-o", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["train", "--cases", str(tmp_path), "--out", str(tmp_path / "o"), "--labels", "1=lesion"]) == 2
+    (tmp_path / "cases").mkdir()
+    assert main(["train", "--cases", str(tmp_path / "cases"), "--out", str(tmp_path / "o"), "--labels", "1=lesion"]) == 2
     assert "no cases found" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()

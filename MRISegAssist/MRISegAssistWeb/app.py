@@ -30,7 +30,8 @@ except ImportError:
 import numpy as np  # noqa: E402
 from trame.app import TrameApp  # noqa: E402
 
-from mrisegassist.errors import InputError  # noqa: E402
+from mrisegassist.errors import InputError, MRISegAssistError  # noqa: E402
+from mrisegassist.outputs import Output, guard_outputs  # noqa: E402
 
 from MRISegAssistLib import nodes  # noqa: E402
 from MRISegAssistLib.logic import MRISegAssistLogic  # noqa: E402
@@ -75,6 +76,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         self.token = token
         self.loopback_only = loopback_only
         self.uploads = UploadArea(int(max_upload_mb * 2 ** 20))
+        self._receiving = False  # between the first chunk of an upload and its end (an empty chunk)
 
         self.server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
@@ -236,23 +238,43 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     def upload_chunk(self, files: list) -> None:
         """Receive uploaded files in chunks (empty list = end of upload, then load them as one study)."""
         if files:
-            if self.uploads.folder is None:
+            if not self._receiving:  # a new upload: the previous one (loaded or refused) is dropped
                 self.uploads.begin()
-            self.uploads.add(files)
+                self._receiving = True
+            try:
+                self.uploads.add(files)  # a refusal discards what this upload received
+            except Exception:
+                self._receiving = False
+                raise
             return
-        if self.uploads.folder is None:
+        receiving, self._receiving = self._receiving, False
+        if not receiving or self.uploads.folder is None:
             raise InputError("no file was uploaded")
-        self._load_folder(self.uploads.folder, "uploaded files")
+        try:
+            self._load_folder(self.uploads.folder, "uploaded files")
+        except Exception:
+            self.uploads.discard()  # a refused study is not mixed into the next upload
+            raise
 
     def upload_refused(self, message: str) -> None:
         """The page refused an upload before sending it (over the size limit)."""
+        self._receiving = False
         self.uploads.discard()
         self.state.error = message
 
     def _load_folder(self, folder: Path, label: str) -> None:
         if self.jobs.busy:
             raise InputError("wait for the running step to finish (or cancel it) before loading a study")
-        study = scan_study(folder)
+        try:
+            self._read_study(folder, label)
+        except MRISegAssistError as exc:  # an upload's messages never show the server's temporary folder
+            exc.args = (self.uploads.redact(str(exc)),)
+            raise
+
+    def _read_study(self, folder: Path, label: str) -> None:
+        uploaded = self.uploads.folder is not None and folder == self.uploads.folder
+        # files (and symbolic links) must resolve inside the data folder, uploads inside their own folder
+        study = scan_study(folder, root=None if uploaded else self.data_dir)
         self._reset_study()
         loaded = {}
         for path in study.images:
@@ -327,7 +349,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
             self._set_reference(reference_file)
         except Exception as exc:  # noqa: BLE001
             self.reference = None
-            self.state.error = describe_error(exc)
+            self.state.error = self.uploads.redact(describe_error(exc))
         self._refresh_results()
 
     def _set_reference(self, reference_file: Optional[str]) -> None:
@@ -487,8 +509,15 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         if labelmap is None:
             raise InputError("there is no segmentation to save yet")
         name = security.safe_file_name(self.state.save_name or "segmentation", "segmentation")
+        fmt = self.state.save_format
+        if fmt not in results.SAVE_FORMATS:
+            raise InputError(f"unknown format {fmt!r}; use one of {', '.join(results.SAVE_FORMATS)}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = results.save_labelmap(labelmap, self.output_dir, name, self.state.save_format)
+        study = self.study
+        # the output policy: never over a file of the loaded study, nor inside its folder
+        guard_outputs([Output(self.output_dir / f"{name}{results.SAVE_FORMATS[fmt]}", "labelmap", "Save")],
+                      (study.images + study.references) if study else (), [study.folder if study else None])
+        path = results.save_labelmap(labelmap, self.output_dir, name, fmt)
         self.state.saved_path = str(path)
         self.state.info = f"saved {path.name} in {self.output_dir}"
         return str(path)

@@ -43,7 +43,7 @@ TWO_FILE_SUFFIXES = (".mhd", ".nhdr")
 #: Suffixes accepted per output kind by :func:`check_output_path` (``None``: any).
 OUTPUT_KINDS: dict[str, Optional[tuple[str, ...]]] = {
     "volume": WRITABLE_SUFFIXES, "labelmap": WRITABLE_SUFFIXES, "json": (".json",), "png": (".png",),
-    "csv": (".csv",), "any": None,
+    "csv": (".csv",), "any": None, "folder": None,
 }
 
 
@@ -127,9 +127,10 @@ def check_output_path(path: PathLike, kind: str = "any", option: str = "") -> Pa
     """Early checks of one output path; returns the file that will be written (symbolic links followed).
 
     ``kind``: a key of :data:`OUTPUT_KINDS` (``"volume"``, ``"labelmap"``, ``"json"``, ``"png"``, ``"csv"``,
-    ``"any"``) choosing the accepted suffixes; ``option`` (e.g. ``"-o"``) prefixes messages. Raises
-    :class:`InputError` for an unsupported suffix (``.mhd``/``.nhdr`` included), an existing folder, a missing
-    or non-folder parent, a parent folder that is not writable, or an existing read-only file.
+    ``"any"``, ``"folder"``) choosing the accepted suffixes; ``option`` (e.g. ``"-o"``) prefixes messages. Raises
+    :class:`InputError` for an unsupported suffix (``.mhd``/``.nhdr`` included), an existing folder (a file
+    for ``"folder"``), a missing or non-folder parent, a parent folder that is not writable, or an existing
+    read-only file (or folder).
     """
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
@@ -137,14 +138,21 @@ def check_output_path(path: PathLike, kind: str = "any", option: str = "") -> Pa
     label = _label(path, option)
     if not str(path).strip() or path.name in ("", ".", ".."):
         raise InputError(f"{label}: not a file name")
+    target = Path(os.path.realpath(path)) if path.is_symlink() else Path(os.path.abspath(path))
+    if kind == "folder":
+        if target.exists() and not target.is_dir():
+            raise InputError(f"{label}: is a file; give a folder (it is created when missing)")
+        if target.is_dir():
+            if not os.access(target, os.W_OK | os.X_OK):
+                raise InputError(f"{label}: folder is not writable")
+            return target
+    elif target.is_dir():
+        raise InputError(f"{label}: is a folder; give a file name")
     suffixes = OUTPUT_KINDS[kind]
     if suffixes is not None:
         refuse_two_file_format(path, option)
         if not path.name.lower().endswith(suffixes):
             raise InputError(f"{label}: unsupported output format; use one of {', '.join(suffixes)}")
-    target = Path(os.path.realpath(path)) if path.is_symlink() else Path(os.path.abspath(path))
-    if target.is_dir():
-        raise InputError(f"{label}: is a folder; give a file name")
     parent = target.parent
     if not parent.exists():
         raise InputError(f"{label}: output folder {parent} does not exist")
@@ -249,7 +257,7 @@ def guard_outputs(outputs: Iterable[Union[Output, PathLike]], inputs: Iterable[O
                                      f"never replace inputs, choose another output path")
             for shown, folder in real_folders:
                 if real == folder:
-                    raise InputError(f"{label}: is the case folder {shown} being read; give an output file "
+                    raise InputError(f"{label}: is the case folder {shown} being read; write outputs "
                                      f"outside it")
                 if _inside(real, folder):
                     raise InputError(f"{label}: lies inside the case folder {shown} being read; write outputs "
@@ -263,6 +271,26 @@ def guard_outputs(outputs: Iterable[Union[Output, PathLike]], inputs: Iterable[O
             claimed[real] = label
         result.append(check_output_path(out.path, out.kind, out.option))
     return result
+
+
+def guard_output_folder(folder: PathLike, files: Iterable[Output] = (), inputs: Iterable[Optional[PathLike]] = (),
+                        case_folders: Iterable[Optional[PathLike]] = (), option: str = "-o") -> list[Path]:
+    """:func:`guard_outputs` for a command writing into a folder (``demo -o``, ``train --out``, ``synth -o``).
+
+    The folder is checked first as an output itself (not an input, not a case folder being read nor inside one,
+    not a file, parent writable), then created when missing, then ``files`` (:class:`Output` objects inside it)
+    are checked; on a refusal a folder created here is removed again. Returns the folder, then the files.
+    """
+    inputs, case_folders = list(inputs), list(case_folders)
+    [target] = guard_outputs([Output(Path(folder), "folder", option)], inputs, case_folders)
+    created = not target.exists()
+    target.mkdir(exist_ok=True)
+    try:
+        return [target] + guard_outputs(files, inputs, case_folders)
+    except BaseException:
+        if created:
+            target.rmdir()
+        raise
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -408,6 +436,19 @@ def text_verifier(data: bytes, name: str) -> Verifier:
             raise WriteError(f"{name}: read back {len(back):,} bytes that differ from the {len(data):,} written")
 
     return verify
+
+
+def verify_png(tmp: Path) -> None:
+    """A verifier for PNG files: signature, every chunk's CRC and the image data stream read back in full."""
+    from PIL import Image
+
+    try:
+        with Image.open(tmp) as image:
+            image.verify()  # chunk CRCs up to the end
+        with Image.open(tmp) as image:
+            image.load()  # the compressed pixel stream decodes to the declared size
+    except Exception as exc:  # noqa: BLE001 - PIL raises SyntaxError, OSError, ValueError for damaged files
+        raise WriteError(f"{Path(tmp).name}: the written PNG does not read back ({exc})") from None
 
 
 def write_json(path: PathLike, document: Any) -> Path:

@@ -179,8 +179,11 @@ def format_text(doc: dict) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from ..cli import emit
+    from ..outputs import guard_output_folder
     from ..progress import tqdm_progress
 
+    if args.out:  # the output policy, before any work
+        guard_output_folder(Path(args.out), inputs=[args.data], option="--out")
     names = list(DEFAULT_CASES) if args.cases == "default" else list(CASES) if args.cases == "all" \
         else [c.strip() for c in args.cases.split(",") if c.strip()]
     bar, close = tqdm_progress("prompt-accuracy", disable=args.json)

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from . import add_json_flag, emit
-from .prompt import add_service_flags
+from .prompt import add_service_flags, existing, extra_paths
 from ..errors import InputError
 
 
@@ -123,12 +123,12 @@ def _boxes_text(boxes, seconds: float) -> str:
 
 
 def cmd_atlas(args) -> int:
+    from ..outputs import Output, guard_outputs
     from ..volume import read_volume
 
-    target = read_volume(args.target)
     out = Path(args.output)
-    if not out.parent.exists():
-        raise InputError(f"{out.parent}: output folder does not exist")
+    guard_outputs([Output(out, "json", "-o")], [args.target, *existing(args.references)])
+    target = read_volume(args.target)
     result = _call(args, _atlas_request(args, target), "atlas boxes")
     boxes = result.boxes
     boxes.write(out)
@@ -152,13 +152,19 @@ def _ref_values(spec: Optional[str], objects: list) -> dict[str, list[int]]:
     return out
 
 
-def _compare(args, result, target) -> dict:
-    from ..metrics import overlap_metrics
+def _reference(path: str, target):
+    """``--ref-mask`` on the target's grid (read and checked before computing)."""
     from ..volume import read_volume, resample_to
 
-    ref = read_volume(args.ref_mask, kind="label")
+    ref = read_volume(path, kind="label", name=f"--ref-mask {Path(path).name}")
     if not ref.geometry.same_as(target.geometry, atol=1e-4):
         ref = resample_to(ref, target.geometry, "nearest")
+    return ref
+
+
+def _compare(args, result, target, ref) -> dict:
+    from ..metrics import overlap_metrics
+
     pred = result.array
     spacing = target.geometry.spacing
     if args.references or args.boxes:
@@ -177,18 +183,25 @@ def _compare(args, result, target) -> dict:
 def cmd_auto(args) -> int:
     from ..atlas.boxes import AtlasBoxes
     from ..labels import write_labelmap
+    from ..outputs import Output, guard_outputs
     from ..service import ATLAS_ENGINE, AutoRequest, AutoSegmentRequest
+    from ..service.checks import check_device, check_request
     from ..volume import read_volume
     from .prompt import read_extras
 
-    target = read_volume(args.target)
     out = Path(args.output)
-    if not out.parent.exists():
-        raise InputError(f"{out.parent}: output folder does not exist")
     if args.ref_mask and not Path(args.ref_mask).exists():
         raise InputError(f"{args.ref_mask}: no such reference mask")
     if args.engine == ATLAS_ENGINE and not args.references:
         raise InputError("--engine atlas labels from the atlas score maps: it needs --references")
+    check_device(args.device, used=False, option="--device")
+    outputs = [Output(out, "labelmap", "-o")]
+    outputs += [Output(Path(args.boxes_out), "json", "--boxes-out")] if args.boxes_out else []
+    outputs += [Output(Path(args.png), "png", "--png")] if args.png else []
+    guard_outputs(outputs, [args.target, args.from_mask, args.boxes, args.ref_mask, *extra_paths(args.input),
+                            *extra_paths(args.extra), *existing(args.references, args.unet)])
+    target = read_volume(args.target)
+    ref = _reference(args.ref_mask, target) if args.ref_mask else None
     request = AutoRequest(target, args.engine, args.cascade, args.strategy, min_voxels=args.min_voxels,
                           extra=read_extras(args.extra, target.geometry), device=None if args.server else args.device)
     if args.references:
@@ -209,7 +222,10 @@ def cmd_auto(args) -> int:
         request.unet = AutoSegmentRequest(inputs, args.unet, device=request.device)
     else:
         request.mask = read_volume(args.from_mask, kind="label")
+    if args.server:
+        check_request(request)  # the server's own warnings stay on the server
     result = _call(args, request, "segmenting")
+    comparison = _compare(args, result, target, ref) if ref is not None else None
     write_labelmap(result.labels, out)
     if args.boxes_out and result.boxes is not None:
         result.boxes.write(args.boxes_out)
@@ -220,8 +236,8 @@ def cmd_auto(args) -> int:
            "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
     if result.boxes is not None:
         doc["not_found"] = [{"name": n.name, "reason": n.reason} for n in result.not_found]
-    if args.ref_mask:
-        doc["comparison"] = _compare(args, result, target)
+    if comparison is not None:
+        doc["comparison"] = comparison
     if args.png:
         from ..viz import overlay_png
 

@@ -56,13 +56,17 @@ def parse_regions(spec: Optional[str]):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ..metrics import evaluate_files, format_report
+    from ..outputs import Output, guard_outputs
 
+    if args.overlay:
+        if not args.image:
+            raise InputError("--overlay needs --image (the MRI to draw the labels on)")
+        labels_file = args.labels if args.labels and Path(args.labels).is_file() else None
+        guard_outputs([Output(Path(args.overlay), "png", "--overlay")], [args.pred, args.ref, args.image, labels_file])
     result = evaluate_files(args.pred, args.ref, labels=parse_labels(args.labels),
                             regions=parse_regions(args.regions), lesionwise=args.lesionwise,
                             distances=not args.no_distances, min_overlap=args.min_overlap)
     if args.overlay:
-        if not args.image:
-            raise InputError("--overlay needs --image (the MRI to draw the labels on)")
         from ..labels import read_labelmap
         from ..viz import overlay_png
         from ..volume import read_volume, resample_to
@@ -80,12 +84,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from ..outputs import guard_output_folder
     from ..progress import tqdm_progress
     from ..synth import make_case, write_case
 
     if args.count < 1:
         raise InputError("--count must be >= 1")
     out = Path(args.output)
+    guard_output_folder(out, option="-o")
     progress, close = tqdm_progress("synthetic cases", disable=args.json)
     written = []
     try:

@@ -11,7 +11,9 @@ the voxel column (i) / row (j), inclusive. Objects:
 * ``--z-range Z0,Z1`` limits every object to slices Z0..Z1 (``ID:Z0,Z1`` one object only).
 
 The fused label map (uint16, 0 = background, values = object ids) is written in the input's geometry,
-atomically, after every input was checked; ``--ref-mask`` adds overlap metrics against a reference.
+atomically and verified, after every input was checked; ``-o`` is refused before any work when it is an input
+(or beside one as its sidecar), a folder, not writable, or a two-file format (.mhd, .nhdr). Boxes reaching outside
+the volume are clipped with a warning. ``--ref-mask`` adds overlap metrics against a reference.
 ``--extra SEQ=FILE`` gives other co-registered sequences to engines that use several; ``--server URL --token T``
 computes on a segmentation server (``mrisegassist server``) instead of in this process.
 """
@@ -30,7 +32,6 @@ from . import add_json_flag, emit
 _INT = r"-?\d+"
 _BOX = re.compile(rf"^(?:(\d+):)?\s*({_INT}),\s*({_INT}),\s*({_INT}),\s*({_INT}),\s*({_INT})$")
 _ZR = re.compile(rf"^(?:(\d+):)?\s*({_INT}),\s*({_INT})$")
-OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 def parse_box(text: str):
@@ -93,11 +94,14 @@ def prompts_from_args(args: argparse.Namespace, reference: Optional[np.ndarray])
     return prompts
 
 
-def _check_output(path: Path) -> None:
-    if not path.name.lower().endswith(OUTPUT_SUFFIXES):
-        raise InputError(f"-o {path}: unsupported output format; use one of {', '.join(OUTPUT_SUFFIXES)}")
-    if not path.parent.is_dir():
-        raise InputError(f"-o {path}: output folder {path.parent} does not exist")
+def extra_paths(items: Optional[list[str]]) -> list[str]:
+    """The files of ``--extra SEQ=FILE`` / ``--input SEQ=FILE`` items (for the output policy; parsed later)."""
+    return [item.partition("=")[2].strip() for item in items or [] if "=" in item]
+
+
+def existing(*paths: Optional[str]) -> list[str]:
+    """The given paths that exist (model or reference-set names are not files)."""
+    return [p for p in paths if p and not str(p).startswith("builtin:") and Path(p).exists()]
 
 
 def _read_mask(path: str, geometry, what: str) -> np.ndarray:
@@ -143,27 +147,32 @@ def read_extras(items: list[str], geometry) -> dict:
 
 def run_prompt(args: argparse.Namespace) -> dict:
     """Check every input, segment (the service: in-process or ``--server``), write; returns the result document."""
+    from ..outputs import Output, guard_outputs
     from ..progress import tqdm_progress
     from ..prompt import engine_spec
-    from ..prompt.propagation import validate_prompts
     from ..service import PromptRequest
+    from ..service.checks import check_device, check_request
     from ..volume import read_volume, write_volume
 
     if not args.input or not args.output:
         raise InputError("--input and -o/--output are required (or use --list-engines)")
     output = Path(args.output)
-    _check_output(output)
+    check_device(args.device, used=False, option="--device")
     engine_spec(args.engine)
+    guard_outputs([Output(output, "volume", "-o")], [args.input, args.boxes_from_mask, args.ref_mask,
+                                                     *extra_paths(args.extra), *existing(args.checkpoint)])
     volume = read_volume(args.input, name=Path(args.input).name)
     reference = _read_mask(args.boxes_from_mask, volume.geometry, "--boxes-from-mask") \
         if args.boxes_from_mask else None
     ref_mask = _read_mask(args.ref_mask, volume.geometry, "--ref-mask") if args.ref_mask else None
     extra = read_extras(args.extra, volume.geometry)
-    prompts = validate_prompts(prompts_from_args(args, reference), volume.array.shape)
+    prompts = prompts_from_args(args, reference)  # validated (boxes clipped, with a warning) by the service
     client = service_client(args)
     request = PromptRequest(volume, prompts, args.engine, extra=extra, checkpoint=args.checkpoint,
                             download=args.download, keep_all_components=args.keep_all_components,
                             device=None if args.server else args.device)
+    if args.server:
+        check_request(request)  # the server's own warnings stay on the server
     bar, close = tqdm_progress(args.engine, disable=args.json or args.quiet)
     try:
         result = client.call(request, bar)

@@ -33,6 +33,7 @@ from ..labels import LabelInfo, LabelMap, default_color
 from ..progress import CancelToken, ProgressFn, check, report
 from ..prompt.base import Box2D, ObjectPrompt
 from ..volume import Volume, resample_to
+from .checks import check_request, unused_sequences
 from .wire import fingerprint
 from .api import (ATLAS_ENGINE, AtlasBoxesRequest, AtlasBoxesResult, AutoRequest, AutoSegmentRequest,
                   DownloadWeightsRequest, EngineInfo, ModelInfo, NotFound, ObjectSummary, PromptRequest,
@@ -168,6 +169,7 @@ class Service:
     def run(self, request, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
             cache: Optional[PreparedCache] = None):
         """Run any request (see :mod:`.api`); ``cache`` replaces the service's prepared-volume cache."""
+        check_request(request)
         if isinstance(request, AutoSegmentRequest):
             return self.auto_segment(request, progress, cancel)
         if isinstance(request, PromptRequest):
@@ -258,6 +260,7 @@ class Service:
             segmenter = UNetSegmenter(segmenter.entry, segmenter.device, segmenter.batch_size, segmenter.overlap,
                                       request.min_component_mm3, network=segmenter.network)
         entry = segmenter.entry
+        unused_sequences(request.inputs, entry.inputs, f"model {entry.name!r}")
         missing = [s for s in entry.inputs if s not in request.inputs]
         if missing:
             raise InputError(f"model {entry.name!r} needs sequence(s) {', '.join(entry.inputs)}; "
