@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..errors import MRISegAssistError, InputError, Cancelled
 
 # Command modules, in the order they appear in --help. A module registers its sub-commands.
-COMMAND_MODULES = ("unet", "evaluate", "prompt", "atlas", "bench", "serve", "server")
+COMMAND_MODULES = ("unet", "evaluate", "prompt", "atlas", "batch", "report", "bench", "serve", "server")
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
