@@ -61,9 +61,12 @@ def _describe(tracker) -> str:
     except Exception:  # noqa: BLE001
         parts = []
     text = " + ".join(parts) or "CodeCarbon"
+    notes = []
     if any("Load" in p or "Constant" in p or p == "CPU()" for p in parts):
-        text += ": CPU power estimated from load x TDP (no RAPL access)"
-    return text
+        notes.append("CPU power estimated from load x TDP (no RAPL access)")
+    if "RAM()" in parts:
+        notes.append("RAM power estimated from the memory size")
+    return text + (": " + "; ".join(notes) if notes else "")
 
 
 class EnergyMeter:
@@ -82,7 +85,7 @@ class EnergyMeter:
 
             logging.getLogger("codecarbon").setLevel(logging.ERROR)
             kwargs = {"country_iso_code": country} if country else {}
-            self.tracker = OfflineEmissionsTracker(save_to_file=False, log_level="error",
+            self.tracker = OfflineEmissionsTracker(output_methods=[], log_level="error",
                                                    tracking_mode=tracking_mode, measure_power_secs=1, **kwargs)
             self.tracker.get_detected_hardware()  # detect the hardware now, not in the first study's time
             self.method = _describe(self.tracker)

@@ -205,18 +205,18 @@ class _Progress:
                         dynamic_ncols=True, smoothing=0.1)
         self._show()
 
-    def _show(self) -> None:
+    def _show(self, refresh: bool = True) -> None:
         remaining = self.total - self.skipped - self.done - self.failed
         self.bar.set_postfix_str(f"done {self.done + self.skipped}, failed {self.failed}, remaining {remaining}",
-                                 refresh=True)
+                                 refresh=refresh)
 
     def finished(self, record: StudyRecord) -> None:
         if record.done:
             self.done += 1
         else:
             self.failed += 1
+        self._show(refresh=False)
         self.bar.update(1)
-        self._show()
 
     def close(self) -> None:
         self.bar.close()

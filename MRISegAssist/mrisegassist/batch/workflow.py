@@ -165,6 +165,8 @@ class StudyProcessor:
         opts, timings = self.options, record.timings
         t = time.perf_counter()
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*.tmp*"):  # staged files of a worker that died while writing this study
+            stale.unlink(missing_ok=True)
         labels_path = folder / LABELS_FILE
         guard_outputs([Output(labels_path, "labelmap"), Output(folder / STUDY_FILE, "json")],
                       inputs=study.input_files(), case_folders=[study.folder])
