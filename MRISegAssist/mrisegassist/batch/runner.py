@@ -325,7 +325,12 @@ def _size(config: BatchConfig, n_todo: int) -> tuple[int, str, float, int]:
         workers = max(1, int(gpus // per_gpu))
     else:
         workers = max(1, int(cpus // config.cpus_per_worker))
-    return max(1, min(workers, n_todo)), device, per_gpu, max(1, int(config.cpus_per_worker))
+    workers = max(1, min(workers, n_todo))
+    if workers * config.cpus_per_worker > cpus + 1e-9 or workers * per_gpu > gpus + 1e-9:
+        raise InputError(f"{workers} workers x ({config.cpus_per_worker:g} CPU, {per_gpu:g} GPU) do not fit the "
+                         f"cluster's {cpus:g} CPUs and {gpus:g} GPUs (Ray would wait for them forever); lower "
+                         f"--workers, --cpus-per-worker or --gpus-per-worker")
+    return workers, device, per_gpu, max(1, int(config.cpus_per_worker))
 
 
 def _run_ray(todo, config, records, bar, cancel, emit, state, table) -> None:
@@ -387,7 +392,13 @@ def _run_ray(todo, config, records, bar, cancel, emit, state, table) -> None:
                             record = _died(study, config, attempt, exc)
                             _finish(record, records, bar, emit, pids.get(actor, 0))
                         replacement, pid_ref = new_worker()  # keep the pool's size
-                        pids[replacement] = ray.get(pid_ref)
+                        try:
+                            pids[replacement] = ray.get(pid_ref)
+                        except RayActorError:
+                            if not idle and not inflight:
+                                raise MRISegAssistError(f"no batch worker is left: a replacement could not "
+                                                        f"start ({_first_line(exc)})") from None
+                            continue
                         emit(BatchEvent("started", worker_pid=pids[replacement]))
                         idle.append(replacement)
                         continue

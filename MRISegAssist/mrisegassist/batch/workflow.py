@@ -119,7 +119,7 @@ class StudyProcessor:
             torch.set_num_threads(int(threads))
         self.options = options.check()
         self.out = Path(out)
-        self.service = Service(device)
+        self.service = Service(device, prepared_cache_size=0)  # studies differ: keep no prepared volume
         self.meter = EnergyMeter(country, "process", energy)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 

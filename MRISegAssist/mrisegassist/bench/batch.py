@@ -1,7 +1,7 @@
 """``mrisegassist bench batch``: cohort throughput of Ray workers against a plain serial loop, same run, same studies.
 
 The studies are the shared data's BraTS 2013 pat0001-0004 and ms-lesjak patient07/26 (``--copies`` times each,
-as distinct studies), segmented by ``--workflow``: ``mask`` (default: the weights-free engine prompted from each
+as distinct studies, no prepared volume kept between studies), segmented by ``--workflow``: ``mask`` (default: the weights-free engine prompted from each
 study's expert mask) or ``unet`` (the shipped model of each data set: glioma-2d, ms-lesions-2d). Modes, each
 into its own fresh results folder, all through the same per-study code (read, service, atomic writes,
 metrics):
@@ -49,12 +49,12 @@ def manifest(data: Path, folder: Path, copies: int) -> Path:
     from ..errors import InputError
 
     rows = ["case,flair,t1c,reference,model,site"]
-    for dataset, case, ref, model in CASES:
-        d = data / dataset / case
-        if not d.is_dir():
-            raise InputError(f"bench batch needs the shared data: {d} is missing (--data)")
-        t1c = d / ("t1c.nii.gz" if (d / "t1c.nii.gz").exists() else "t1post.nii.gz")
-        for n in range(copies):
+    for n in range(copies):
+        for dataset, case, ref, model in CASES:
+            d = data / dataset / case
+            if not d.is_dir():
+                raise InputError(f"bench batch needs the shared data: {d} is missing (--data)")
+            t1c = d / ("t1c.nii.gz" if (d / "t1c.nii.gz").exists() else "t1post.nii.gz")
             rows.append(f"{case}-{n},{d / 'flair.nii.gz'},{t1c},{d / (ref + '.nii.gz')},{model},{dataset}")
     path = folder / "studies.csv"
     path.write_text("\n".join(rows) + "\n")
