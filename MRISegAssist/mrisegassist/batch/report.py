@@ -265,8 +265,8 @@ def write_report(results_path: Path, output: Path, title: str = "MRISegAssist st
     ``output`` (atomically)."""
     from ..outputs import Output, guard_outputs
 
-    results = ResultsTable.read(results_path)
-    guard_outputs([Output(Path(output), "any", "-o")], inputs=[results.source if results.source.is_file() else None])
     if not str(output).lower().endswith((".html", ".htm")):
         raise InputError(f"-o {output}: the report is an HTML page; give a .html file name")
+    results = ResultsTable.read(results_path)
+    guard_outputs([Output(Path(output), "any", "-o")], inputs=[results.source if results.source.is_file() else None])
     return write_text(output, build_html(results, title, n_worst))

@@ -149,9 +149,9 @@ def table(records: list[StudyRecord]):
 
     rows = [r.row() for r in records]
     extra = list(dict.fromkeys(k for row in rows for k in row if k not in BASE_COLUMNS))
-    order = [c for c in BASE_COLUMNS] + sorted(extra, key=lambda c: ([GROUP, VOLUME, DICE, HD95].index(
-        c[:c.index(":") + 1]) if ":" in c else 9, extra.index(c)))
-    return pd.DataFrame(rows, columns=order)
+    prefixes = (GROUP, VOLUME, DICE, HD95)  # then in order of first appearance
+    extra.sort(key=lambda c: next(n for n, p in enumerate(prefixes) if c.startswith(p)))
+    return pd.DataFrame(rows, columns=list(BASE_COLUMNS) + extra)
 
 
 def write_table(records: list[StudyRecord], out: Path) -> tuple[Path, Path]:

@@ -164,7 +164,9 @@ def connect_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise InputError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
     else:
-        ray.init(num_cpus=num_cpus or len(os.sched_getaffinity(0)), _node_ip_address=LOCAL_NODE_IP,
+        from ..atlas.space import cpu_count
+
+        ray.init(num_cpus=num_cpus or cpu_count(), _node_ip_address=LOCAL_NODE_IP,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
     return True
 
@@ -250,18 +252,14 @@ def run_batch(config: BatchConfig, cancel: Optional[CancelToken] = None,
     run_meter.start("run")
     bar = _Progress(len(studies), len(reused), config.progress)
     state = _RunState()
+    mode = "serial" if config.serial else "ray"
     try:
-        if not todo:
-            mode = "serial" if config.serial else "ray"
-        elif config.serial:
-            mode = "serial"
+        if todo and config.serial:
             _run_serial(todo, config, records, bar, cancel, emit, state)
-        else:
-            mode = "ray"
+        elif todo:
             _run_ray(todo, config, records, bar, cancel, emit, state, table)
     except KeyboardInterrupt:
         cancel.cancel()
-        mode = "serial" if config.serial else "ray"
     finally:
         bar.close()
         energy_run = run_meter.stop()

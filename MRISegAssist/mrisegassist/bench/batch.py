@@ -17,7 +17,6 @@ loop's is printed, and the scaling from the first to the last worker count. On a
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -67,7 +66,9 @@ def run(args) -> int:
     from ..cli import emit
     from ..errors import InputError
 
-    cores = len(os.sched_getaffinity(0))
+    from ..atlas.space import cpu_count
+
+    cores = cpu_count()
     counts = [int(n) for n in args.workers.split(",") if n.strip()]
     if not counts or min(counts) < 1:
         raise InputError("--workers: give worker counts >= 1, e.g. 1,2")

@@ -137,7 +137,8 @@ def _free_port() -> int:
 def _worker(rank: int, nproc: int, port: int, cfg, queue, show_progress: bool, verbose: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    threads = int(cfg.threads) or max(1, len(os.sched_getaffinity(0)) // nproc)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = int(cfg.threads) or max(1, cores // nproc)
     torch.set_num_threads(threads)
     from ..progress import tqdm_progress
     from .train import train
