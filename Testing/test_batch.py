@@ -300,3 +300,24 @@ def test_energy_meter_offline():
     off = EnergyMeter(enabled=False)
     off.start("x")
     assert off.stop().energy_kwh is None and "disabled" in off.stop().method
+
+
+@pytest.mark.data
+def test_folder_of_case_folders_cli_and_outputs_outside_cases(tmp_path, capsys):
+    d = data_path("itksnap-mricrop")
+    cohort = tmp_path / "cohort"
+    for case in ("caseA", "caseB"):
+        (cohort / case).mkdir(parents=True)
+        (cohort / case / "t1.gipl.gz").symlink_to(d / "t1.gipl.gz")
+        (cohort / case / "labels.gipl.gz").symlink_to(d / "labels.gipl.gz")
+    studies = discover_studies(cohort)
+    assert [s.case for s in studies] == ["caseA", "caseB"] and studies[0].reference.name == "labels.gipl.gz"
+    args = ["--serial", "--workflow", "mask", "--mask-from", "reference", "--quiet", "--no-energy"]
+    assert main(["batch", str(cohort), "-o", str(cohort / "caseA" / "out")] + args) == 2
+    assert "inside the case folder" in capsys.readouterr().err and not (cohort / "caseA" / "out").exists()
+    before = digests([cohort])
+    assert main(["batch", str(cohort), "-o", str(tmp_path / "out")] + args) == 0
+    assert digests([cohort]) == before  # inputs untouched
+    frame = ResultsTable.read(tmp_path / "out" / "results.csv").frame
+    assert list(frame["status"]) == ["done", "done"] and (frame["dice:foreground"] > 0.3).all()
+    assert main(["report", str(tmp_path / "out")]) == 0 and (tmp_path / "out" / "report.html").stat().st_size

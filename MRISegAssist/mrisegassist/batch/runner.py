@@ -187,11 +187,13 @@ def _guard(studies: list[Study], config: BatchConfig) -> None:
     from ..outputs import Output, guard_outputs
 
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     source = Path(config.source)
+    inputs, folders = [source] if source.is_file() else [], [s.folder for s in studies]
+    if not out.is_dir():  # the folder itself passes the rules before it is created (its parent must exist)
+        guard_outputs([Output(out, option="-o")], inputs, folders)
+        out.mkdir()
     guard_outputs([Output(out / "results.parquet"), Output(out / "results.csv", "csv"),
-                   Output(out / "runs.json", "json")],
-                  inputs=[source] if source.is_file() else [], case_folders=[s.folder for s in studies])
+                   Output(out / "runs.json", "json")], inputs, folders)
 
 
 class _Progress:
