@@ -54,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--out", help="output folder (model.json, model.pt, last.pt)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
     p.add_argument("--device", help="cpu, cuda or mps")
+    p.add_argument("--nproc", type=int, help="train in N processes (torch.distributed: gloo on CPU, NCCL on "
+                                             "GPU; --batch-size is the global batch); torchrun also works")
     add_json_flag(p)
     p.set_defaults(func=cmd.cmd_train)
 

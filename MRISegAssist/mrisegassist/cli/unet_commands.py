@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("cases", "manifest", "dims", "epochs", "steps_per_epoch",
                                                 "batch_size", "patch", "lr", "val_fraction", "val_every",
                                                 "synthetic", "name", "max_minutes", "threads", "seed", "out",
-                                                "resume", "device", "labels")}
+                                                "resume", "device", "labels", "nproc")}
     if args.inputs:
         overrides["inputs"] = [s.strip().lower() for s in args.inputs.split(",") if s.strip()]
     if args.val_cases:

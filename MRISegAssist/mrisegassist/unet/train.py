@@ -25,6 +25,7 @@ from ..errors import CheckpointError, InputError
 from ..labels import LABEL_SETS, default_color
 from ..progress import CancelToken, ProgressFn, check, report
 from ..volume import atomic_write
+from .distributed import DistributedRun, is_main_process, launch
 from .data import (CaseFiles, TrainingCase, class_indices, discover_cases, load_training_case, make_transforms,
                    pad_case, read_manifest, synthetic_cases)
 from .entries import ModelEntry, sha256_file
@@ -92,6 +93,7 @@ class TrainConfig:
     threads: int = 0
     max_minutes: float = 0.0
     resume: bool = False
+    nproc: int = 0  # processes (torch.distributed, see .distributed); 0 or 1: this process only
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -167,12 +169,17 @@ def _split(cases: list[CaseFiles], cfg: TrainConfig) -> tuple[list[CaseFiles], l
 
 
 def _checkpoint(path: Path, payload: dict) -> None:
+    if not is_main_process():
+        return
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
           log: Callable[[str], None] = print) -> dict:
     """Train per ``cfg``; returns a summary (epochs run, best score, output paths, validation figures)."""
+    run = DistributedRun.from_env()  # torchrun / launch(); see .distributed
+    if cfg.nproc > 1 and not run.active:
+        return launch(cfg, show_progress=progress is not None, verbose=log is print)
     if not cfg.out:
         raise InputError("no output folder given (--out)")
     if cfg.dims not in ("2d", "3d"):
@@ -194,7 +201,8 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     train_files, val_files = _split(files, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = run.setup(resolve_device(cfg.device))
+    progress, log = (progress, log) if run.is_main else (None, lambda message: None)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     spacing = cfg.resolved_spacing()
@@ -226,6 +234,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     torch.manual_seed(cfg.seed)  # reproducible initial weights
     network = build_network(spec).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = run.wrap(network)
     total_steps = cfg.epochs * cfg.steps_per_epoch
     from monai.losses import DiceCELoss
 
@@ -255,7 +264,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     t_start = time.perf_counter()
 
     def minutes() -> float:
-        return minutes_before + (time.perf_counter() - t_start) / 60
+        return run.same(minutes_before + (time.perf_counter() - t_start) / 60)
 
     def out_of_time() -> bool:
         return bool(cfg.max_minutes) and minutes() > cfg.max_minutes
@@ -286,7 +295,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
             x = torch.stack([s["image"] for s in samples]).float().to(device)
             y = torch.stack([s["label"] for s in samples]).to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(network(x), y)
+            loss = run.loss(loss_fn, model, x, y)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
@@ -324,6 +333,8 @@ def _json_safe(data: Any) -> Any:
 def _write_model(out: Path, network: torch.nn.Module, spec: dict, cfg: TrainConfig, labels: list[dict],
                  train_cases: Sequence[TrainingCase], val_cases: Sequence[TrainingCase], record: dict,
                  spacing: list, norm: dict) -> None:
+    if not is_main_process():
+        return
     weights = out / "model.pt"
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     atomic_write(weights, lambda tmp: torch.save(state, tmp))
