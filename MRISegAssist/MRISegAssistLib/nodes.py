@@ -235,6 +235,23 @@ def placement_view(roi_node, slice_planes: Sequence = ()) -> Optional[np.ndarray
     return None
 
 
+def point_view(point_node, slice_planes: Sequence = ()) -> Optional[np.ndarray]:
+    """World RAS normal of the slice view whose plane holds the last placed point of a point list (0.5 mm), or
+    ``None``."""
+    defined = slicer.vtkMRMLMarkupsNode.PositionDefined
+    for n in reversed(range(point_node.GetNumberOfControlPoints())):
+        if point_node.GetNthControlPointPositionStatus(n) != defined:
+            continue
+        pos = np.zeros(3)
+        point_node.GetNthControlPointPositionWorld(n, pos)
+        for normal, point in slice_planes:
+            unit = _unit(normal)
+            if unit is not None and abs(float(unit @ (pos - np.asarray(point, dtype=float)))) <= 0.5:
+                return unit
+        return None
+    return None
+
+
 def record_placement(roi_node, normal_world) -> None:
     """Record on a ROI placed with two clicks the view it was drawn in (world RAS ``normal_world``) and its
     thickness along that normal now (Slicer's padding): while that thickness is unchanged the ROI is a flat box
