@@ -5,8 +5,9 @@ only the engine's box interface (so they hold for every engine until it reads po
 
 * **A slice with positive points and no box** gets a box found around them: square boxes centred on the
   points (half-sides :data:`SEARCH_HALF_MM`), each segmented on that slice alone; the first whose mask holds every
-  positive point of the slice without touching the box's border gives the box (the mask's bounding rectangle
-  with a margin: a box drawn around the object, as a person draws one), else the largest whose mask holds them.
+  positive point of the slice and either does not touch the box's border or fills at most :data:`MAX_FILL` of it
+  (the box is larger than the object) gives the box (the mask's bounding rectangle with a margin: a box drawn
+  around the object, as a person draws one), else the largest whose mask holds them.
 * **A positive point farther than :data:`NEAR_MM` from the object's mask on its slice** (another part or another
   lesion of the same object) is segmented as its own point prompt, within the object's z-range and bounds, and
   added to the object; fusion keeps every component holding a positive point (:func:`keep_components`). A point
@@ -34,6 +35,9 @@ from ..prompt.base import OUTSIDE_LOGIT, Box2D, ObjectPrompt, ObjectResult, Poin
 
 #: Half-sides (mm) of the square boxes tried around positive points, smallest first.
 SEARCH_HALF_MM = (4.0, 6.0, 9.0, 13.5, 20.0, 30.0, 45.0)
+#: A box whose mask fills at most this fraction of it is taken even when the mask touches its border (an engine
+#: that makes its mask span the box, as the weights-free engine does, always touches it).
+MAX_FILL = 0.5
 #: A positive point the mask misses by at most this distance (mm, in its slice) is not segmented on its own.
 NEAR_MM = 3.0
 #: Margin of a found box around its mask: this fraction of the mask's size, at least MIN_MARGIN voxels.
@@ -104,7 +108,8 @@ def box_around_points(engine, prepared, points: Sequence[Point2D], shape: Sequen
         if not mask2d.any() or not _holds(mask2d, points):
             continue
         best = _around(mask2d, k)
-        if not _touches_border(mask2d, prompt.boxes[0]):
+        fill = float(mask2d.sum()) / float((box.i1 - box.i0 + 1) * (box.j1 - box.j0 + 1))
+        if not _touches_border(mask2d, prompt.boxes[0]) or fill <= MAX_FILL:
             break
         if box.i0 == 0 and box.j0 == 0 and box.i1 == ni - 1 and box.j1 == nj - 1:
             break
