@@ -459,7 +459,11 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self.ui.existingPromptSelector.currentNode()
         if node is None:
             return
-        self._guarded("Adding the box or points", lambda: self.state.add_to_object(self._current_object(), node))
+        def add():
+            self.logic.finish_placement(node)  # records the view of a box just drawn with the Markups toolbar
+            self.state.add_to_object(self._current_object(), node)
+
+        self._guarded("Adding the box or points", add)
         self._refresh_objects()
 
     def onPlaceBox(self, *_args) -> None:

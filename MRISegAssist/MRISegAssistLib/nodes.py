@@ -202,37 +202,33 @@ def _vector_attribute(node, name: str) -> Optional[np.ndarray]:
         return None
 
 
-def padded_axis(roi_node) -> Optional[int]:
-    """The ROI axis whose size Slicer set when the ROI was placed with two clicks in a slice view
+def padded_axes(roi_node) -> list[int]:
+    """The ROI axes that may be the one Slicer padded when the ROI was placed with two clicks in a slice view
     (``vtkMRMLMarkupsROINode::UpdateBoxROIFromControlPoints`` gives the zero-thickness side the shortest other
-    side): the one axis whose size equals the smaller of the other two (within 1e-6 mm) and is not the largest.
-    ``None`` when no axis or more than one axis fits (a cube, a square box of that thickness)."""
+    side): the axes whose size is the smallest (within 1e-6 mm). For a non-square box these are two, the padded
+    one and the box's shorter side: the geometry alone cannot tell them apart; :func:`placement_view` can."""
     size = np.array(roi_node.GetSize(), dtype=float)
-    fits = [a for a in range(3) if abs(size[a] - min(size[b] for b in range(3) if b != a)) <= 1e-6
-            and size[a] < size.max() - 1e-6]
-    return fits[0] if len(fits) == 1 else None
+    return [a for a in range(3) if size[a] <= size.min() + 1e-6]
 
 
 def placement_view(roi_node, slice_planes: Sequence = ()) -> Optional[np.ndarray]:
-    """World RAS normal of the slice view a ROI was just placed in with two clicks: its padded axis
-    (:func:`padded_axis`); for a square box (ambiguous), the ROI axis normal to one of ``slice_planes``
-    (``[(normal_ras, point_ras)]`` of the slice views) whose plane passes through the ROI's centre (0.5 mm).
-    ``None`` when neither tells."""
+    """World RAS normal of the slice view a ROI was just drawn in with two clicks: of its axes that Slicer may
+    have padded (:func:`padded_axes`), the one normal to a slice view (``slice_planes``: ``[(normal_ras,
+    point_ras)]``) whose plane passes through the ROI's centre (0.5 mm): both clicks, hence the centre, lie on the
+    drawing view's plane. ``None`` when no axis or more than one fits."""
     axes = matrix_to_numpy(roi_node.GetObjectToWorldMatrix())[:3, :3]
-    axis = padded_axis(roi_node)
-    if axis is not None:
-        return _unit(axes[:, axis])
     centre = np.zeros(3)
     roi_node.GetCenterWorld(centre)
-    size = np.array(roi_node.GetSize(), dtype=float)
-    for normal, point in slice_planes:
-        n = _unit(normal)
-        if n is None or abs(float(np.dot(n, centre - np.asarray(point, dtype=float)))) > 0.5:
-            continue
-        a = int(np.argmax(np.abs(axes.T @ n) / np.linalg.norm(axes, axis=0)))
-        if abs(abs(float(_unit(axes[:, a]) @ n)) - 1.0) < 1e-3 and size[a] <= size.min() + 1e-6:
-            return _unit(axes[:, a])
-    return None
+    found = []
+    for a in padded_axes(roi_node):
+        axis = _unit(axes[:, a])
+        for normal, point in slice_planes:
+            n = _unit(normal)
+            if n is not None and abs(abs(float(axis @ n)) - 1.0) < 1e-3 \
+                    and abs(float(n @ (centre - np.asarray(point, dtype=float)))) <= 0.5:
+                found.append(a)
+                break
+    return _unit(axes[:, found[0]]) if len(found) == 1 else None
 
 
 def point_view(point_node, slice_planes: Sequence = ()) -> Optional[np.ndarray]:
@@ -267,28 +263,24 @@ def roi_view(roi_node, volume_node) -> tuple[Optional[np.ndarray], bool]:
     """``(normal, flat)``: the RAS normal (volume node frame) of the view a ROI was drawn in, and whether it is a
     flat box on one slice of that view (propagated until the object ends) rather than a box bounding the object.
 
-    1. A ROI recorded at placement (:func:`record_placement`): its view; flat while its thickness along that view's
-       normal is the one Slicer gave it when placed (within 0.01 mm); a ROI thickened or thinned by the user
-       bounds the object.
-    2. Otherwise, Slicer's two-click signature (:func:`padded_axis`): flat, in the view normal to that axis.
-    3. Otherwise it bounds the object, with no view (the volume's own slices), e.g. ROIs made by scripts.
+    * A ROI whose placement was recorded (:func:`record_placement`; the panel records every box drawn with its
+      *Place box* button or added with *Add to object* right after drawing, from the slice view whose plane holds
+      it): its view; flat while its thickness along that view's normal is the one Slicer gave it when it was
+      placed (within 0.01 mm); a ROI thickened or thinned since bounds the object.
+    * Otherwise it bounds the object, with no view (the volume's own slices): e.g. ROIs made by scripts.
     A ROI thinner than one voxel along the view's normal is flat in any case (the crop rule gives one slice).
     """
     axes = matrix_to_numpy(roi_node.GetObjectToWorldMatrix())[:3, :3]
     size = np.array(roi_node.GetSize(), dtype=float)
     recorded = _vector_attribute(roi_node, ROI_VIEW)
-    if recorded is not None:
-        a = int(np.argmax(np.abs(axes.T @ recorded) / np.linalg.norm(axes, axis=0)))
-        try:
-            placed = float(roi_node.GetAttribute(ROI_PLACED_THICKNESS))
-        except (TypeError, ValueError):
-            placed = None
-        flat = placed is not None and abs(size[a] - placed) <= 0.01
-        return _normal_in_node(recorded, volume_node), flat
-    axis = padded_axis(roi_node)
-    if axis is not None:
-        return _normal_in_node(axes[:, axis], volume_node), True
-    return None, False
+    if recorded is None:
+        return None, False
+    a = int(np.argmax(np.abs(axes.T @ recorded) / np.linalg.norm(axes, axis=0)))
+    try:
+        placed = float(roi_node.GetAttribute(ROI_PLACED_THICKNESS))
+    except (TypeError, ValueError):
+        placed = None
+    return _normal_in_node(recorded, volume_node), placed is not None and abs(size[a] - placed) <= 0.01
 
 
 def is_placed(prompt_node) -> bool:

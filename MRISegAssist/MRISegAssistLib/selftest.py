@@ -196,11 +196,11 @@ def synthetic_case(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def two_click_box(scene, volume_node, mask: np.ndarray, view: str, name: str = "box"):
+def two_click_box(scene, volume_node, mask: np.ndarray, view: str, name: str = "box", record: bool = True):
     """A Markups ROI as Slicer makes it from two clicks in the ``view`` (axial/coronal/sagittal) slice view on the
     middle slice of ``mask`` (``[k, j, i]`` on ``volume_node``): two corner control points of the lesion's
-    rectangle on that slice, to which Slicer itself gives its padded thickness. Returns the ROI (its placement
-    recorded as the panel records it)."""
+    rectangle on that slice, to which Slicer itself gives its padded thickness. ``record``: record the placement
+    as the panel does when the drawing ends (:func:`nodes.record_placement`)."""
     from mrisegassist.prompt.strategies import box_slices
     from mrisegassist.service.views import VIEWS
 
@@ -218,7 +218,13 @@ def two_click_box(scene, volume_node, mask: np.ndarray, view: str, name: str = "
     roi.CreateDefaultDisplayNodes()
     for point in (lo_ras, hi_ras):
         roi.AddControlPointWorld(*((to_world @ np.r_[point, 1.0])[:3]))
-    nodes.record_placement(roi, normal)
+    # as Slicer's placement widget leaves a box: its one control point at its centre (a control point left at the
+    # first click would move the box there when the scene is saved and loaded again)
+    centre = list(roi.GetCenter())
+    roi.SetCenter(centre[0] + 1.0, centre[1], centre[2])
+    roi.SetCenter(*centre)
+    if record:
+        nodes.record_placement(roi, normal)
     return roi
 
 
