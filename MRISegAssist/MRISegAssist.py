@@ -129,7 +129,8 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              lambda node, s=sequence: self.onInputSelected(s, node))
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.autoSegmentButton.connect("clicked(bool)", self.onAutoSegment)
-        self.ui.promptSequenceComboBox.connect("currentIndexChanged(int)", self.onInputChanged)
+        self.ui.promptSequenceComboBox.connect("currentIndexChanged(int)", self.onPromptSequenceChanged)
+        self.ui.atlasReferenceComboBox.connect("currentIndexChanged(int)", self.onAtlasReferenceChanged)
         self.ui.engineComboBox.connect("currentIndexChanged(int)", self.onEngineChanged)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.oneBoxRadioButton.connect("toggled(bool)", self.onStrategyChanged)
@@ -211,12 +212,12 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = wrapper
         if wrapper is None:
             return
+        # the wrapper's combo-box connectors need a fixed Choice list: the combo boxes (filled at run time) are
+        # synchronised in updateGUIFromParameterNode and their change handlers instead
         self._guiTag = wrapper.connectParametersToGui({
             "flair": self.ui.flairSelector, "t1": self.ui.t1Selector, "t1c": self.ui.t1cSelector,
-            "t2": self.ui.t2Selector, "promptSequence": self.ui.promptSequenceComboBox,
-            "engine": self.ui.engineComboBox, "zRangeEnabled": self.ui.zRangeCheckBox, "zMin": self.ui.zMinSpinBox,
-            "zMax": self.ui.zMaxSpinBox, "cascade": self.ui.cascadeCheckBox,
-            "atlasReference": self.ui.atlasReferenceComboBox, "serverUrl": self.ui.serverUrlLineEdit,
+            "t2": self.ui.t2Selector, "zRangeEnabled": self.ui.zRangeCheckBox, "zMin": self.ui.zMinSpinBox,
+            "zMax": self.ui.zMaxSpinBox, "cascade": self.ui.cascadeCheckBox, "serverUrl": self.ui.serverUrlLineEdit,
             "outputSegmentation": self.ui.outputSegmentationSelector})
         self.addObserver(wrapper.parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self.updateGUIFromParameterNode()
@@ -231,9 +232,12 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             return
         state = self.state
-        for combo, value in ((self.ui.modelComboBox, state.model), (self.ui.computeModeComboBox, state.computeMode),
-                             (self.ui.deviceComboBox, state.device)):
-            index = combo.findData(value) if combo is not self.ui.deviceComboBox else combo.findText(value)
+        by_data = ((self.ui.modelComboBox, state.model), (self.ui.computeModeComboBox, state.computeMode),
+                   (self.ui.engineComboBox, state.engine))
+        by_text = ((self.ui.deviceComboBox, state.device), (self.ui.promptSequenceComboBox, state.promptSequence),
+                   (self.ui.atlasReferenceComboBox, state.atlasReference))
+        for combo, value, index in [(c, v, c.findData(v)) for c, v in by_data] + \
+                                   [(c, v, c.findText(v)) for c, v in by_text]:
             if index >= 0 and index != combo.currentIndex:
                 was = combo.blockSignals(True)
                 combo.setCurrentIndex(index)
@@ -350,6 +354,15 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                       f"Licence: {choice['licence']}")
         self.updateButtons()
 
+    def onPromptSequenceChanged(self, *_args) -> None:
+        if self._parameterNode is not None and self.ui.promptSequenceComboBox.currentText:
+            self.state.promptSequence = self.ui.promptSequenceComboBox.currentText
+        self.onInputChanged()
+
+    def onAtlasReferenceChanged(self, *_args) -> None:
+        if self._parameterNode is not None and self.ui.atlasReferenceComboBox.currentText:
+            self.state.atlasReference = self.ui.atlasReferenceComboBox.currentText
+
     def onStrategyChanged(self, *_args) -> None:
         if self._parameterNode is not None:
             self.state.strategy = "A" if self.ui.oneBoxRadioButton.checked else "B"
@@ -358,6 +371,8 @@ class MRISegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         engine = self.ui.engineComboBox.currentData
         if not engine:
             return
+        if self._parameterNode is not None:
+            self.state.engine = engine
         reason = deps.engine_unavailable_reason(engine) if self.logic.mode != "remote" else None
         if reason:
             self.ui.weightsStatusLabel.setText(f"Not available here: {reason}")

@@ -267,6 +267,8 @@ def roi_view(roi_node, volume_node) -> tuple[Optional[np.ndarray], bool]:
       *Place box* button or added with *Add to object* right after drawing, from the slice view whose plane holds
       it): its view; flat while its thickness along that view's normal is the one Slicer gave it when it was
       placed (within 0.01 mm); a ROI thickened or thinned since bounds the object.
+    * A ROI with exactly one side of zero size (e.g. the browser front end's boxes): flat, in the view normal to
+      that side.
     * Otherwise it bounds the object, with no view (the volume's own slices): e.g. ROIs made by scripts.
     A ROI thinner than one voxel along the view's normal is flat in any case (the crop rule gives one slice).
     """
@@ -274,6 +276,9 @@ def roi_view(roi_node, volume_node) -> tuple[Optional[np.ndarray], bool]:
     size = np.array(roi_node.GetSize(), dtype=float)
     recorded = _vector_attribute(roi_node, ROI_VIEW)
     if recorded is None:
+        zero = [a for a in range(3) if size[a] <= 1e-6]
+        if len(zero) == 1:
+            return _normal_in_node(axes[:, zero[0]], volume_node), True
         return None, False
     a = int(np.argmax(np.abs(axes.T @ recorded) / np.linalg.norm(axes, axis=0)))
     try:
