@@ -56,24 +56,30 @@ def registerSampleData() -> None:
         import SampleData
     except ImportError:  # Sample Data module disabled
         return
+    import os
+
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "MRISegAssist.png")
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category=SAMPLE_CATEGORY, sampleName=SAMPLE_NAME, uris=[], fileNames=[], nodeNames=[],
-        thumbnailFileName=None, customDownloader=loadSyntheticCase)
+        thumbnailFileName=icon, customDownloader=loadSyntheticCase)
 
 
 def loadSyntheticCase(source=None) -> list:
-    """Build (once, in Slicer's cache) and load the synthetic glioma case: FLAIR, T1, T1c, T2 and its labels."""
+    """Build (once, in Slicer's cache) and load the synthetic glioma case: FLAIR, T1, T1c, T2 and its labels. A
+    failure ends in an error dialog."""
     from pathlib import Path
 
     from MRISegAssistLib import selftest
 
-    deps.ensure_dependencies(("atlas",), ask=True)  # nilearn holds the MNI152 anatomy the case is built on
-    folder = Path(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()) / "MRISegAssistSynthetic"
-    paths = selftest.synthetic_case(folder)
-    loaded = [slicer.util.loadVolume(str(paths[s]), {"name": f"Synthetic glioma {s}"})
-              for s in ("flair", "t1", "t1c", "t2")]
-    loaded.append(slicer.util.loadLabelVolume(str(paths["labels"]), {"name": "Synthetic glioma labels"}))
-    return loaded
+    with slicer.util.tryWithErrorDisplay("MRISegAssist: the synthetic sample case could not be made.",
+                                         waitCursor=True):
+        deps.ensure_dependencies(("atlas",), ask=True)  # nilearn holds the MNI152 anatomy the case is built on
+        folder = Path(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()) / "MRISegAssistSynthetic"
+        paths = selftest.synthetic_case(folder)
+        loaded = [slicer.util.loadVolume(str(paths[s]), {"name": f"Synthetic glioma {s}"})
+                  for s in ("flair", "t1", "t1c", "t2")]
+        loaded.append(slicer.util.loadLabelVolume(str(paths["labels"]), {"name": "Synthetic glioma labels"}))
+        return loaded
 
 
 def _wrapper_class():

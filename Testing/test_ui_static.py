@@ -304,3 +304,23 @@ def test_extension_metadata_for_the_extensions_index():
     for name in re.findall(r'"([^"]+)"', module_contributors):
         assert re.fullmatch(person, name), name
     assert re.search(r'href="\{DOCUMENTATION\}"', code) and f"{repo_name}#" in code
+
+
+def test_module_registers_sample_data_and_self_test_checks(code):
+    """The module adds its synthetic case to Sample Data at startup, and its self-test compares every required
+    result with the stored expectations (a missing workflow fails)."""
+    tree = ast.parse(code)
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert {"registerSampleData", "loadSyntheticCase"} <= functions
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in code
+    assert "registerCustomSampleDataSource(" in code and "customDownloader=loadSyntheticCase" in code
+    test = code.split("class MRISegAssistTest")[1]
+    assert "selftest.run_synthetic(" in test and "selftest.compare(results, selftest.load_expected(), required)" in test
+    assert "self.assertEqual(failures, []" in test and "return" not in test.split("def test_workflows")[1].split(
+        "selftest.run_synthetic(")[0]  # nothing returns before the workflows run
+    # observers of new nodes only while the module is shown
+    widget = code.split("class MRISegAssistWidget")[1].split("class MRISegAssistTest")[0]
+    setup = widget.split("def setup(self)")[1].split("def cleanup(self)")[0]
+    assert "NodeAddedEvent" not in setup
+    assert "NodeAddedEvent, self.onNodeAdded" in widget.split("def enter(self)")[1].split("def exit(self)")[0]
+    assert "removeObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent" in widget.split("def exit(self)")[1]
