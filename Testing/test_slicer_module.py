@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 from conftest import data_path
-from slicer_env import SlicerEnv, array_of, slicer
+from scipy import ndimage
+from slicer_env import SlicerEnv, array_of
 
 from MRISegAssistLib import nodes, selftest
 from MRISegAssistLib.logic import MRISegAssistLogic
@@ -113,7 +114,7 @@ def test_points_through_the_logic(env, logic, pat0002):
     removes the part it is on. Placement records the slice view the points were clicked in."""
     volume, tumour = pat0002
     k = 97
-    depth = __import__("scipy.ndimage", fromlist=["ndimage"]).distance_transform_edt(tumour[k])
+    depth = ndimage.distance_transform_edt(tumour[k])
     j, i = np.unravel_index(int(np.argmax(depth)), depth.shape)
     positive = logic.new_point_list(True)
     positive.AddControlPointWorld(*selftest._world(volume, (i, j, k)))
