@@ -151,6 +151,9 @@ class PromptableEngine(ABC):
 
     #: registry name, e.g. ``"classical"``, ``"sam-vit-b"``, ``"sam2.1-hiera-tiny"``, ``"medsam2"``
     name: str = ""
+    #: when True, :meth:`prepare` takes ``[c, k, j, i]`` float32 (channel 0 = the prompted sequence, then the other
+    #: co-registered sequences on its grid) whenever the request carries other sequences
+    accepts_channels: bool = False
 
     @abstractmethod
     def prepare(self, volume: np.ndarray, *, progress: Optional[ProgressFn] = None,
