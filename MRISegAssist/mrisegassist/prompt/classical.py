@@ -59,7 +59,7 @@ from ..progress import CancelToken, ProgressFn, check, report
 from ..volume import validate_array
 from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, SliceEngine
 from .fusion import union_bbox
-from .propagation import PropagationConfig, SlicePrior
+from .propagation import PropagationConfig, SlicePrior, touching
 
 MAX_LOGIT = 8.0
 #: normalised intensities are clipped to 0..CLIP_HIGH (1 = the window's top: lesions brighter than it keep their
@@ -197,6 +197,17 @@ class Appearance:
         idx = np.clip(np.digitize(features[0], self.edges) - 1, 0, self.fg.shape[1] - 1)
         return self.llr_table()[0][idx]
 
+    def typical_llr(self) -> tuple[float, float]:
+        """Median log-likelihood ratio (channel 0) of the surroundings' and of the object's own samples: how
+        separable the object is from its surroundings (``(-8, 8)`` clear, ``(-1, 1)`` barely)."""
+        table = self.llr_table()[0]
+        out = []
+        for hist in (self.bg[0], self.fg[0]):
+            order = np.argsort(table)
+            cum = np.cumsum(hist[order])
+            out.append(float(table[order][np.searchsorted(cum, 0.5 * cum[-1])]))
+        return out[0], out[1]
+
     def edge_weights(self) -> np.ndarray:
         """``[c]`` scale of each channel for the random walker's edges: its share of the object's
         contrast-to-noise ratio (median object vs surroundings over the channel's noise level; the sequences that
@@ -290,6 +301,22 @@ def _span(mask: np.ndarray, inbox: np.ndarray) -> float:
                (mj.max() - mj.min() + 1) / (bj.max() - bj.min() + 1))
 
 
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (2D or 3D bool) with its holes filled: background components (4-/6-connected, as
+    ``scipy.ndimage.binary_fill_holes``) that do not reach the array's border; linear time."""
+    labels, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            outside[np.take(labels, end, axis=axis)] = True
+    outside[0] = True
+    return mask | ~outside[labels]
+
+
 def enclosed(mask: np.ndarray) -> np.ndarray:
     """Voxels a 3D bool ``mask`` encloses (bool, same shape, ``mask`` excluded): holes of the mask in 3D or
     in any axial, coronal or sagittal section (a cavity whose shell has a gap on one slice is still closed in
@@ -302,8 +329,8 @@ def enclosed(mask: np.ndarray) -> np.ndarray:
                 index = (slice(None),) * axis + (n,)
                 section = out[index]
                 if section.any():
-                    out[index] = ndimage.binary_fill_holes(section)
-        out = ndimage.binary_fill_holes(out)
+                    out[index] = fill_holes(section)
+        out = fill_holes(out)
         if int(out.sum()) == before:
             return out & ~mask
 
@@ -320,7 +347,7 @@ class ClassicalEngine(SliceEngine):
     accepts_prior = True
     accepts_channels = True
     propagation = PropagationConfig(margin=0.1, min_margin=2, min_area=1, min_score=0.0, max_growth=1.5,
-                                    max_area_ratio=1.5, consensus=True, extent="hull")
+                                    max_area_ratio=1.5, consensus=True, extent="area+hull")
 
     def __init__(self, params: Optional[ClassicalParams] = None, cache_size: int = 2) -> None:
         self.params = params or ClassicalParams()
@@ -465,16 +492,14 @@ class ClassicalEngine(SliceEngine):
         prob = np.clip(prob, 1e-4, 1 - 1e-4)
         logits = np.clip(np.log(prob / (1.0 - prob)), -MAX_LOGIT, MAX_LOGIT)
         raw = prob > 0.5
-        mask = ndimage.binary_fill_holes(raw) if self.params.fill_holes else raw
+        mask = fill_holes(raw) if self.params.fill_holes else raw
         logits[mask & ~raw] = FILL_LOGIT
         out[region] = logits
         if model is not None:
             near = ndimage.binary_dilation(mask, iterations=self.params.surround_margin) if mask.any() else mask
             alike = model.likeness.pop(k, None)
-            if alike is not None and mask.any():  # the object's continuation beyond the box is not its surroundings
-                parts, _ = ndimage.label(alike | mask, structure=np.ones((3, 3), bool))
-                attached = np.unique(parts[mask])
-                near |= np.isin(parts, attached[attached > 0])
+            if alike is not None:  # propagated slice: surroundings are learnt where they do not look like the object
+                near |= alike
             body = prepared.body(k)[region]
             surround = ~near & body if body.any() else ~near
             model.pending[k] = (anchor, region, prepared.crop(k, region) / gain[:, None, None], raw, surround, gain)
@@ -534,16 +559,15 @@ class ClassicalEngine(SliceEngine):
         footprint = ndimage.binary_dilation(prior.mask[region], iterations=1) & inbox
         if not footprint.any():
             footprint = core
-        if np.percentile(llr[footprint], p.peak_percentile) < 0:
+        bg_typical, fg_typical = appearance.typical_llr()
+        fg_seed, bg_seed = min(p.seed_llr, fg_typical), max(-p.seed_llr, bg_typical)
+        if np.percentile(llr[footprint], p.peak_percentile) < fg_seed:
             return llr, gain, False
-        fg = inbox & (llr >= p.seed_llr)
-        labels, n = ndimage.label(fg, structure=np.ones((3, 3), bool))
-        touching = np.unique(labels[footprint & fg])
-        fg = np.isin(labels, touching[touching > 0])
+        fg = touching(inbox & (llr >= fg_seed), footprint)
         if not fg.any():
             return llr, gain, False
         seeds = np.zeros(llr.shape, dtype=np.int32)
-        seeds[ring | (inbox & (llr <= -p.seed_llr))] = 1
+        seeds[ring | (inbox & (llr <= bg_seed))] = 1
         seeds[fg] = 2
         check(cancel)
         weights = appearance.edge_weights()
@@ -571,13 +595,10 @@ class ClassicalEngine(SliceEngine):
         ring and ``<= scale * bg_level`` in the box) and the random walker's foreground probability."""
         p = self.params
         fg = inbox & (contrast >= scale * p.fg_level)
-        labels, n = ndimage.label(fg, structure=np.ones((3, 3), bool))
-        if n > 1:
-            touching = np.unique(labels[core & fg])
-            touching = touching[touching > 0]
-            if touching.size == 0:
-                touching = [labels.flat[np.argmax(np.where(fg, contrast, -np.inf))]]
-            fg = np.isin(labels, touching)
+        if fg.any() and not (fg & core).any():  # none in the core: the part with the strongest contrast
+            core = np.zeros(fg.shape, dtype=bool)
+            core.flat[np.argmax(np.where(fg, contrast, -np.inf))] = True
+        fg = touching(fg, core)
         seeds = np.zeros(contrast.shape, dtype=np.int32)
         seeds[ring | (inbox & (contrast <= scale * p.bg_level))] = 1
         seeds[fg] = 2
@@ -619,10 +640,14 @@ class ClassicalEngine(SliceEngine):
             if not any(self._extreme_is_object(crop, inbox, ring, noise, core, sign, beyond)
                        for sign, beyond in sides):
                 return 0.0
-        spans, peaks = {}, {}
+        spans, peaks, parts = {}, {}, {}
         for sign in (1.0, -1.0):
-            parts, peaks[sign] = self._candidate(crop, inbox, ring, noise, sign)
-            spans[sign] = _span(parts, inbox) if parts.any() else 0.0
+            parts[sign], peaks[sign] = self._candidate(crop, inbox, ring, noise, sign)
+            spans[sign] = _span(parts[sign], inbox) if parts[sign].any() else 0.0
+        for sign in (1.0, -1.0):  # one candidate encloses the other (a necrotic core in its rim): the enclosing one
+            inner = parts[-sign]
+            if inner.any() and (fill_holes(parts[sign]) & inner).sum() >= 0.5 * inner.sum():
+                return sign
         if abs(spans[1.0] - spans[-1.0]) > 0.25:
             return 1.0 if spans[1.0] > spans[-1.0] else -1.0
         return 1.0 if peaks[1.0] >= peaks[-1.0] else -1.0
