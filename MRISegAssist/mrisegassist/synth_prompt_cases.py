@@ -180,7 +180,7 @@ def confluent_ms(seed: int = 0, noise: float = 0.03) -> PromptCase:
                       "40-100 % contrast")
 
 
-def drifting_lesion(seed: int = 0, noise: float = 0.03, drift: float = 0.3, fade: float = 0.45) -> PromptCase:
+def drifting_lesion(seed: int = 0, noise: float = 0.03, drift: float = 0.4, fade: float = 0.45) -> PromptCase:
     """A non-enhancing lesion (FLAIR-bright, ~40 slices) beside the cortex, under an intensity drift along ``k``.
 
     Every sequence is multiplied by ``exp(drift * t)``, ``t`` going from -1 to 1 over the lesion's slices (a

@@ -1,18 +1,19 @@
 """Weights-free box-prompted engine: a random walker seeded from the box on the prompted slices, then from the
-object's footprint and its appearance learnt over every slice segmented so far.
+object's footprint and its appearance learnt over the slices segmented so far.
 
 Input: ``prepare`` takes one ``[k, j, i]`` volume or ``[c, k, j, i]`` co-registered sequences on one grid
 (``accepts_channels``; e.g. FLAIR, T1c, T2, T1). Channel 0 is the sequence the boxes were drawn on; boxes,
-prompts and results are ``[k, j, i]`` of that grid. Each channel is normalised to 0..1 on a copy (percentile
-window of its non-background voxels) with its own noise level ``sigma``; slices are smoothed lazily and cached.
+prompts and results are ``[k, j, i]`` of that grid. Each channel is normalised on a copy (percentile window
+of its non-background voxels: 0..1, brighter voxels kept up to ``CLIP_HIGH``) with its own noise level
+``sigma``; slices are smoothed lazily and cached.
 
-Prompted slice (channel 0, in a crop around the box, so cost grows with the object, not the image):
+Prompted slice (channel 0 clipped to 0..1, in a crop around the box, so cost grows with the object):
 
 1. polarity: the object is brighter than its surroundings (FLAIR lesions, enhancing tumour), darker (CSF
    spaces, cysts), or of intermediate intensity (grey-matter nuclei between white matter and CSF: then
-   "closeness to the box centre's intensity" is used). One object has one polarity: with several boxes, the
-   polarity most of them show is used for all (a box on a slice where the object is thin or split does not
-   turn it into its neighbour);
+   "closeness to the box centre's intensity" is used). A bright candidate that encloses the dark one (an
+   enhancing rim around a necrotic core) or the reverse wins. One object has one polarity: with three or more
+   boxes, the polarity most of them show is used for all;
 2. background level ``B``: a percentile of the ring between box and crop border, inside the body only (not
    the zeros around a skull-stripped brain); object level ``F``: a high percentile in the box centre. The
    object is present if ``F - B >= min_cnr * sigma``;
@@ -21,25 +22,31 @@ Prompted slice (channel 0, in a crop around the box, so cost grows with the obje
    rest. The mask should span the box (``min_span``): if not, and the rest of the box is still brighter than
    the ring (a partly found object, not a loose box), the seed levels are lowered step by step.
 
-Propagated slices (:mod:`.propagation` walks slice by slice from the prompted slices): the object's appearance
-is a naive-Bayes model over all channels, per channel a histogram of the object's voxels and one of its
-surroundings (the crop minus the object and a 2-voxel margin), pooled over every slice kept so far (all
-prompted slices first): a change of contrast from one slice to the next neither stops the walk (the object
-still looks more like itself than like its surroundings) nor sends it into neighbouring tissue (which the
-surroundings' histogram has learnt). Intensities are divided by the slice's gain relative to the prompted
-slice (median voxel-wise ratio of the surroundings on consecutive slices), so a smooth intensity drift along
-``k`` is followed. Seeds: foreground where the log-likelihood ratio is ``>= seed_llr`` and connected to the
-previous slice's mask (the footprint), background the ring and ``<= -seed_llr`` in the box; the random walker
-runs on the object probability. The object is present while the footprint's 90th percentile of the ratio
-reaches ``seed_llr``.
+Propagated slices (:mod:`.propagation` walks slice by slice away from each prompted slice): each prompted
+slice starts an :class:`Appearance` for its walks, per channel a histogram of the object's inner voxels and
+one of its surroundings (the crop minus the object, a 2-voxel margin and, after the prompted slice, whatever
+looks like the object), learnt from the prompted slice and every slice its walks kept so far. The object is
+judged on channel 0's log-likelihood ratio object / surroundings (on the shared cases the other sequences'
+ratios made things worse); all channels shape the boundary (random-walker edges weighted by each sequence's
+contrast-to-noise ratio for the object). A change of contrast from one slice to the next neither stops the walk
+(the object still looks more like itself than like its surroundings) nor sends it into neighbouring tissue
+(which the surroundings' histogram has learnt). Intensities are divided by the slice's gain relative to the
+prompted slice (median voxel-wise ratio of the surroundings on consecutive slices), so a smooth intensity drift
+along ``k`` is followed. Seeds: foreground where the ratio is at least ``seed_llr`` or the object's own median
+voxel's ratio (a barely separable object, e.g. grey matter beside grey matter), connected to the previous
+slice's mask (the footprint); background the ring and the box's voxels as unlike the object as its
+surroundings' median (or ``-seed_llr``). The object is present while the footprint's top decile is at least
+``min_relative_llr`` as object-like as the object's median voxel.
 
-Every slice: regions the object encloses belong to it (holes filled; a necrotic or cystic core inside an
-enhancing rim is part of the tumour), and again in 3D on the whole object after propagation. Logits =
-log-odds of the walker's foreground probability (filled holes: ``FILL_LOGIT``); score = mean probability in
-the mask. Several boxes of one object: each gap between prompted slices is walked from both sides and the two
-walks blended (``PropagationConfig(consensus=True)``). Multi-object fusion: :mod:`.fusion`. Parameters were
-set with ``mrisegassist bench prompt-accuracy`` (expert-labelled MS lesions, BraTS tumours, thick-slice
-post-contrast T1 lesions) and cross-checked on the synthetic failure cases of :mod:`..synth_prompt_cases`.
+Every slice: regions the object encloses belong to it (holes filled: a necrotic or cystic core inside an
+enhancing rim is part of the tumour), and after propagation in 3D and in every axial, coronal and sagittal
+section of the object (:func:`enclosed`). Logits = log-odds of the walker's foreground probability (filled
+holes: ``FILL_LOGIT``); score = mean probability in the mask. Several boxes of one object: each gap between
+prompted slices is walked from both sides and the walks blended (``PropagationConfig(consensus=True)``); leaks
+are judged on area and outline together (``extent="area+hull"``). Multi-object fusion: :mod:`.fusion`.
+Parameters were set with ``mrisegassist bench prompt-accuracy`` (expert-labelled MS lesions, BraTS tumours,
+thick-slice post-contrast T1 lesions) and cross-checked on the synthetic failure cases of
+:mod:`..synth_prompt_cases` and the ITK-SNAP manual anatomy.
 """
 from __future__ import annotations
 
@@ -95,6 +102,8 @@ class ClassicalParams:
     extreme_core: float = 0.1     #: ... or the tissue beyond the range fills this fraction of the box centre
     seed_llr: float = math.log(9.0)  #: propagated slices: seeds where the appearance log-likelihood ratio
     #: is beyond +-seed_llr (object / surroundings 9:1)
+    min_relative_llr: float = 0.7  #: propagated slices: the object is present while its footprint's top decile
+    #: (``peak_percentile``) is this much as object-like (log-odds) as the object's median voxel
     bins: int = 128               #: appearance histograms: bins over normalised intensities 0..2
     surround_margin: int = 2      #: surroundings' samples lie at least this far (voxels) from the object
     fill_holes: bool = True       #: regions enclosed by the object belong to it (per slice and in 3D)
@@ -155,8 +164,8 @@ class PreparedVolume:
 
 
 class Appearance:
-    """Naive-Bayes appearance of an object over the channels: per channel, histograms of the object's and of
-    its surroundings' (gain-corrected, normalised) intensities, smoothed by the channel's noise level."""
+    """Appearance of an object: per channel, histograms of the object's and of its surroundings' (gain-corrected,
+    normalised) intensities, smoothed by the channel's noise level."""
 
     def __init__(self, noises: tuple, bins: int) -> None:
         self.noises = tuple(noises)
@@ -222,21 +231,35 @@ class Appearance:
         return share / np.asarray(self.noises)
 
 
+@dataclass
+class Prediction:
+    """What :meth:`ClassicalEngine.predict_slice` learns from once propagation keeps the slice: the walk's prompted
+    slice ``anchor``, the crop ``region``, gain-corrected ``features`` ``[c, h, w]``, the walker's mask ``raw``
+    and the ``surroundings`` ``[h, w]`` of the crop, and the slice's per-channel ``gain``."""
+
+    anchor: int
+    region: tuple
+    features: np.ndarray
+    raw: np.ndarray
+    surroundings: np.ndarray
+    gain: np.ndarray
+
+
 class ObjectModel:
     """What :class:`ClassicalEngine` knows about one object during one ``segment`` call.
 
     ``polarity``: the polarity its boxes agree on (``None``: each box its own). Each prompted slice anchors its
     own walks with its own :class:`Appearance` (``appearance[anchor]``), learnt from the prompted slice and every
-    slice those walks kept so far; ``gains[k]``: per-channel gain of kept slice ``k`` relative to its anchor.
-    Propagation calls :meth:`kept` for every slice it keeps; the engine leaves what it learns from in
-    ``pending`` when it predicts.
+    slice those walks kept so far; ``gains[(anchor, k)]``: per-channel gain of kept slice ``k`` relative to its
+    walk's prompted slice. Propagation calls :meth:`kept` for every slice it keeps; ``predict_slice`` leaves its
+    :class:`Prediction` in ``pending`` (and, on propagated slices, what looked like the object in ``likeness``).
     """
 
     def __init__(self, noises: tuple, params: ClassicalParams, polarity: Optional[float] = None) -> None:
         self.params, self.polarity, self.noises = params, polarity, tuple(noises)
         self.appearance: dict[int, Appearance] = {}
-        self.gains: dict[int, np.ndarray] = {}
-        self.pending: dict[int, tuple] = {}
+        self.gains: dict[tuple[int, int], np.ndarray] = {}
+        self.pending: dict[int, Prediction] = {}
         self.likeness: dict[int, np.ndarray] = {}  # k -> [h, w] crop voxels the appearance finds object-like
 
     def of(self, anchor: int) -> Appearance:
@@ -250,13 +273,14 @@ class ObjectModel:
         pending = self.pending.pop(k, None)
         if pending is None:
             return
-        anchor, region, features, raw, surround, gain = pending
-        obj = raw & mask[region]
+        region, features = pending.region, pending.features
+        obj = pending.raw & mask[region]
         if not obj.any():
             return
         inner = ndimage.binary_erosion(obj)  # partial-volume edge voxels are neither object nor surroundings
-        self.of(anchor).add(features[:, inner if inner.any() else obj], features[:, surround & ~mask[region]])
-        self.gains[k] = gain
+        self.of(pending.anchor).add(features[:, inner if inner.any() else obj],
+                                    features[:, pending.surroundings & ~mask[region]])
+        self.gains[(pending.anchor, k)] = pending.gain
 
 
 def percentile_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
@@ -502,7 +526,8 @@ class ClassicalEngine(SliceEngine):
                 near |= alike
             body = prepared.body(k)[region]
             surround = ~near & body if body.any() else ~near
-            model.pending[k] = (anchor, region, prepared.crop(k, region) / gain[:, None, None], raw, surround, gain)
+            model.pending[k] = Prediction(anchor, region, prepared.crop(k, region) / gain[:, None, None], raw,
+                                          surround, gain)
         return out, (float(prob[raw].mean()) if raw.any() else 0.0)
 
     def _prompted_slice(self, prepared: PreparedVolume, k: int, geometry: tuple, model: Optional[ObjectModel],
@@ -552,7 +577,8 @@ class ClassicalEngine(SliceEngine):
         present."""
         p = self.params
         region, inbox, ring, core, stats = geometry
-        gain = model.gains.get(prior.k, np.ones(prepared.n_channels)) * self._gain(prepared, k, prior.k, region, stats)
+        gain = model.gains.get((prior.anchor_k, prior.k), np.ones(prepared.n_channels))
+        gain = gain * self._gain(prepared, k, prior.k, region, stats)
         features = prepared.crop(k, region) / gain[:, None, None]
         appearance = model.of(prior.anchor_k)
         llr = appearance.llr(features)
@@ -561,7 +587,7 @@ class ClassicalEngine(SliceEngine):
             footprint = core
         bg_typical, fg_typical = appearance.typical_llr()
         fg_seed, bg_seed = min(p.seed_llr, fg_typical), max(-p.seed_llr, bg_typical)
-        if np.percentile(llr[footprint], p.peak_percentile) < fg_seed:
+        if np.percentile(llr[footprint], p.peak_percentile) < max(fg_seed, p.min_relative_llr * fg_typical):
             return llr, gain, False
         fg = touching(inbox & (llr >= fg_seed), footprint)
         if not fg.any():

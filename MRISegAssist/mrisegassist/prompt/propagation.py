@@ -14,7 +14,8 @@ is left while the object is visible; the only slice ever predicted twice is one 
 the opposite walk may retry with its own box. Below the lowest and above the highest prompt the walks run
 to the ends of the z-range. With ``PropagationConfig(consensus=True)`` each gap is instead walked from both
 sides to the other prompt, and a slice both walks reached gets their distance-weighted mean logits (the
-walk from the nearer prompt weighs more): one prompt's walk never simply overrides the other's.
+walk from the nearer prompt weighs more; where only one walk looked, its logits): one prompt's walk never
+simply overrides the other's.
 
 An engine may keep a per-object model (e.g. the object's appearance learnt from the slices segmented so far):
 when it defines ``begin_object(prepared, prompt)``, the returned model is passed as ``model=`` to every
@@ -243,8 +244,9 @@ class _ObjectWalk:
             if ra is None or rb is None:
                 result = ra or rb
             else:
-                w = (b - k) / (b - a)
-                logits = w * ra.logits + (1.0 - w) * rb.logits
+                w = (b - k) / (b - a)  # where only one walk looked (the other's crop or box left it out): that one
+                seen = (ra.logits > OUTSIDE_LOGIT) & (rb.logits > OUTSIDE_LOGIT)
+                logits = np.where(seen, w * ra.logits + (1.0 - w) * rb.logits, np.maximum(ra.logits, rb.logits))
                 keep = (logits > 0) & (ra.mask | rb.mask)
                 if not keep.any():
                     continue
