@@ -106,6 +106,8 @@ class ClassicalParams:
     #: (``peak_percentile``) is this much as object-like (log-odds) as the object's median voxel
     bins: int = 128               #: appearance histograms: bins over normalised intensities 0..2
     surround_margin: int = 2      #: surroundings' samples lie at least this far (voxels) from the object
+    min_interior: float = 0.3     #: the object's samples are its interior (mask minus its edge) unless that is
+    #: less than this fraction of the mask (a small object: all of it)
     fill_holes: bool = True       #: regions enclosed by the object belong to it (per slice and in 3D)
 
 
@@ -277,8 +279,11 @@ class ObjectModel:
         obj = pending.raw & mask[region]
         if not obj.any():
             return
-        inner = ndimage.binary_erosion(obj)  # partial-volume edge voxels are neither object nor surroundings
-        self.of(pending.anchor).add(features[:, inner if inner.any() else obj],
+        # partial-volume edge voxels are neither object nor surroundings, unless the object is mostly edge (small)
+        inner = ndimage.binary_erosion(obj)
+        if inner.sum() < self.params.min_interior * obj.sum():
+            inner = obj
+        self.of(pending.anchor).add(features[:, inner],
                                     features[:, pending.surroundings & ~mask[region]])
         self.gains[(pending.anchor, k)] = pending.gain
 
@@ -506,10 +511,10 @@ class ClassicalEngine(SliceEngine):
         out = np.full((nj, ni), OUTSIDE_LOGIT, dtype=np.float32)
         anchor = k if prior is None else prior.anchor_k
         if prior is not None and model is not None and model.of(anchor).trained:
-            prob, gain, present = self._appearance_slice(prepared, k, geometry, prior, model, cancel)
+            prob, features, gain, present = self._appearance_slice(prepared, k, geometry, prior, model, cancel)
         else:
             prob, present = self._prompted_slice(prepared, k, geometry, model, cancel)
-            gain = np.ones(prepared.n_channels)
+            features, gain = None, np.ones(prepared.n_channels)
         if not present:
             out[region] = -MAX_LOGIT
             return out, 0.0
@@ -526,8 +531,9 @@ class ClassicalEngine(SliceEngine):
                 near |= alike
             body = prepared.body(k)[region]
             surround = ~near & body if body.any() else ~near
-            model.pending[k] = Prediction(anchor, region, prepared.crop(k, region) / gain[:, None, None], raw,
-                                          surround, gain)
+            if features is None:
+                features = prepared.crop(k, region)
+            model.pending[k] = Prediction(anchor, region, features, raw, surround, gain)
         return out, (float(prob[raw].mean()) if raw.any() else 0.0)
 
     def _prompted_slice(self, prepared: PreparedVolume, k: int, geometry: tuple, model: Optional[ObjectModel],
@@ -571,10 +577,10 @@ class ClassicalEngine(SliceEngine):
         return prob, True
 
     def _appearance_slice(self, prepared: PreparedVolume, k: int, geometry: tuple, prior: SlicePrior,
-                          model: ObjectModel, cancel: Optional[CancelToken]) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Foreground probability of the crop on a propagated slice from the object's appearance model and the
-        previous slice's footprint (module docstring), the slice's per-channel gain, and whether the object is
-        present."""
+                          model: ObjectModel, cancel: Optional[CancelToken]) -> tuple:
+        """``(probability, features, gain, present)`` on a propagated slice: the crop's foreground probability
+        from the object's appearance and the previous slice's footprint (module docstring), its gain-corrected
+        channels ``[c, h, w]``, the slice's per-channel gain, and whether the object is present."""
         p = self.params
         region, inbox, ring, core, stats = geometry
         gain = model.gains.get((prior.anchor_k, prior.k), np.ones(prepared.n_channels))
@@ -588,10 +594,10 @@ class ClassicalEngine(SliceEngine):
         bg_typical, fg_typical = appearance.typical_llr()
         fg_seed, bg_seed = min(p.seed_llr, fg_typical), max(-p.seed_llr, bg_typical)
         if np.percentile(llr[footprint], p.peak_percentile) < max(fg_seed, p.min_relative_llr * fg_typical):
-            return llr, gain, False
+            return llr, features, gain, False
         fg = touching(inbox & (llr >= fg_seed), footprint)
         if not fg.any():
-            return llr, gain, False
+            return llr, features, gain, False
         seeds = np.zeros(llr.shape, dtype=np.int32)
         seeds[ring | (inbox & (llr <= bg_seed))] = 1
         seeds[fg] = 2
@@ -600,7 +606,7 @@ class ClassicalEngine(SliceEngine):
         data = np.moveaxis(features * weights[:, None, None], 0, -1) if weights.size > 1 else features[0]
         prob = self._random_walk(data, seeds)
         model.likeness[k] = llr > 0
-        return prob, gain, True
+        return prob, features, gain, True
 
     @staticmethod
     def _gain(prepared: PreparedVolume, k: int, k_prev: int, region: tuple, stats: np.ndarray) -> np.ndarray:
