@@ -113,9 +113,10 @@ class ClassicalParams:
 
 @dataclass
 class PreparedVolume:
-    """Handle returned by :meth:`ClassicalEngine.prepare`: normalised copies ``channels`` ``[c, k, j, i]`` in
-    0..1 (percentile window per channel; channel 0 = the prompted sequence), the noise level of each, and lazily
-    smoothed slices (``smoothed[(c, k)]``, ``[j, i]``)."""
+    """Handle returned by :meth:`ClassicalEngine.prepare`: normalised copies ``channels`` ``[c, k, j, i]``
+    (percentile window per channel mapped to 0..1, clipped to 0..``CLIP_HIGH``; channel 0 = the prompted
+    sequence), their percentile ``windows``, the noise level of each (``noises``), and lazily smoothed slices
+    (``smoothed[(c, k)]``, ``[j, i]``)."""
 
     channels: np.ndarray
     windows: list
@@ -436,8 +437,7 @@ class ClassicalEngine(SliceEngine):
         votes = [self._box_polarity(prepared, b.k, b.xyxy) for b in boxes] if len(boxes) > 2 else []
         values, counts = np.unique(votes, return_counts=True) if votes else (np.zeros(0), np.zeros(0))
         polarity = float(values[np.argmax(counts)]) if counts.size and counts.max() > len(votes) / 2 else None
-        model = ObjectModel(prepared.noises, self.params, polarity)
-        return model
+        return ObjectModel(prepared.noises, self.params, polarity)
 
     def segment(self, prepared: PreparedVolume, prompts, *, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelToken] = None) -> list[ObjectResult]:
