@@ -73,13 +73,19 @@ def _text(result: dict) -> str:
 
 
 def _run(model, inputs: dict, reference, output: Path, device: str, quiet: bool,
-         min_component=None, ref_mask=None) -> tuple[dict, object, object]:
+         min_component=None, ref_mask=None, download: bool = False, trust_code: bool = False
+         ) -> tuple[dict, object, object]:
     import time
 
     from ..labels import write_labelmap
     from .inference import UNetSegmenter, load_model_case
 
-    segmenter = UNetSegmenter(model, device, min_component_mm3=min_component)
+    progress, close = tqdm_progress("segment", disable=quiet)
+    try:
+        segmenter = UNetSegmenter(model, device, min_component_mm3=min_component, download=download,
+                                  trust_code=trust_code, progress=progress)
+    finally:
+        close()
     case = load_model_case(segmenter, inputs, reference)
     if not output.parent.exists():
         raise InputError(f"{output.parent}: output folder does not exist")
@@ -108,7 +114,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.ref_mask and not Path(args.ref_mask).exists():
         raise InputError(f"--ref-mask: {args.ref_mask} does not exist")
     result, _, _ = _run(args.model, inputs, args.reference, Path(args.output), args.device, bool(args.json),
-                        args.min_component, args.ref_mask)
+                        args.min_component, args.ref_mask, args.download, args.trust_model_code)
     emit(args, result, _text)
     return 0
 
@@ -119,9 +125,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for e in list_models():
         size = e.weights_size()
-        rows.append({"name": e.name, "title": e.title_or_name, "kind": e.kind, "dims": e.dims, "inputs": e.inputs,
-                     "labels": {int(lab["value"]): lab["name"] for lab in e.labels}, "licence": e.licence,
-                     "installed": size > 0, "size_mb": round(size / 1e6, 2), "folder": str(e.folder)})
+        row = {"name": e.name, "title": e.title_or_name, "kind": e.kind, "dims": e.dims, "inputs": e.inputs,
+               "labels": {int(lab["value"]): lab["name"] for lab in e.labels}, "licence": e.licence,
+               "installed": size > 0, "size_mb": round(size / 1e6, 2), "folder": str(e.folder)}
+        if e.weights_catalog:
+            from ..prompt.weights import catalog_entry
+
+            spec = catalog_entry(e.weights_catalog).as_dict()
+            row["download"] = {k: spec[k] for k in ("url", "approx_mb", "md5", "sha256", "source")}
+        rows.append(row)
 
     def text(models: list) -> str:
         if not models:
@@ -130,6 +142,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         for m in models:
             labels = ", ".join(f"{v}={n}" for v, n in m["labels"].items())
             state = f"installed, {m['size_mb']} MB" if m["installed"] else "weights missing"
+            if not m["installed"] and m.get("download"):
+                d = m["download"]
+                state = (f"not downloaded ({d['approx_mb'] or '?'} MB from {d['url']}; "
+                         f"`mrisegassist segment --model {m['name']} --download ...`)")
             out.append(f"{m['name']}: {m['title']}\n  inputs {', '.join(m['inputs'])} ({m['dims']}); labels {labels}"
                        f"\n  licence: {m['licence'] or 'unknown'}; {state}; {m['folder']}")
         return "\n".join(out)
