@@ -25,13 +25,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import InputError
 from ..metrics import evaluate_labels
-from ..volume import atomic_write, read_volume, resample_to
+from ..volume import Volume, atomic_write, read_volume, resample_to
 from .data import CaseFiles, discover_cases, read_manifest
 from .entries import ModelEntry, get_model
 from .postprocess import BRATS_REGIONS
@@ -104,9 +104,10 @@ def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def score_case(entry: ModelEntry, labelmap, reference_path: Path) -> dict[str, Optional[float]]:
-    """Held-out scores of one predicted label map against a reference label file (resampled onto its grid)."""
-    ref = read_volume(reference_path, kind="label")
+def score_case(entry: ModelEntry, labelmap, reference: Union[Path, Volume]) -> dict[str, Optional[float]]:
+    """Held-out scores of one predicted label map against a reference label map (a file or a Volume),
+    resampled onto the prediction's grid when needed."""
+    ref = reference if isinstance(reference, Volume) else read_volume(reference, kind="label")
     geometry = labelmap.volume.geometry
     if not ref.geometry.same_as(geometry):
         ref = resample_to(ref, geometry, "nearest")

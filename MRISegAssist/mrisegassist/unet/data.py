@@ -177,7 +177,7 @@ def class_indices(case: TrainingCase, n_classes: int) -> list[np.ndarray]:
     return out
 
 
-AUGMENTATIONS = ("standard", "strong")
+AUGMENTATIONS = ("none", "standard", "strong")
 
 
 def make_transforms(dims: str, patch: int, n_classes: int, ratios: Optional[Sequence[float]] = None,
@@ -188,9 +188,10 @@ def make_transforms(dims: str, patch: int, n_classes: int, ratios: Optional[Sequ
     Output: 2D ``(C * (2 * context + 1), P, L)`` image / ``(1, P, L)`` label patches (2.5D: the ``context``
     slices below and above the labelled one as extra channels, sequence-major: channel ``c * (2 * context
     + 1) + (d + context)`` is sequence ``c`` at slice offset ``d``), or 3D ``(C, S, P, L)`` patches of side
-    ``patch``. ``augment``: ``"standard"`` (the recipe of the first shipped models) or ``"strong"``: per
+    ``patch``. ``augment``: ``"standard"`` (the recipe of the first shipped models), ``"strong"``: per
     sequence (``n_sequences`` = C) gamma, histogram shift, bias field, scale and shift, applied alike to a
-    sequence's neighbouring slices, then noise, in-plane blur, flips and a stronger affine.
+    sequence's neighbouring slices, then noise, in-plane blur, flips and a stronger affine; ``"none"``: the
+    class-balanced crop only (for checks).
     """
     from monai.transforms import (CastToTyped, Compose, ConcatItemsd, DeleteItemsd, Lambdad, RandAdjustContrastd,
                                   RandAffined, RandBiasFieldd, RandCropByLabelClassesd, RandFlipd,
@@ -229,6 +230,8 @@ def make_transforms(dims: str, patch: int, n_classes: int, ratios: Optional[Sequ
                       Lambdad("label", lambda y: y[:, int(context)])]
         else:
             steps.append(SqueezeDimd(keys, dim=1))
+    if augment == "none":
+        return Compose(steps + [ToTensord(keys, track_meta=False)])
     rotate = (0.3,) if dims == "2d" else (0.1, 0.1, 0.3)
     scale = 0.15
     if augment == "strong":
@@ -250,26 +253,6 @@ def make_transforms(dims: str, patch: int, n_classes: int, ratios: Optional[Sequ
         ]
     steps.append(ToTensord(keys, track_meta=False))
     return Compose(steps)
-
-
-def context_stack(x: np.ndarray, context: int) -> np.ndarray:
-    """``(C, S, P, L)`` -> ``(C * (2 * context + 1), S, P, L)``: each slice with its ``context`` neighbours
-    below and above as channels (sequence-major, as :func:`make_transforms`); zeros beyond the volume."""
-    if not context:
-        return x
-    c, n = x.shape[:2]
-    depth = 2 * context + 1
-    out = np.zeros((c * depth,) + x.shape[1:], dtype=x.dtype)
-    for ci in range(c):
-        for d in range(-context, context + 1):
-            dst = out[ci * depth + d + context]
-            if d < 0:
-                dst[-d:] = x[ci, :n + d]
-            elif d > 0:
-                dst[:n - d] = x[ci, d:]
-            else:
-                dst[:] = x[ci]
-    return out
 
 
 def pad_case(case: TrainingCase, patch: int, dims: str) -> TrainingCase:
