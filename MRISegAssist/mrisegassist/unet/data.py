@@ -210,21 +210,25 @@ def make_transforms(dims: str, patch: int, n_classes: int, ratios: Optional[Sequ
                                      ratios=list(ratios) if ratios else None, num_samples=1,
                                      indices_key="indices"),
              CastToTyped("label", dtype=np.float32)]
-    if augment == "strong":  # on the (C, depth, P, L) crop: a sequence's neighbouring slices change alike
+    if augment == "strong":
+        # one part per sequence: (depth, P, L) in 2D (its neighbouring slices as channels of one 2D image, so that
+        # every intensity transform, the bias field included, is the same on all of them), (1, S, P, L) in 3D
         parts = [f"image_{c}" for c in range(n_sequences)]
         steps.append(SplitDimd("image", output_postfixes=[str(c) for c in range(n_sequences)], dim=0,
-                               keepdim=True))
+                               keepdim=dims != "2d"))
         for part in parts:  # one transform instance per sequence: independent draws
             steps += [RandAdjustContrastd(part, prob=0.4, gamma=(0.6, 1.7), retain_stats=True),
                       RandHistogramShiftd(part, num_control_points=(6, 10), prob=0.2),
                       RandBiasFieldd(part, prob=0.4, coeff_range=(0.0, 0.3)),
                       RandScaleIntensityd(part, factors=0.25, prob=0.6),
                       RandShiftIntensityd(part, offsets=0.25, prob=0.6)]
-        steps += [ConcatItemsd(parts, "image", dim=0), DeleteItemsd(parts),
+        steps += [ConcatItemsd(parts, "image", dim=0), DeleteItemsd(parts),  # 2D: (C * depth, P, L), sequence-major
                   RandGaussianNoised("image", prob=0.25, std=0.12),
-                  RandGaussianSmoothd("image", sigma_x=(0.0, 0.0) if dims == "2d" else (0.25, 1.0),
-                                      sigma_y=(0.25, 1.1), sigma_z=(0.25, 1.1), prob=0.15)]
-    if dims == "2d":
+                  RandGaussianSmoothd("image", sigma_x=(0.25, 1.1), sigma_y=(0.25, 1.1),
+                                      sigma_z=(0.25, 1.1), prob=0.15)]
+        if dims == "2d":
+            steps.append(Lambdad("label", lambda y: y[:, int(context)]))  # the centre slice's labels
+    elif dims == "2d":
         if context:
             steps += [Lambdad("image", lambda x: x.reshape((-1,) + tuple(x.shape[2:]))),  # slices -> channels
                       Lambdad("label", lambda y: y[:, int(context)])]
