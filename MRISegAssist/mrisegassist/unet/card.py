@@ -60,6 +60,15 @@ def fold_members(entry: ModelEntry) -> list[dict]:
     return [first] + [dict(m) for m in entry.members]
 
 
+def held_out_member(entry: ModelEntry, case: str) -> Optional[ModelEntry]:
+    """The member of an installed fold ensemble that was not trained on ``case`` (its fold model), or None: the
+    model to use when a check must run on a case the model has not seen (the ensemble has seen every case)."""
+    for member in fold_members(entry):
+        if member.get("held_out") == case:
+            return member_entry(entry, member)
+    return None
+
+
 # ------------------------------------------------------------------------------------------ checks
 def _dice(a: np.ndarray, b: np.ndarray) -> Optional[float]:
     denom = float(a.sum() + b.sum())

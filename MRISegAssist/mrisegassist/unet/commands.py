@@ -34,8 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, progress=progress, log=(lambda m: None) if args.json else print)
     finally:
         close()
-    emit(args, result, lambda r: f"model written to {r['model']} (best validation score {r['best_score']:.3f} "
-                                 f"after {r['epochs']} epochs)")
+    emit(args, result, lambda r: f"model written to {r['model']} (" + (
+        f"best validation score {r['best_score']:.3f}" if r["best_score"] >= 0 else "no validation case: last epoch"
+    ) + f" after {r['epochs']} epochs)")
     return 0
 
 
