@@ -147,13 +147,17 @@ def build_ensemble(cv_dir: Path, target: Path, recipe: str) -> ModelEntry:
 
 
 def install(cv_dir: Path, target: Path, recipe: str, before: Optional[Path] = None,
-            synthetic: Optional[dict[str, int]] = None, aurora: Optional[Path] = None) -> ModelEntry:
-    """Build the ensemble (:func:`build_ensemble`), run the checks, write ``model.json`` and ``MODEL_CARD.md``."""
+            synthetic: Optional[dict[str, int]] = None, aurora: Optional[Path] = None,
+            previous: Optional[Path] = None) -> ModelEntry:
+    """Build the ensemble (:func:`build_ensemble`), run the checks (also on the ``previous`` shipped model, for
+    comparison), write ``model.json`` and ``MODEL_CARD.md``."""
     entry = build_ensemble(cv_dir, target, recipe)
     if before is not None:
         entry.validation["before"] = load_results(before).to_dict()
     singles = {f"member held out {m['held_out']}": member_entry(entry, m) for m in fold_members(entry)}
     checks = dict(singles, ensemble=entry)
+    if previous is not None:
+        checks["previous shipped model"] = get_model(previous)
     if synthetic:
         entry.validation["synthetic_check"] = synthetic_check(checks, synthetic)
     if aurora is not None:
@@ -175,10 +179,10 @@ def _cv_from(data: dict) -> CrossValidation:
 
 
 def _check_table(check: dict, title: str) -> list[str]:
-    """Per case: each member's scores and the ensemble's (Dice columns only)."""
+    """Per case: each member's scores, the ensemble's (and the previous model's)."""
     lines = [title, ""]
     for case, by_model in check.items():
-        names = [n for n in next(iter(by_model.values())) if n.startswith("Dice")]
+        names = list(next(iter(by_model.values())))
         lines += [f"| {case} | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for model, scores in by_model.items():
             lines.append(f"| {model} | " + " | ".join(_fmt(scores.get(n)) for n in names) + " |")
@@ -190,7 +194,7 @@ def ensemble_gain(check: dict) -> dict[str, float]:
     """Mean over check cases of (ensemble score - mean member score), per Dice score."""
     gains: dict[str, list[float]] = {}
     for by_model in check.values():
-        members = [s for m, s in by_model.items() if m != "ensemble"]
+        members = [s for m, s in by_model.items() if m.startswith("member")]
         for name, value in by_model["ensemble"].items():
             vals = [s[name] for s in members if s.get(name) is not None]
             if name.startswith("Dice") and value is not None and vals:
@@ -252,7 +256,9 @@ def render_card(entry: ModelEntry) -> str:
         gain = ensemble_gain(v["synthetic_check"])
         lines += ["", "## Does the ensemble help? (cases no member was trained on; NOT expert data)", "",
                   "Synthetic cases with held-out seeds (exact labels). Mean gain of the ensemble over the mean of its "
-                  "members: " + ", ".join(f"{k} {g:+.3f}" for k, g in gain.items()) + ".", ""]
+                  "members: " + ", ".join(f"{k} {g:+.3f}" for k, g in gain.items()) + "."
+                  + (" The previously shipped model is shown for comparison." if any(
+                      "previous shipped model" in c for c in v["synthetic_check"].values()) else ""), ""]
         lines += _check_table(v["synthetic_check"], "Dice per held-out synthetic case:")
     if v.get("aurora_check"):
         lines += ["Raw int16 BraTS-METS case (`brats-met-aurora`), Dice against the AURORA model's output, which is "
@@ -280,10 +286,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--check-synthetic", default="", metavar="KIND:N,...",
                         help="ensemble check on N held-out synthetic cases of each kind, e.g. lgg:3,glioma:2")
     parser.add_argument("--aurora", help="brats-met-aurora folder for the secondary (non-expert) check")
+    parser.add_argument("--previous", help="the previously shipped model folder, run through the same checks")
     args = parser.parse_args(argv)
     kinds = {k: int(n) for k, n in (p.split(":") for p in args.check_synthetic.split(",") if p)}
     entry = install(Path(args.cv), Path(args.install), args.recipe, Path(args.before) if args.before else None,
-                    kinds, Path(args.aurora) if args.aurora else None)
+                    kinds, Path(args.aurora) if args.aurora else None,
+                    Path(args.previous) if args.previous else None)
     print(json.dumps({k: v for k, v in entry.validation.items() if k != "cross_validation"}, indent=2))
     print(render_card(entry))
     return 0
