@@ -35,7 +35,7 @@ if [ "${PREVIOUS:-0}" = 1 ]; then
 fi
 
 $PY -m mrisegassist.unet.card build/cv/glioma-2d --install MRISegAssist/mrisegassist/models/glioma-2d \
-    --recipe glioma-2d.json --check-synthetic lgg:3,glioma:2 --aurora "$DATA/brats-met-aurora" "${BEFORE_GLIOMA[@]}"
+    --recipe glioma-2d.json --check-synthetic lgg:2,glioma:1 --aurora "$DATA/brats-met-aurora" "${BEFORE_GLIOMA[@]}"
 $PY -m mrisegassist.unet.card build/cv/ms-lesions-2d --install MRISegAssist/mrisegassist/models/ms-lesions-2d \
-    --recipe ms-2d.json --check-synthetic ms-confluent:2,ms:2 "${BEFORE_MS[@]}"
+    --recipe ms-2d.json --check-synthetic ms-confluent:2,ms:1 "${BEFORE_MS[@]}"
 # the tables again: python -m mrisegassist.unet.crossval --out build/cv/glioma-2d --report

@@ -164,6 +164,10 @@ def install(cv_dir: Path, target: Path, recipe: str, before: Optional[Path] = No
         entry.validation["aurora_check"] = aurora_agreement(checks, aurora)
     entry.write(target)
     (target / "MODEL_CARD.md").write_text(render_card(entry))
+    keep = {m["weights"] for m in fold_members(entry)}
+    for stale in target.glob("*.pt"):  # weights of a model installed here before
+        if stale.name not in keep:
+            stale.unlink()
     return entry
 
 
