@@ -55,6 +55,8 @@ def test_architecture_matches_the_published_config_at_random_init(name, cls, con
 
     load_state(ours, state, "random state dict of the published architecture")  # strict: every key, every shape
     assert torch.equal(ours.state_dict()[next(iter(state))], state[next(iter(state))])
+    with torch.inference_mode():  # runs (Swin UNETR needs einops): 4 channels in, TC/WT/ET logits out
+        assert tuple(ours.eval()(torch.zeros(1, 4, 64, 64, 64)).shape) == (1, 3, 64, 64, 64)
 
 
 def test_catalog_models_are_listed_with_licence_and_source(tmp_path, monkeypatch, capsys):
