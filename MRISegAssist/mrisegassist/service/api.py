@@ -31,13 +31,17 @@ ATLAS_ENGINE = "atlas"
 class AutoSegmentRequest:
     """U-Net auto-segmentation. ``inputs``: ``{sequence: Volume}`` on any co-registered grids; the label map is
     on the grid of ``reference`` (default: the model's first input). ``model``: a registered model name (a
-    model folder path only in-process or on a worker started with ``--allow-local-files``)."""
+    model folder path only in-process or on a worker started with ``--allow-local-files``). ``download``: fetch a
+    catalog model's official weights into the cache when missing. ``trust_code``: let a MONAI bundle folder's
+    config run its own Python (refused by a confined, shared server)."""
 
     inputs: dict[str, Volume]
     model: str
     reference: Optional[str] = None
     min_component_mm3: Optional[float] = None
     device: Optional[str] = None
+    download: bool = False
+    trust_code: bool = False
 
 
 @dataclass

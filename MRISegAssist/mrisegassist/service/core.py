@@ -251,16 +251,20 @@ class Service:
                                  f"installed on it")
 
     # ---------------------------------------------------------------------------------- U-Net
-    def _segmenter(self, model: str, device: str):
+    def _segmenter(self, model: str, device: str, download: bool = False, trust_code: bool = False,
+                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
         from ..unet.entries import get_model
         from ..unet.inference import UNetSegmenter
 
-        entry = get_model(model)
-        key = (str(entry.folder or entry.name), device)
+        entry = get_model(model, trust_code=trust_code)
+        key = (str(entry.folder or entry.name), device, trust_code)
         with self._lock:
             segmenter = self._segmenters.get(key)
-            if segmenter is None:
-                segmenter = self._segmenters[key] = UNetSegmenter(entry, device)
+        if segmenter is None:  # loading (and a download) runs outside the lock: it reports progress, can cancel
+            segmenter = UNetSegmenter(entry, device, download=download, trust_code=trust_code, progress=progress,
+                                      cancel=cancel)
+            with self._lock:
+                segmenter = self._segmenters.setdefault(key, segmenter)
         return segmenter
 
     def auto_segment(self, request: AutoSegmentRequest, progress: Optional[ProgressFn] = None,
@@ -270,10 +274,13 @@ class Service:
         from ..volume import load_case
 
         self._local(request.model, "model")
+        if request.trust_code and self.confined:
+            raise InputError("this server never runs code from model folders (trust_code is refused)")
         t0 = time.perf_counter()
         check(cancel)
         report(progress, 0.0, "loading the model")
-        segmenter = self._segmenter(request.model, request.device or self.device)
+        segmenter = self._segmenter(request.model, request.device or self.device, request.download,
+                                    request.trust_code, sub_progress(progress, 0.0, 0.05), cancel)
         if request.min_component_mm3 is not None:  # a variant sharing the loaded network
             segmenter = UNetSegmenter(segmenter.entry, segmenter.device, segmenter.batch_size, segmenter.overlap,
                                       request.min_component_mm3, network=segmenter.network)
