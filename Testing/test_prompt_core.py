@@ -338,9 +338,11 @@ def test_bounds_clip_propagated_boxes_and_masks(components):
 def test_consensus_walks_each_gap_from_both_prompts_and_blends_them(components):
     """``PropagationConfig(consensus=True)``: every gap slice is predicted by the walks from both prompts; where
     they disagree, the walk from the nearer prompt wins (distance-weighted mean logits), neither overrides."""
-    _, obj = components[0]
+    # the largest lesion whose three boxes leave a gap of at least two slices between two of them
+    obj = next(o for _, o in components if np.diff([b.k for b in boxes_for_object(o, "B")]).max(initial=0) >= 3)
     prompt = ObjectPrompt(1, boxes_for_object(obj, "B"))
-    ka, kb, _ = (b.k for b in prompt.boxes)
+    ks = [b.k for b in prompt.boxes]
+    ka, kb = max(zip(ks, ks[1:]), key=lambda pair: pair[1] - pair[0])
     engine = OracleEngine(obj)
     original = engine.predict_slice
     band = {}
