@@ -1,5 +1,6 @@
-"""Automatic prompts end to end: mask / U-Net components -> prompts -> engine (real MS lesions, expert labels),
-atlas prompts -> engine -> cascade -> label map (ITK-SNAP crop), and the ``atlas`` / ``auto`` commands."""
+"""Automatic prompts end to end through the service (``Service.auto``): mask / U-Net components -> prompts ->
+engine (real MS lesions, expert labels), atlas prompts -> engine -> cascade -> label map (ITK-SNAP crop), and
+the ``atlas`` / ``auto`` commands."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from mrisegassist.cli import main
 from mrisegassist.errors import InputError
 from mrisegassist.labels import LabelMap, read_labelmap
 from mrisegassist.prompt.strategies import z_extent
+from mrisegassist.service import ATLAS_ENGINE, AtlasBoxesRequest, AutoRequest, AutoSegmentRequest, Service
 from mrisegassist.volume import Geometry, Volume, read_volume, resample_to, write_volume
 
 
@@ -66,29 +68,30 @@ def test_refining_lesion_components_matches_the_expert_mask(ms07):
     sizes = np.bincount(keep.ravel())
     sizes[0] = 0
     big = np.isin(keep, np.nonzero(sizes >= 100)[0])  # the 4 largest lesions (107-210 voxels)
-    result = auto.auto_from_mask(flair, big.astype(np.uint8), "classical", cascade="D")
+    mask = flair.with_array(big.astype(np.uint8), "4 largest lesions")
+    result = Service("cpu").auto(AutoRequest(flair, "classical", "D", mask=mask))
     assert isinstance(result.labels, LabelMap) and result.labels.volume.geometry.same_as(flair.geometry)
-    assert [o["label"] for o in result.objects] == [1, 2, 3, 4] and all(o["cascaded"] for o in result.objects)
+    assert [o.label for o in result.objects] == [1, 2, 3, 4] and all(o.cascaded for o in result.objects)
     pred = result.labels.volume.array > 0
     assert _dice(pred, big) > 0.5  # expert lesion masks, weights-free engine
     assert result.timings["cascade_s"] > 0
 
 
-def test_unet_output_components_are_refined(ms07, monkeypatch):
+def test_unet_output_components_are_refined(ms07):
+    """The shipped MS model's output on a real FLAIR (patient07, not trained on): each of its components becomes
+    one prompt of the engine, and the refined label map stays on the FLAIR grid."""
     flair, lesions = ms07
-    import mrisegassist.unet.inference as inference
-
-    calls = []
-
-    def fake_segment_files(model, inputs, device="cpu", progress=None, cancel=None):
-        calls.append((model, dict(inputs)))
-        return LabelMap(lesions, [])  # stands in for the network: the expert lesion mask
-
-    monkeypatch.setattr(inference, "segment_files", fake_segment_files)
-    fg = auto.unet_mask("ms-model", {"flair": "x.nii.gz"}, flair)
-    assert calls == [("ms-model", {"flair": "x.nii.gz"})]
-    np.testing.assert_array_equal(fg.array, (lesions.array > 0).astype(np.uint8))
-    assert len(auto.mask_prompts(fg, flair, min_voxels=50)) == 10
+    service = Service("cpu")
+    unet = AutoSegmentRequest({"flair": flair}, "ms-lesions-2d")
+    try:
+        network = service.auto_segment(unet).labels.volume.array > 0
+    except InputError as exc:
+        pytest.skip(f"the MS model is not usable here: {exc}")
+    expected = auto.mask_prompts(flair.with_array(network.astype(np.uint8)), flair, min_voxels=3)
+    result = service.auto(AutoRequest(flair, "classical", unet=unet))
+    assert result.workflow == "auto" and len(result.objects) == len(expected) > 0
+    assert [o.boxes for o in result.objects] == [p.boxes for p in expected]
+    assert result.labels.volume.geometry.same_as(flair.geometry)
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +102,12 @@ def crop():
     return folder, read_volume(folder / "t1.gipl.gz", name="crop")
 
 
-def test_atlas_prompts_engine_cascade_label_map(crop, tmp_path):
+def test_atlas_prompts_engine_cascade_label_map(crop, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRISEGASSIST_CACHE", str(tmp_path))
     _, image = crop
     refset = load_reference_set("builtin:colin27", ["third-ventricle", "hippocampus-left"])
-    result = auto.auto_from_atlas(image, refset, "classical", cascade="C", cache=tmp_path)
+    atlas = AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle", "hippocampus-left"])
+    result = Service("cpu").auto(AutoRequest(image, "classical", "C", atlas=atlas))
     labels = result.labels
     assert [(i.value, i.name) for i in labels.labels] == [(1, "third-ventricle"), (2, "hippocampus-left")]
     assert labels.labels[0].color == tuple(refset.structure("third-ventricle").color)
@@ -110,8 +115,8 @@ def test_atlas_prompts_engine_cascade_label_map(crop, tmp_path):
     assert values <= {0, 1, 2} and 1 in values
     third, hippo = result.objects
     # the third ventricle is excluded from the cascade (thin): its first pass is kept as is
-    assert third["cascaded"] is False and result.final[0] is result.first_pass[0]
-    assert hippo["cascaded"] == bool(result.first_pass[1].mask.any())
+    assert third.cascaded is False and abs(third.volume_ml - third.first_pass_ml) < 1e-9
+    assert hippo.cascaded == (hippo.first_pass_ml > 0)
     assert result.boxes is not None and "atlas_total_s" in result.timings
     # the segmented third ventricle lies inside its atlas z-range
     z = result.boxes.get("third-ventricle").z_range
@@ -166,12 +171,17 @@ def test_atlas_and_auto_commands(crop, tmp_path, capsys, monkeypatch):
     assert rc == 2 and "needs --references" in capsys.readouterr().err
 
 
-def test_atlas_label_fusion_without_an_engine(crop, tmp_path):
+def test_atlas_label_fusion_without_an_engine(crop, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRISEGASSIST_CACHE", str(tmp_path))
     folder, image = crop
-    refset = load_reference_set("builtin:colin27", ["caudate-left", "caudate-right", "third-ventricle"])
-    result = auto.auto_from_atlas(image, refset, auto.ATLAS_ENGINE, cache=tmp_path)
+    names = ["caudate-left", "caudate-right", "third-ventricle"]
+    refset = load_reference_set("builtin:colin27", names)
+    boxes = auto.atlas_boxes(image, refset)
+    result = Service("cpu").auto(AutoRequest(image, ATLAS_ENGINE, atlas=AtlasBoxesRequest(image, "builtin:colin27",
+                                                                                          names)))
     fused = result.labels.volume.array
-    for s in result.boxes.structures:
-        np.testing.assert_array_equal(fused == s.value, result.boxes.score_map(s.name).mask())  # no overlap here
+    np.testing.assert_array_equal(fused, auto.atlas_result(image, boxes).volume.array)
+    for s in boxes.structures:
+        np.testing.assert_array_equal(fused == s.value, boxes.score_map(s.name).mask())  # no overlap here
     expert = read_volume(folder / "labels.gipl.gz", kind="label").array == 7
     assert _dice(np.isin(fused, [1, 2]), expert) > 0.5  # both caudates vs the expert caudate label

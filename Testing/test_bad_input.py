@@ -55,8 +55,8 @@ def files(tmp_path_factory, flair):
     ("4d", r"flair_4d.nii.gz\)?: is 4D with 2 time points; pass one 3D volume"),
     ("nan", r"flair_nan.nii.gz\)?: 3 voxels are NaN or infinite"),
     ("constant", r"empty.nii.gz\)?: volume is empty \(every voxel is 0.0\)"),
-    ("garbage", r"garbage.nii.gz: cannot read as an image"),
-    ("nodicom", r"not_dicom: folder holds no DICOM series"),
+    ("garbage", r"garbage.nii.gz\)?: cannot read as an image"),
+    ("nodicom", r"not_dicom\)?: folder holds no DICOM series"),
 ])
 def test_bad_files(files, key, message):
     before = {k: sha(p) for k, p in files.items() if p.is_file()}

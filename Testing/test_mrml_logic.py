@@ -304,10 +304,10 @@ def test_segment_from_rois_real_lesion(env, logic, case):
     assert selftest.compare({case.name: out["dice"]}, selftest.load_expected()) == []
     volume_node = out["volume_node"]
     assert fingerprint(volume_node) == before[volume_node.GetName()]  # input never modified
-    summary = logic.last_summary["objects"][0]
-    assert summary["name"] == "lesion" and summary["voxels"] == int(out["mask"].sum())
+    summary = logic.last_result.objects[0]
+    assert summary.name == "lesion" and summary.voxels == int(out["mask"].sum())
     if case.roi == "flat":  # one prompted slice; the engine propagated beyond it
-        assert len(summary["boxes"]) == 1 and len(summary["slices"]) > 1
+        assert len(summary.boxes) == 1 and len(summary.slices) > 1
         return
     # The segment holds exactly what the engine computes for the same prompt.
     from mrisegassist.prompt import get_engine
@@ -384,21 +384,11 @@ def test_background_job_progress_and_cancel(env, logic):
     assert logic.can_undo
     logic.forget_scene()  # scene closed: no undo into nodes that are gone
     assert not logic.can_undo
-    # Cancel before the worker starts computing: Cancelled reaches on_error, nothing is written.
+    # Cancel right after the start: Cancelled reaches on_error, nothing is written.
     count = env.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     errors = []
-    job = logic.segment_from_rois_job(node, [roi], engine="classical")
-    compute = job.compute
-
-    def slow_compute(progress, cancel):
-        import time
-
-        while not cancel.cancelled:
-            time.sleep(0.01)
-        return compute(progress, cancel)
-
-    job.compute = slow_compute
-    runner.start(job, on_done=done.append, on_error=errors.append)
+    runner.start(logic.segment_from_rois_job(node, [roi], engine="classical"), on_done=done.append,
+                 on_error=errors.append)
     runner.cancel()
     assert runner.wait(timeout=60)
     assert len(errors) == 1 and isinstance(errors[0], Cancelled)
@@ -446,7 +436,7 @@ def test_atlas_boxes_to_rois_and_cascade(env, logic, tmp_path):
     manifest.write_text(f"image,labels,name\n{t1_path},{labels_path},mricrop\n")
     wanted = ["label-2", "label-4"]  # third ventricle, right hippocampus (labels.label)
     rois = logic.atlas_boxes(node, str(manifest), structures=wanted)
-    assert [r.GetName() for r in rois] == wanted and logic.last_summary["not_found"] == []
+    assert [r.GetName() for r in rois] == wanted and logic.last_result.not_found == []
     manual = read_volume(labels_path, kind="label").array
     for roi, value in zip(rois, (2, 4)):
         kk, jj, ii = np.nonzero(manual == value)
@@ -470,7 +460,7 @@ def test_atlas_boxes_to_rois_and_cascade(env, logic, tmp_path):
     assert (box.i0, box.j0, box.i1, box.j1, box.k) == (5, 5, 30, 30, 7)
     env.scene.RemoveNode(moved)
     seg = logic.segment_from_rois(node, rois, cascade="D")
-    assert logic.last_summary["cascade"] == "D"
+    assert logic.last_result.cascade == "D"
     for roi in rois:
         segment = seg.GetSegmentation().GetSegment(seg.GetSegmentation().GetSegmentIdBySegmentName(roi.GetName()))
         assert np.allclose(segment.GetColor(), [float(c) for c in roi.GetAttribute("MRISegAssist.Color").split(",")])
@@ -541,7 +531,8 @@ def test_auto_segment_on_input_grid(env, logic, tmp_path):
     assert segmentation.GetSegment(ids[1]).GetTerminology() == TUMOUR
     assert np.allclose(segmentation.GetSegment(ids[0]).GetColor(), (0.2, 0.8, 0.3))
     assert {n.GetName(): fingerprint(n) for n in (flair, t1)} == before
-    assert logic.last_summary["voxels"] == {"Oedema": int((direct == 1).sum()), "Tumour": int((direct == 3).sum())}
+    assert {o.name: o.voxels for o in logic.last_result.objects} == {"Oedema": int((direct == 1).sum()),
+                                                                       "Tumour": int((direct == 3).sum())}
     # A second run into the same node replaces the segments; undo restores the first run's.
     first = segmentation_state(seg, flair)
     logic.auto_segment({"flair": flair, "t1": flair}, model=str(entry.folder), segmentation_node=seg)
@@ -576,12 +567,12 @@ def test_auto_segment_glioma_model(env, logic):
 def test_weights_status(logic, tmp_path, monkeypatch):
     from mrisegassist.prompt import weights
 
-    assert logic.weights_status("classical")["available"] and not logic.weights_status("classical")["needs_weights"]
+    assert logic.weights_status("classical").available and not logic.weights_status("classical").needs_weights
     monkeypatch.setattr(weights, "default_cache_dir", lambda: tmp_path)
     monkeypatch.delenv(weights.WEIGHTS_ENV, raising=False)
     status = logic.weights_status("sam-vit-b")
-    assert status["needs_weights"] and not status["available"] and status["path"] is None
-    assert "sam_vit_b_01ec64.pth" in status["details"] and status["url"].endswith("sam_vit_b_01ec64.pth")
-    assert "Apache-2.0" in status["licence"] and status["size_mb"] > 300
+    assert status.needs_weights and not status.available and status.path is None
+    assert "sam_vit_b_01ec64.pth" in status.details and status.url.endswith("sam_vit_b_01ec64.pth")
+    assert "Apache-2.0" in status.licence and status.size_mb > 300
     with pytest.raises(InputError, match="unknown engine"):
         logic.weights_status("nope")

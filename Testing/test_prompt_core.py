@@ -3,6 +3,9 @@ fusion, registry, validation. Propagation is driven by an "oracle" slice engine 
 expert mask inside it, so the walk itself (not a model) is what is tested."""
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from conftest import data_path
@@ -14,7 +17,8 @@ from mrisegassist.prompt import (ENGINES, cached_engines, get_engine, list_engin
 from mrisegassist.prompt.base import OUTSIDE_LOGIT, Box2D, ObjectPrompt, ObjectResult, SliceEngine
 from mrisegassist.prompt.fusion import fuse, largest_component
 from mrisegassist.prompt.propagation import PropagationConfig, propagate_objects
-from mrisegassist.prompt.strategies import boxes_for_object, objects_from_mask, prompts_from_mask, z_extent
+from mrisegassist.prompt.strategies import (box_slices, boxes_for_object, objects_from_mask, prompts_from_mask,
+                                            z_extent)
 from mrisegassist.volume import read_volume
 
 
@@ -104,7 +108,10 @@ def test_strategy_b_fills_gaps_once_from_the_nearer_prompt(components):
 
 def test_strategy_b_gap_is_closed_by_the_other_side_when_one_walk_stops(components):
     _, obj = components[0]
-    ka, kb, _ = (b.k for b in boxes_for_object(obj, "B"))
+    boxes = boxes_for_object(obj, "B")
+    boxes = [boxes[0], boxes[-1]]  # two prompts with a gap of more than one slice between them
+    ka, kb = (b.k for b in boxes)
+    assert kb - ka > 2
     # the lower prompt's walk is blocked right after ka: the first prediction of ka + 1 (made from ka,
     # whose gap walk runs first) sees nothing
     reference = obj.copy()
@@ -119,21 +126,54 @@ def test_strategy_b_gap_is_closed_by_the_other_side_when_one_walk_stops(componen
         return logits, score
 
     engine.predict_slice = predict
-    result = propagate_objects(engine, np.zeros(obj.shape, np.float32),
-                               [ObjectPrompt(1, boxes_for_object(obj, "B"))])[0]
+    result = propagate_objects(engine, np.zeros(obj.shape, np.float32), [ObjectPrompt(1, boxes)])[0]
     assert set(range(ka, kb + 1)) <= set(result.slices)  # no gap: reached from kb downwards
     assert [c[0] for c in engine.calls].count(blocked) == 2
     assert result.slices.index(blocked) > result.slices.index(kb)
+
+
+def rule_slice(k0: int, k1: int, f: Fraction) -> int:
+    """Independent statement of the A/B rule: the slice nearest to ``k0 + f (k1 - k0)``; a tie goes towards the
+    middle of the range, and at the middle itself to the lower slice."""
+    position = k0 + f * (k1 - k0)
+    lo, hi = math.floor(position), math.ceil(position)
+    if position - lo != hi - position:
+        return lo if position - lo < hi - position else hi
+    middle = Fraction(k0 + k1, 2)
+    if abs(lo - middle) != abs(hi - middle):
+        return lo if abs(lo - middle) < abs(hi - middle) else hi
+    return lo
+
+
+def test_box_slice_rule_on_every_small_range():
+    """The one A/B rule (``box_slices``) on all 132 (k0, k1, strategy) cases with 0 <= k0 <= k1 <= 10, and the
+    ROI -> prompt conversion of the front ends (``service.prompt_from_extents``) follows it."""
+    from mrisegassist.service import prompt_from_extents
+
+    fractions = {"A": (Fraction(1, 2),), "B": (Fraction(1, 4), Fraction(1, 2), Fraction(3, 4))}
+    cases = 0
+    for k0 in range(11):
+        for k1 in range(k0, 11):
+            for strategy, fs in fractions.items():
+                expected = sorted({rule_slice(k0, k1, f) for f in fs})
+                assert box_slices((k0, k1), strategy) == expected, (k0, k1, strategy)
+                prompt = prompt_from_extents([(3, 9, 4, 8, k0, k1)], 1, (12, 16, 16), strategy)
+                assert [b.k for b in prompt.boxes] == expected
+                cases += 1
+    assert cases == 132
+    assert box_slices((0, 3), "A") == [1] and box_slices((0, 3), "B") == [1, 2]
+    assert box_slices((8, 14), "B") == [10, 11, 12] and box_slices((80, 100), "B") == [85, 90, 95]
+    with pytest.raises(InputError, match="strategy"):
+        box_slices((0, 3), "C")
 
 
 def test_strategies_a_b_put_boxes_at_middle_and_quartiles(components):
     for _, obj in components[:6]:
         k0, k1 = z_extent(obj)
         (a,) = boxes_for_object(obj, "A")
-        assert a.k == round(k0 + 0.5 * (k1 - k0))
+        assert a.k == box_slices((k0, k1), "A")[0] == (k0 + k1) // 2
         b = boxes_for_object(obj, "B")
-        expected = sorted({round(k0 + f * (k1 - k0)) for f in (0.25, 0.5, 0.75)})
-        assert [x.k for x in b] == expected
+        assert [x.k for x in b] == box_slices((k0, k1), "B")
         for box in b + [a]:
             jj, ii = np.nonzero(obj[box.k])
             assert box.as_tuple() == (box.k, ii.min(), jj.min(), ii.max(), jj.max())
@@ -293,3 +333,64 @@ def test_bounds_clip_propagated_boxes_and_masks(components):
     # validation clips the prompted boxes to the bounds
     wide = ObjectPrompt(1, [Box2D(int(ks.min()), i0 - 5, j0 - 5, i1 + 5, j1 + 5)], bounds=(i0, j0, i1, j1))
     assert wide.validate(obj.shape).boxes == [Box2D(int(ks.min()), i0, j0, i1, j1)]
+
+
+def test_consensus_walks_each_gap_from_both_prompts_and_blends_them(components):
+    """``PropagationConfig(consensus=True)``: every gap slice is predicted by the walks from both prompts; where
+    they disagree, the walk from the nearer prompt wins (distance-weighted mean logits), neither overrides."""
+    # the largest lesion whose three boxes leave a gap of at least two slices between two of them
+    obj = next(o for _, o in components if np.diff([b.k for b in boxes_for_object(o, "B")]).max(initial=0) >= 3)
+    prompt = ObjectPrompt(1, boxes_for_object(obj, "B"))
+    ks = [b.k for b in prompt.boxes]
+    ka, kb = max(zip(ks, ks[1:]), key=lambda pair: pair[1] - pair[0])
+    engine = OracleEngine(obj)
+    original = engine.predict_slice
+    band = {}
+
+    def predict(prepared, k, box, *, cancel=None):  # the walk down from kb (second call) claims a 1-voxel band
+        logits, score = original(prepared, k, box, cancel=cancel)
+        if ka < k < kb and [c[0] for c in engine.calls].count(k) == 2:
+            x0, y0, x1, y1 = (int(v) for v in box)
+            inside = np.zeros(obj.shape[1:], bool)
+            inside[y0:y1 + 1, x0:x1 + 1] = True
+            band[k] = ndimage.binary_dilation(obj[k]) & ~obj[k] & inside
+            logits = np.where(band[k], 4.0, logits).astype(np.float32)
+        return logits, score
+
+    engine.predict_slice = predict
+    result = propagate_objects(engine, np.zeros(obj.shape, np.float32), [prompt],
+                               config=PropagationConfig(consensus=True))[0]
+    k0, k1 = z_extent(obj)
+    assert sorted(result.slices) == list(range(k0, k1 + 1)) and len(set(result.slices)) == len(result.slices)
+    calls = [c[0] for c in engine.calls]
+    assert all(calls.count(k) == 2 for k in range(ka + 1, kb))  # both walks, every gap slice
+    assert band and all(band[k].any() for k in band)
+    for k in band:
+        claimed = (result.mask[k] & band[k]).any()
+        assert claimed == (k - ka > kb - k), k  # kept only nearer kb, the walk that claimed it
+        assert np.array_equal(result.mask[k] & ~band[k], obj[k])  # where both agree, the object
+    assert np.all(result.logits[~result.mask] <= 0)
+
+
+def test_growth_checks_on_area_and_outline():
+    """``extent="area+hull"``: a leak grows both the mask and its outline; a ring closing over its core grows in
+    area only, a thin structure turning a corner in outline only; the prompted box's inscribed ellipse is its
+    extent."""
+    cfg = PropagationConfig(max_growth=1.5, max_area_ratio=1.5, extent="area+hull")
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    ring, disc = (r >= 12) & (r < 15), r < 15
+    bar, bent = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    bar[30:33, 10:40] = True
+    bent[30:33, 10:30] = True
+    bent[12:33, 27:30] = True  # the same thin structure turning a corner
+    big = r < 25
+    ring_e, disc_e = cfg.extents(ring), cfg.extents(disc)
+    assert disc_e[0] > 2 * ring_e[0] and disc_e[1] <= 1.1 * ring_e[1]  # area jumps, outline does not
+    assert not cfg.leaks(disc_e, ring_e, disc_e, bounded=False)
+    bar_e, bent_e = cfg.extents(bar), cfg.extents(bent)
+    assert bent_e[1] > 1.5 * bar_e[1] + 9 and not cfg.leaks(bent_e, bar_e, bent_e, bounded=False)
+    assert cfg.leaks(cfg.extents(big), disc_e, cfg.extents(big), bounded=False)  # both grew: a leak
+    assert PropagationConfig(max_growth=1.5).leaks((int(disc.sum()),), (int(ring.sum()),), (0,), bounded=True)
+    box = Box2D(0, 10, 10, 29, 49)  # 20 x 40: ellipse ~628 voxels
+    assert cfg.extents(np.zeros((64, 64), bool) | (r < 2), box)[1] == int(np.pi / 4 * 20 * 40)

@@ -408,3 +408,69 @@ def test_accel_options_parse_and_check():
     assert resolve_device("auto") in ("cuda", "mps", "cpu") and resolve_device("cpu") == "cpu"
     with pytest.raises(InputError, match="unknown device"):
         resolve_device("tpu")
+
+
+def _fake_cuda(monkeypatch, free: int, per_item: int, seen: list) -> None:
+    """A CUDA allocator stand-in on the CPU: ``free`` bytes free; each encoded item raises the peak by
+    ``per_item`` bytes (what ``encode_in_batches`` measures on its one-item probe)."""
+    peak = {"now": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peak.update(now=0))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["now"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 4 * free))
+
+    def record(chunk):
+        peak["now"] = per_item * len(chunk)
+        seen.append(list(chunk))
+
+    return record
+
+
+def test_auto_batch_comes_from_free_gpu_memory_then_halves_on_out_of_memory(monkeypatch):
+    """``batch=0`` on CUDA: one probe slice measures the memory per slice, then batches fill half the free
+    memory (1 GiB free, 100 MiB per slice -> 5); an allocator error at 5 halves to 3, and at one slice the
+    error says what to do (no GPU needed: torch.cuda's memory functions are replaced)."""
+    from mrisegassist.prompt.accel import FREE_FRACTION, DeviceMemoryError, cuda_batch_size, encode_in_batches
+
+    seen = []
+    record = _fake_cuda(monkeypatch, 2**30, 100 * 2**20, seen)
+    assert FREE_FRACTION == 0.5 and cuda_batch_size("cuda:0", 100 * 2**20) == 5
+    assert cuda_batch_size("cuda:0", 2**40) == 1 and cuda_batch_size("cuda:0", 1) == 32  # clipped to 1..MAX_BATCH
+    assert encode_in_batches(list(range(12)), record, "cuda:0", batch=0) == 5
+    assert seen == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11]]
+
+    seen.clear()
+
+    def fails_above_three(chunk):
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        record(chunk)
+
+    assert encode_in_batches(list(range(9)), fails_above_three, "cuda:0", batch=0) == 3
+    assert seen == [[0], [1, 2, 3], [4, 5, 6], [7, 8]]
+
+    def allocator_error(chunk):  # an older torch's message without the OutOfMemoryError type
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 0 bytes free)")
+
+    with pytest.raises(DeviceMemoryError, match=r"cuda:0 ran out of memory encoding SAM slices even one slice at a "
+                                                 r"time \(1024 MiB free of 4096 MiB\).*'cpu'"):
+        encode_in_batches([0, 1], allocator_error, "cuda:0", batch=0, what="encoding SAM slices")
+    cpu_seen = []
+    assert encode_in_batches([0, 1, 2], lambda c: cpu_seen.append(list(c)), "cpu", batch=0) == 1  # CPU: one by one
+    assert cpu_seen == [[0], [1], [2]]
+
+
+def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    from mrisegassist.prompt.accel import resolve_device
+
+    mps = torch.backends.mps
+    for cuda, apple, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(mps, "is_available", lambda apple=apple: apple)
+        assert resolve_device("auto") == resolve_device(None) == expected
+    with pytest.raises(InputError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(InputError, match="MPS is not available"):
+        resolve_device("mps")

@@ -198,3 +198,11 @@ def test_missing_and_wrong_checkpoints(tmp_path, monkeypatch):
         SamEngine("sam-vit-b", checkpoint=wrong)
     with pytest.raises(InputError, match="unknown SAM variant"):
         SamEngine("sam-vit-x")
+
+
+def test_device_auto_places_the_model(monkeypatch):
+    """``device="auto"`` resolves before the model moves (no CUDA or MPS here: the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    engine = SamEngine.from_model(small_sam(), "sam-small-test", device="auto")
+    assert engine.device == "cpu" and engine.options.dtype(engine.device) is None  # fp32 on the CPU

@@ -29,7 +29,7 @@ import pytest
 from conftest import DATA, REPO, data_path
 
 pytest.importorskip("trame_slicer", reason="trame-slicer is needed for the browser front end")
-from MRISegAssistWeb import harness  # noqa: E402
+from mrisegassist.bench import browser as harness  # noqa: E402
 
 from mrisegassist.labels import read_labelmap  # noqa: E402
 from mrisegassist.volume import read_volume  # noqa: E402

@@ -1,6 +1,7 @@
 """Security of the browser front end without a browser: token policy, the aiohttp guard on a real HTTP server
-(pages and websocket), paths confined to the data folder, upload limits, and study-folder scanning on the real
-data folder."""
+(pages and websocket), paths and symlinked files confined to the data folder, upload limits (bytes, decompressed
+voxel data, voxel count) with messages naming the file's own size and never the server's temporary folder, and
+study-folder scanning (with integrity checks) on the real data folder."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import data_path
-from mrisegassist.errors import InputError
+from faults import copy, digests, gunzip_copy, truncate, zero_nifti_gz
+from mrisegassist.errors import DamagedFileError, InputError, VolumeTooLargeError
 
 security = pytest.importorskip("MRISegAssistWeb.security")
 from MRISegAssistWeb.study import UploadArea, list_studies, role_of, scan_study  # noqa: E402
@@ -138,6 +140,36 @@ def test_paths_are_confined_to_the_data_folder(data_tree):
         security.confine_path(root, "escape/new.nii.gz", must_exist=False)
 
 
+def test_symlinked_files_are_confined_like_folders(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    study, other = root / "study1", root / "study2"
+    for folder in (study, other, outside):
+        folder.mkdir(parents=True)
+    src = data_path("itksnap-mricrop")
+    copy(src / "t1.gipl.gz", study)
+    copy(src / "labels.gipl.gz", outside, "secret_labels.gipl.gz")
+    copy(src / "t1.gipl.gz", other, "t2.gipl.gz")
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.ReadImage(str(src / "t1.gipl.gz")), str(outside / "x.mhd"))
+    before = digests([outside])
+    os.symlink(outside / "secret_labels.gipl.gz", study / "labels.gipl.gz")
+    with pytest.raises(InputError, match=r"^labels\.gipl\.gz: is a link to a file outside the data folder; refused"):
+        scan_study(study, root=root)
+    with pytest.raises(InputError, match=r"^labels\.gipl\.gz: is a link to a file outside the study folder"):
+        scan_study(study)  # without the data folder, files are confined to the study folder itself
+    (study / "labels.gipl.gz").unlink()
+    os.symlink(other / "t2.gipl.gz", study / "t2.gipl.gz")  # a link that stays inside the data folder
+    assert [p.name for p in scan_study(study, root=root).images] == ["t1.gipl.gz", "t2.gipl.gz"]
+    (study / "t2.gipl.gz").unlink()
+    # a MetaImage header naming a data file outside the data folder
+    header = (outside / "x.mhd").read_text().replace("ElementDataFile = x.raw", "ElementDataFile = ../../outside/x.raw")
+    (study / "t2.mhd").write_text(header)
+    with pytest.raises(InputError, match=r"^x\.raw: lies outside the data folder; refused"):
+        scan_study(study, root=root)
+    assert digests([outside]) == before
+
+
 def test_file_names_are_sanitised():
     assert security.safe_file_name("../../etc/passwd") == "passwd"
     assert security.safe_file_name("C:\\Users\\x\\flair.nii.gz") == "flair.nii.gz"
@@ -146,19 +178,71 @@ def test_file_names_are_sanitised():
 
 
 # -------------------------------------------------------------------------------------------- uploads
-def test_upload_area_limits_total_size_and_discards():
-    area = UploadArea(limit_bytes=1000)
+def _upload(path: Path, name: str = "", size=None) -> dict:
+    data = Path(path).read_bytes()
+    return {"name": name or Path(path).name, "size": len(data) if size is None else size, "content": data}
+
+
+def test_upload_area_limits_total_size_and_names_the_file(tmp_path):
+    src = data_path("itksnap-mricrop")
+    t1 = gunzip_copy(src / "t1.gipl.gz", tmp_path / "t1.gipl")  # uncompressed: bytes are counted first
+    labels = gunzip_copy(src / "labels.gipl.gz", tmp_path / "labels.gipl")
+    t1_size, labels_size = t1.stat().st_size, labels.stat().st_size
+    area = UploadArea(limit_bytes=t1_size + labels_size - 1)
     try:
         folder = area.begin()
-        written = area.add([{"name": "../a.nii.gz", "size": 400, "content": b"a" * 400}])
-        assert written == [folder / "a.nii.gz"] and written[0].read_bytes() == b"a" * 400
-        area.add([{"name": "b.nii.gz", "size": 300, "content": [b"b" * 100, b"b" * 200]}])
-        with pytest.raises(InputError, match="exceeds the server's limit"):
-            area.add([{"name": "c.nii.gz", "size": 400, "content": b"c" * 400}])
+        written = area.add([_upload(t1, "../t1.gipl")])
+        assert written == [folder / "t1.gipl"] and written[0].read_bytes() == t1.read_bytes()
+        with pytest.raises(InputError) as over:
+            area.add([_upload(labels)])
+        # the refused file's own size, then what the upload already holds: not a running total alone
+        assert str(over.value) == (f"labels.gipl ({labels_size / 2 ** 20:.1f} MB) exceeds the server's limit of "
+                                   f"{(t1_size + labels_size - 1) / 2 ** 20:.1f} MB for one upload, with "
+                                   f"{t1_size / 2 ** 20:.1f} MB already in this upload")
         assert area.folder is None and not folder.exists()  # refused uploads leave nothing behind
         area.begin()
-        with pytest.raises(InputError, match="exceeds"):  # a lying size field is still caught
-            area.add([{"name": "d.nii.gz", "size": 10, "content": b"d" * 2000}])
+        with pytest.raises(InputError, match=r"^l2\.gipl \(0\.5 MB\) exceeds"):  # lying size fields
+            area.add([_upload(t1, size=10), _upload(labels, "l2.gipl", size=10)])
+    finally:
+        area.close()
+
+
+def test_upload_counts_decompressed_voxels(tmp_path):
+    """A ~130 KB .nii.gz holding 512^3 voxels: refused by the voxel limit, and by decompressed size."""
+    zeros = zero_nifti_gz(tmp_path / "zeros512.nii.gz")
+    area = UploadArea(limit_bytes=2 ** 30, max_voxels=256 ** 3)
+    try:
+        with pytest.raises(VolumeTooLargeError, match=r"^zeros512\.nii\.gz: header declares 134,217,728 voxels "
+                                                      r"\(512x512x512 x 1 byte = 128 MB of voxel data in a 0\.\d MB file"):
+            area.add([_upload(zeros)])
+        assert area.folder is None
+    finally:
+        area.close()
+    area = UploadArea(limit_bytes=100 * 2 ** 20)  # 100 MB: the compressed file fits, its 128 MB of voxels do not
+    try:
+        with pytest.raises(InputError, match=r"^zeros512\.nii\.gz holds 128\.0 MB of voxel data when decompressed "
+                                             r"\(512x512x512 x 1 byte\), which exceeds the server's limit of 100\.0 MB"):
+            area.add([_upload(zeros)])
+    finally:
+        area.close()
+
+
+def test_upload_errors_never_show_the_server_folder(tmp_path):
+    area = UploadArea(limit_bytes=2 ** 30)
+    try:
+        with pytest.raises(DamagedFileError) as garbage:
+            area.add([{"name": "t2.nii.gz", "size": 5000, "content": b"not a volume" * 400}])
+        assert str(garbage.value).startswith("t2.nii.gz: cannot read as an image")
+        cut = copy(data_path("ms-lesjak", "patient07", "flair.nii.gz"), tmp_path)
+        truncate(cut, 0.5)
+        area.begin()
+        area.add([_upload(cut), _upload(data_path("ms-lesjak", "patient07", "t1.nii.gz"))])  # headers are fine
+        with pytest.raises(DamagedFileError) as damaged:
+            scan_study(area.folder)  # what the page runs before reading an upload
+        assert str(damaged.value).startswith("flair.nii.gz: gzip stream ends early")
+        for exc in (garbage.value, damaged.value):
+            assert str(area._root) not in str(exc) and "mrisegassist-upload" not in str(exc)
+        assert area.redact(f"{area.folder / 'x.nii.gz'}: failed") .startswith("<upload>/")
     finally:
         area.close()
 

@@ -1,24 +1,22 @@
-"""MRML logic of MRISegAssist: MRML nodes in, engine calls, segments out. No Qt; usable headless.
+"""MRML logic of MRISegAssist: MRML nodes in, segmentation service calls, segments out. No Qt; usable headless.
 
 The same class serves the Slicer panel, the Python console and the browser front end::
 
     logic = MRISegAssistLogic()                                   # in Slicer: slicer.mrmlScene
+    logic.use_local_worker()                                      # or use_server(url, token); default: in-process
     inputs = logic.guess_inputs()                                 # {"flair": node, "t1c": node, ...}
     seg = logic.auto_segment(inputs, model="glioma-...")          # U-Net -> segmentation node
     seg = logic.segment_from_rois(inputs["flair"], [roi1, roi2])  # boxes -> 3D masks (classical engine)
+    logic.last_result                                             # the typed result (SegmentationResult, ...)
     logic.undo_last()                                             # previous segment state, exactly
 
 Every workflow exists as a :class:`~MRISegAssistLib.tasks.Job` (``*_job`` methods): MRML inputs are read
-when the job is made, engine work happens in ``compute`` (safe in a worker thread), MRML writes in ``apply``
-(main thread). The plain methods run both phases synchronously. Input volumes are only ever read (their
-voxels are copied before engine work). Models and engines stay loaded across calls until
-:meth:`MRISegAssistLogic.release_models`.
+into a typed service request when the job is made, the service (``logic.client``: a local worker process, a
+remote server, or this process) computes, and ``apply`` writes MRML on the main thread. The plain methods run
+both synchronously. Input volumes are only ever read (their voxels are copied into the request).
 """
 from __future__ import annotations
 
-import gc
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
@@ -26,10 +24,12 @@ import numpy as np
 
 from mrisegassist.errors import InputError
 from mrisegassist.labels import LabelInfo
-from mrisegassist.progress import CancelToken, ProgressFn, check, report
-from mrisegassist.volume import load_case
+from mrisegassist.service import (AtlasBoxesRequest, AutoSegmentRequest, DownloadWeightsRequest, HttpClient,
+                                  InProcessClient, LocalWorker, PromptRequest, SegmentationClient, WeightsStatus,
+                                  available_devices)
 
 from . import nodes
+from .params import Parameters
 from .tasks import Job
 
 DEFAULT_ENGINE = "classical"
@@ -42,29 +42,10 @@ ROI_CASCADE = "MRISegAssist.Cascade"
 #: Colours of prompted objects (object n gets entry (n - 1) % len).
 OBJECT_COLORS = [(0.90, 0.10, 0.10), (0.10, 0.60, 0.95), (0.95, 0.75, 0.10), (0.20, 0.75, 0.30),
                  (0.70, 0.30, 0.85), (0.95, 0.45, 0.10), (0.10, 0.80, 0.80), (0.85, 0.40, 0.60)]
+#: Where the logic computes: ``local`` (a worker process it starts), ``remote`` (a server), ``in-process``.
+MODES = ("local", "remote", "in-process")
 
 RoiGroup = Union[object, Sequence[object]]
-
-
-def sub_progress(progress: Optional[ProgressFn], start: float, stop: float) -> Optional[ProgressFn]:
-    """Map a step's 0..1 progress into ``[start, stop]`` of the whole job."""
-    if progress is None:
-        return None
-    return lambda fraction, message: report(progress, start + (stop - start) * fraction, message)
-
-
-def available_devices() -> list[str]:
-    """Torch devices usable here, best first: ``cuda`` (NVIDIA), ``mps`` (Apple), ``cpu``."""
-    try:
-        import torch
-    except ImportError:
-        return ["cpu"]
-    devices = []
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices + ["cpu"]
 
 
 @dataclass
@@ -79,9 +60,14 @@ class UndoEntry:
 
 
 class MRISegAssistLogic:
-    """Segmentation workflows on an MRML scene (``slicer.mrmlScene`` by default)."""
+    """Segmentation workflows on an MRML scene (``slicer.mrmlScene`` by default).
 
-    def __init__(self, scene=None, device: Optional[str] = None, max_undo: int = 10) -> None:
+    ``client``: where the service runs (default: this process, for scripts and tests; the Slicer panel calls
+    :meth:`use_local_worker`). ``device``: the torch device requests ask for (local worker / in-process).
+    """
+
+    def __init__(self, scene=None, device: Optional[str] = None, max_undo: int = 10,
+                 client: Optional[SegmentationClient] = None) -> None:
         if scene is None:
             import slicer
 
@@ -89,11 +75,55 @@ class MRISegAssistLogic:
         self.scene = scene
         self.device = device or available_devices()[0]
         self.max_undo = max_undo
-        self.last_summary: dict = {}
+        self.client: SegmentationClient = client or InProcessClient()
+        #: the typed result of the last run (``SegmentationResult`` or ``AtlasBoxesResult``)
+        self.last_result = None
         self._undo: list[UndoEntry] = []
-        self._segmenters: dict[tuple[str, str], object] = {}
-        self._prepared: OrderedDict = OrderedDict()  # (engine, device, checkpoint, fingerprint) -> handle
-        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------- where it runs
+    @property
+    def mode(self) -> str:
+        """``local``, ``remote`` or ``in-process``."""
+        if isinstance(self.client, LocalWorker):
+            return "local"
+        return "remote" if isinstance(self.client, HttpClient) else "in-process"
+
+    def _use(self, client: SegmentationClient) -> SegmentationClient:
+        old, self.client = self.client, client
+        if old is not client:
+            old.close()
+        return client
+
+    def use_local_worker(self, python: Optional[str] = None) -> LocalWorker:
+        """Compute in one worker process on this machine (started on first use with Slicer's own Python, reused
+        for every workflow, stopped by :meth:`release_models` or when Slicer exits)."""
+        if isinstance(self.client, LocalWorker) and python in (None, self.client.python):
+            return self.client
+        return self._use(LocalWorker(python))
+
+    def use_server(self, url: str, token: Optional[str] = None) -> HttpClient:
+        """Compute on a segmentation server (``mrisegassist server``), e.g. a GPU machine on the network.
+        Checks the connection and the version now (:class:`~mrisegassist.service.VersionMismatch` naming both)."""
+        client = HttpClient(url, token)
+        client.connect()
+        return self._use(client)
+
+    def use_in_process(self) -> InProcessClient:
+        """Compute in this process (scripts, tests); in Slicer's panel this runs in a thread of Slicer."""
+        if isinstance(self.client, InProcessClient):
+            return self.client
+        return self._use(InProcessClient())
+
+    def service_status(self) -> str:
+        """One line for the panel: where computations run and the state of the worker or server."""
+        if isinstance(self.client, LocalWorker):
+            return f"local worker: {self.client.status()}"
+        if isinstance(self.client, HttpClient):
+            return f"server {self.client.url}"
+        return "in this process"
+
+    def _request_device(self) -> Optional[str]:
+        return None if isinstance(self.client, HttpClient) else self.device
 
     # ------------------------------------------------------------------------------------- discovery
     @staticmethod
@@ -138,44 +168,15 @@ class MRISegAssistLogic:
 
         return list_engines()
 
-    @staticmethod
-    def weights_status(engine: str) -> dict:
-        """Weights of an engine, without downloading: ``{"engine", "needs_weights", "available", "path",
-        "licence", "url", "size_mb", "message", "details"}`` (``details``: the full reason when missing)."""
-        from mrisegassist.errors import CheckpointError
-        from mrisegassist.prompt import engine_spec
-
-        spec = engine_spec(engine)
-        status = {"engine": engine, "needs_weights": spec.needs_weights, "available": not spec.needs_weights,
-                  "path": None, "licence": spec.licence, "url": None, "size_mb": None,
-                  "message": "no weights needed", "details": ""}
-        if not spec.needs_weights:
-            return status
-        try:
-            from mrisegassist.prompt import weights
-
-            entry = weights.catalog_entry(engine)
-        except (ImportError, InputError) as exc:
-            status.update(message="no checkpoint catalog for this engine", details=str(exc))
-            return status
-        size_mb = entry.as_dict()["approx_mb"]
-        status.update(licence=f"{spec.licence}; checkpoint: {entry.licence}", url=entry.url, size_mb=size_mb)
-        try:
-            status["path"] = str(weights.resolve_checkpoint(engine, download=False))
-            status.update(available=True, message="weights installed")
-        except CheckpointError as exc:
-            status.update(message=f"not installed ({size_mb} MB download)" if size_mb else "not installed",
-                          details=str(exc))
-        return status
+    def weights_status(self, engine: str) -> WeightsStatus:
+        """Weights of an engine where the service runs, without downloading (``available``, ``message``,
+        ``details``: the full reason when missing, ``path``, ``licence``, ``url``, ``size_mb``)."""
+        return self.client.weights_status(engine)
 
     def download_weights_job(self, engine: str) -> Job:
-        """Download (resumable, verified) the checkpoint of ``engine``; ``apply`` returns its path."""
-        from mrisegassist.prompt import weights
-
-        def compute(progress, cancel):
-            return str(weights.resolve_checkpoint(engine, download=True, progress=progress, cancel=cancel))
-
-        return Job(f"download {engine} weights", compute, lambda path: path)
+        """Download (resumable, verified) the checkpoint of ``engine`` where the service runs; ``apply``
+        returns its :class:`WeightsStatus`."""
+        return Job(f"download {engine} weights", DownloadWeightsRequest(engine), lambda status: status, self.client)
 
     def guess_inputs(self, volume_nodes=None, overrides: Optional[Mapping[str, object]] = None) -> dict:
         """``{sequence: volume node}`` guessed from the names of ``volume_nodes`` (default: the scene's scalar
@@ -188,7 +189,7 @@ class MRISegAssistLogic:
     # --------------------------------------------------------------------------------- auto-segmentation
     def auto_segment(self, input_nodes: Mapping[str, object], model: Optional[str] = None,
                      segmentation_node=None, reference: Optional[str] = None, device: Optional[str] = None,
-                     progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
+                     progress=None, cancel=None):
         """Segment with a U-Net model; returns the segmentation node (created if ``None``).
 
         ``input_nodes`` maps sequence names (``flair``, ``t1c``, ...) to scalar volume nodes; the model's
@@ -197,79 +198,127 @@ class MRISegAssistLogic:
         """
         return self.auto_segment_job(input_nodes, model, segmentation_node, reference, device).run(progress, cancel)
 
+    def _model_inputs(self, model: str) -> tuple[str, list[str]]:
+        """``(name, inputs)`` of a registered model (no torch needed) or a model folder / file."""
+        choice = next((c for c in self.model_choices() if c["name"] == model), None)
+        if choice is not None:
+            return choice["name"], choice["inputs"]
+        from mrisegassist.unet.entries import get_model
+
+        entry = get_model(model)
+        return entry.name, list(entry.inputs)
+
     def auto_segment_job(self, input_nodes: Mapping[str, object], model: Optional[str] = None,
                          segmentation_node=None, reference: Optional[str] = None,
                          device: Optional[str] = None) -> Job:
-        from mrisegassist.unet.entries import get_model
-
         model = model or self.default_model()
         if model is None:
             raise InputError("no U-Net model is installed")
-        entry = get_model(model)
-        missing = [s for s in entry.inputs if input_nodes.get(s) is None]
+        name, inputs = self._model_inputs(model)
+        missing = [s for s in inputs if input_nodes.get(s) is None]
         if missing:
-            raise InputError(f"model {entry.name!r} needs sequence(s) {', '.join(entry.inputs)}; select "
+            raise InputError(f"model {name!r} needs sequence(s) {', '.join(inputs)}; select "
                              f"{', '.join(missing)} in Inputs")
-        reference = reference or entry.inputs[0]
-        if reference not in entry.inputs:
-            raise InputError(f"reference {reference!r} is not an input of model {entry.name!r} "
-                             f"({', '.join(entry.inputs)})")
+        reference = reference or inputs[0]
+        if reference not in inputs:
+            raise InputError(f"reference {reference!r} is not an input of model {name!r} ({', '.join(inputs)})")
         reference_node = input_nodes[reference]
-        volumes = {s: nodes.volume_from_node(input_nodes[s], s) for s in entry.inputs}
-        device = device or self.device
+        request = AutoSegmentRequest({s: nodes.volume_from_node(input_nodes[s], s) for s in inputs}, model,
+                                     reference, device=device or self._request_device())
 
-        def compute(progress, cancel):
-            check(cancel)
-            report(progress, 0.0, "reading inputs")
-            case = load_case({reference: volumes[reference],
-                              **{s: v for s, v in volumes.items() if s != reference}}, reference)
-            segmenter = self._segmenter(entry, device)
-            return segmenter.segment(case, progress=sub_progress(progress, 0.05, 1.0), cancel=cancel)
+        def apply(result):
+            self.last_result = result
+            return self._write(f"auto-segmentation ({result.model})", reference_node, segmentation_node,
+                               result.array, result.labels.labels)
 
-        def apply(labelmap):
-            labels = np.asarray(labelmap.volume.array)
-            counts = {info.name: int(np.count_nonzero(labels == info.value)) for info in labelmap.labels}
-            self.last_summary = {"workflow": "auto", "model": entry.name, "voxels": counts}
-            return self._write(f"auto-segmentation ({entry.name})", reference_node, segmentation_node,
-                               labels, labelmap.labels)
+        return Job(f"auto-segmentation with {name}", request, apply, self.client)
 
-        return Job(f"auto-segmentation with {entry.name}", compute, apply)
+    # ---------------------------------------------------------------------------------- module state
+    def parameters(self) -> Parameters:
+        """The module's parameter node in this scene (created on first use; saved with the scene)."""
+        return Parameters.of_scene(self.scene)
 
-    def _segmenter(self, entry, device: str):
-        from mrisegassist.unet.inference import UNetSegmenter
+    def slice_planes(self) -> list:
+        """``[(normal_ras, point_ras)]`` of the scene's slice views (none headless)."""
+        planes = []
+        found = self.scene.GetNodesByClass("vtkMRMLSliceNode")
+        for n in range(found.GetNumberOfItems()):
+            matrix = nodes.matrix_to_numpy(found.GetItemAsObject(n).GetSliceToRAS())
+            planes.append((matrix[:3, 2], matrix[:3, 3]))
+        return planes
 
-        key = (entry.name, device)
-        with self._lock:
-            segmenter = self._segmenters.get(key)
-            if segmenter is None:
-                segmenter = self._segmenters[key] = UNetSegmenter(entry, device)
-        return segmenter
+    def new_box(self, name: str = "Box"):
+        """A Markups ROI to place in a slice view (``finish_placement`` once the user is done)."""
+        roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", self.scene.GenerateUniqueName(name))
+        roi.CreateDefaultDisplayNodes()
+        return roi
+
+    def new_point_list(self, positive: bool = True, name: str = ""):
+        """A Markups point list of positive (green) or negative (red) point prompts."""
+        name = name or ("Positive points" if positive else "Negative points")
+        points = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", self.scene.GenerateUniqueName(name))
+        points.CreateDefaultDisplayNodes()
+        points.SetAttribute(nodes.POINT_POLARITY, "positive" if positive else "negative")
+        display = points.GetDisplayNode()
+        if display is not None:
+            display.SetSelectedColor(*((0.2, 0.85, 0.2) if positive else (0.9, 0.15, 0.15)))
+        return points
+
+    def finish_placement(self, prompt_node, slice_planes=None) -> bool:
+        """Call when placing a box or points ends (placed or cancelled). A node with nothing placed is removed
+        from the scene and from the module's objects (a cancelled placement leaves nothing behind); a placed
+        one gets the view it was drawn in recorded (:func:`nodes.record_placement`, :func:`nodes.point_view`).
+        ``slice_planes``: the slice views' planes (default: :meth:`slice_planes`). True when it was placed."""
+        if prompt_node is None or prompt_node.GetScene() is not self.scene:
+            return False
+        if not nodes.is_placed(prompt_node):
+            self.parameters().forget_node(prompt_node)
+            self.scene.RemoveNode(prompt_node)
+            return False
+        planes = self.slice_planes() if slice_planes is None else slice_planes
+        if prompt_node.IsA("vtkMRMLMarkupsROINode"):
+            if not prompt_node.GetAttribute(nodes.ROI_VIEW):
+                normal = nodes.placement_view(prompt_node, planes)
+                if normal is not None:
+                    nodes.record_placement(prompt_node, normal)
+        else:
+            normal = nodes.point_view(prompt_node, planes)
+            if normal is not None:
+                prompt_node.SetAttribute(nodes.ROI_VIEW, ",".join(f"{v:.6f}" for v in normal))
+        return True
 
     # ---------------------------------------------------------------------------------- box prompts
     def segment_from_rois(self, volume_node, rois: Sequence[RoiGroup], engine: str = DEFAULT_ENGINE,
                           segmentation_node=None, strategy: str = "A", z_range: Optional[tuple[int, int]] = None,
                           names: Optional[Sequence[str]] = None, cascade: Optional[str] = None,
                           checkpoint: Optional[str] = None, device: Optional[str] = None,
-                          progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
-        """Segment objects in 3D from Markups ROIs on ``volume_node``; returns the segmentation node.
+                          extra_nodes: Optional[Mapping[str, object]] = None, progress=None, cancel=None):
+        """Segment objects in 3D from Markups ROIs and point lists on ``volume_node``; returns the segmentation
+        node.
 
-        ``rois``: one entry per object, either a ROI node or a list of ROI nodes (boxes on several slices of
-        one object). A ROI spanning several slices also bounds the object (its slices and its rectangle on each
-        slice); ``strategy`` ``"A"`` prompts its middle slice, ``"B"`` its quartile slices; a flat ROI prompts
-        its slice and the engine propagates until the object vanishes. ``z_range`` (inclusive slice indices
-        ``k``) overrides the slice bounds of every object. Segments are named after the ROIs (or ``names``) and
-        replaced on re-run; ROIs from :meth:`atlas_boxes` give their structure's colour. ``cascade`` (``"C"`` or
-        ``"D"``, needs the atlas package) adds a second pass prompted from each first-pass mask (``D``: boxes
-        enlarged 10 % in area, slices 20 %), skipping atlas structures marked as not cascading.
+        ``rois``: one entry per object, either a node or a list of nodes: ROIs (boxes on one or several slices of
+        the object) and point lists (positive or negative points, ``nodes.POINT_POLARITY``). Each object is
+        propagated across the slices of the view it was drawn in (axial, coronal or sagittal, whatever the
+        volume's storage order; ``nodes.roi_view``). A flat ROI (a box drawn with two clicks and not thickened
+        since, or thinner than a voxel) prompts its slice and the engine propagates until the object vanishes; a
+        ROI spanning several slices also bounds the object (its slices and its rectangle on each slice), with
+        ``strategy`` ``"A"`` prompting its middle slice, ``"B"`` its quartile slices (the rule of
+        ``mrisegassist.prompt.strategies.box_slices``). ``z_range`` (inclusive slice indices along the view's
+        normal, the volume's own numbering of that axis) overrides the slice bounds of every object. Segments are named after the ROIs (or ``names``) and replaced on re-run; ROIs from
+        :meth:`atlas_boxes` give their structure's colour. ``cascade`` (``"C"`` or ``"D"``) adds a second pass
+        prompted from each first-pass mask (``D``: boxes enlarged 10 % in area, slices 20 %), skipping atlas
+        structures marked as not cascading. ``extra_nodes``: other co-registered sequences
+        (``{name: volume node}``) for engines that use several sequences.
         """
         return self.segment_from_rois_job(volume_node, rois, engine, segmentation_node, strategy, z_range, names,
-                                          cascade, checkpoint, device).run(progress, cancel)
+                                          cascade, checkpoint, device, extra_nodes).run(progress, cancel)
 
     def segment_from_rois_job(self, volume_node, rois: Sequence[RoiGroup], engine: str = DEFAULT_ENGINE,
                               segmentation_node=None, strategy: str = "A",
                               z_range: Optional[tuple[int, int]] = None, names: Optional[Sequence[str]] = None,
                               cascade: Optional[str] = None, checkpoint: Optional[str] = None,
-                              device: Optional[str] = None) -> Job:
+                              device: Optional[str] = None,
+                              extra_nodes: Optional[Mapping[str, object]] = None) -> Job:
         from mrisegassist.prompt import engine_spec
 
         engine_spec(engine)  # unknown names fail here, before any work
@@ -277,13 +326,8 @@ class MRISegAssistLogic:
             raise InputError("no ROI given: place a box (Markups ROI) on the lesion first")
         if names is not None and len(names) != len(rois):
             raise InputError(f"{len(names)} names given for {len(rois)} objects")
-        atlas = None
-        if cascade is not None:
-            atlas = self._atlas()
-            if atlas is None:
-                raise InputError(f"cascade needs the atlas package: {ATLAS_UNAVAILABLE}")
-            if cascade not in ("C", "D"):
-                raise InputError(f"unknown cascade {cascade!r}; use 'C' or 'D'")
+        if cascade is not None and cascade not in ("C", "D"):
+            raise InputError(f"unknown cascade {cascade!r}; use 'C' or 'D'")
         prompts, infos, no_cascade = [], [], []
         for n, group in enumerate(rois, start=1):
             group = list(group) if isinstance(group, (list, tuple)) else [group]
@@ -294,50 +338,17 @@ class MRISegAssistLogic:
             infos.append(LabelInfo(n, prompt.name, color))
             if group[0].GetAttribute(ROI_CASCADE) == "0":
                 no_cascade.append(n)
-        volume = nodes.volume_from_node(volume_node)
-        device = device or self.device
-        key = (engine, device, checkpoint, volume_node.GetID(), volume_node.GetImageData().GetMTime(),
-               volume.array.shape)
+        extra = {name: nodes.volume_from_node(node, name) for name, node in (extra_nodes or {}).items()
+                 if node is not None and node is not volume_node}
+        request = PromptRequest(nodes.volume_from_node(volume_node), prompts, engine, cascade, strategy, no_cascade,
+                                infos, extra, checkpoint, device=device or self._request_device())
 
-        def compute(progress, cancel):
-            from mrisegassist.prompt import get_engine
-            from mrisegassist.prompt.fusion import fuse
+        def apply(result):
+            self.last_result = result
+            return self._write(f"box prompts ({engine})", volume_node, segmentation_node, result.array,
+                               result.labels.labels)
 
-            model = get_engine(engine, device=device, checkpoint=checkpoint)
-            handle = self._prepared_handle(key, model, volume.array, sub_progress(progress, 0.0, 0.3), cancel)
-            stop = 0.95 if atlas is None else 0.6
-            results = model.segment(handle, prompts, progress=sub_progress(progress, 0.3, stop), cancel=cancel)
-            if atlas is not None:
-                report(progress, stop, f"cascade {cascade}")
-                results = atlas.run_cascade(model, handle, results, cascade, strategy, no_cascade,
-                                            progress=sub_progress(progress, stop, 0.95), cancel=cancel)
-            check(cancel)
-            report(progress, 0.95, "fusing objects")
-            return results, fuse(results)
-
-        def apply(outcome):
-            results, labels = outcome
-            self.last_summary = {"workflow": "prompt", "engine": engine, "cascade": cascade, "objects": [
-                {"name": p.name, "boxes": [b.as_tuple() for b in p.boxes], "z_range": p.z_range,
-                 "slices": sorted(r.slices), "voxels": int(np.count_nonzero(labels == p.object_id))}
-                for p, r in zip(prompts, results)]}
-            return self._write(f"box prompts ({engine})", volume_node, segmentation_node, labels, infos)
-
-        return Job(f"box-prompted segmentation with {engine}", compute, apply)
-
-    def _prepared_handle(self, key, model, array: np.ndarray, progress, cancel):
-        """The engine's prepared volume, reused while the same volume node is unchanged (no re-encoding)."""
-        with self._lock:
-            handle = self._prepared.get(key)
-            if handle is not None:
-                self._prepared.move_to_end(key)
-                return handle
-        handle = model.prepare(array, progress=progress, cancel=cancel)
-        with self._lock:
-            self._prepared[key] = handle
-            while len(self._prepared) > 2:
-                self._prepared.popitem(last=False)
-        return handle
+        return Job(f"prompted segmentation with {engine}", request, apply, self.client)
 
     # ------------------------------------------------------------------------------------------- atlas
     @staticmethod
@@ -363,35 +374,28 @@ class MRISegAssistLogic:
         return [] if atlas is None else [f"builtin:{name}" for name in atlas.builtin_names()]
 
     def atlas_boxes(self, volume_node, reference: Optional[str] = None, structures: Optional[Sequence[str]] = None,
-                    strategy: str = "A", progress: Optional[ProgressFn] = None,
-                    cancel: Optional[CancelToken] = None) -> list:
+                    strategy: str = "A", progress=None, cancel=None) -> list:
         """Register an atlas reference set onto ``volume_node`` (usually the T1) and place one Markups ROI per
         structure found (named after it, in its colour), for review before :meth:`segment_from_rois`.
 
         ``reference``: ``builtin:NAME`` (default: the first built-in) or a reference folder / manifest;
         ``structures`` restricts it by name. Structures not found are listed with their reason in
-        ``last_summary["not_found"]`` (never given a silent empty box). Undo removes the ROIs."""
+        ``last_result.not_found`` (never given a silent empty box). Undo removes the ROIs."""
         return self.atlas_boxes_job(volume_node, reference, structures, strategy).run(progress, cancel)
 
     def atlas_boxes_job(self, volume_node, reference: Optional[str] = None,
                         structures: Optional[Sequence[str]] = None, strategy: str = "A") -> Job:
-        atlas = self._atlas()
-        if atlas is None:
+        if self._atlas() is None:
             raise InputError(ATLAS_UNAVAILABLE)
         reference = reference or (self.list_atlas_references() or [None])[0]
-        volume = nodes.volume_from_node(volume_node)
+        request = AtlasBoxesRequest(nodes.volume_from_node(volume_node), reference,
+                                    list(structures) if structures else None, strategy)
 
-        def compute(progress, cancel):
-            refset = atlas.load_reference_set(reference, structures, progress=sub_progress(progress, 0.0, 0.2),
-                                              cancel=cancel)
-            return atlas.atlas_boxes(volume, refset, strategy, progress=sub_progress(progress, 0.2, 1.0),
-                                     cancel=cancel)
-
-        def apply(boxes):
+        def apply(result):
             if volume_node.GetScene() is not self.scene:
                 raise InputError(f"volume {volume_node.GetName()!r} was removed from the scene during the run")
             rois = []
-            for found in boxes.found():
+            for found in result.boxes.found():
                 i0, j0, k0, i1, j1, k1 = found.bbox
                 roi = nodes.roi_from_extent(self.scene, volume_node, (i0, i1, j0, j1, k0, k1), found.name)
                 roi.CreateDefaultDisplayNodes()
@@ -400,15 +404,13 @@ class MRISegAssistLogic:
                 roi.SetAttribute(ROI_CASCADE, "1" if found.cascade else "0")
                 nodes.store_prompt(roi, volume_node, found.prompt(), strategy)
                 rois.append(roi)
-            self._undo.append(UndoEntry(f"atlas boxes ({boxes.reference_set})", None, None,
+            self._undo.append(UndoEntry(f"atlas boxes ({result.boxes.reference_set})", None, None,
                                         [r.GetID() for r in rois]))
             del self._undo[:-self.max_undo]
-            self.last_summary = {"workflow": "atlas", "reference": reference, "strategy": strategy,
-                                 "found": [f.name for f in boxes.found()],
-                                 "not_found": [{"name": f.name, "reason": f.reason} for f in boxes.not_found()]}
+            self.last_result = result
             return rois
 
-        return Job(f"atlas boxes ({reference}) on {volume_node.GetName()}", compute, apply)
+        return Job(f"atlas boxes ({reference}) on {volume_node.GetName()}", request, apply, self.client)
 
     # -------------------------------------------------------------------------------------- undo, memory
     def _write(self, description: str, volume_node, segmentation_node, labels: np.ndarray,
@@ -461,31 +463,14 @@ class MRISegAssistLogic:
 
     def forget_scene(self) -> None:
         """Drop undo states and prepared volumes (call when the scene is closed); models stay loaded."""
-        with self._lock:
-            self._prepared.clear()
+        self.client.forget_volumes()
         self._undo.clear()
 
     def release_models(self) -> None:
-        """Free every loaded model and engine cache (and GPU memory)."""
-        with self._lock:
-            segmenters = list(self._segmenters.values())
-            self._segmenters.clear()
-            self._prepared.clear()
-        for segmenter in segmenters:
-            release = getattr(segmenter, "release", None)
-            if release is not None:
-                release()
-        try:
-            from mrisegassist.prompt import release_engines
+        """Free every loaded model and engine cache (and GPU memory): a local worker stops (the next run starts a
+        new one); a remote server frees what it holds."""
+        self.client.release()
 
-            release_engines()
-        except ImportError:
-            pass
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+    def close(self) -> None:
+        """Let go of the service (a local worker stops). Call when the module or application closes."""
+        self.client.close()

@@ -30,7 +30,8 @@ except ImportError:
 import numpy as np  # noqa: E402
 from trame.app import TrameApp  # noqa: E402
 
-from mrisegassist.errors import InputError  # noqa: E402
+from mrisegassist.errors import InputError, MRISegAssistError  # noqa: E402
+from mrisegassist.outputs import Output, guard_outputs  # noqa: E402
 
 from MRISegAssistLib import nodes  # noqa: E402
 from MRISegAssistLib.logic import MRISegAssistLogic  # noqa: E402
@@ -55,12 +56,14 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     ``data_dir``: the only folder studies are read from (paths typed in the page are confined to it);
     ``output_dir``: where *Save* writes (default ``./mrisegassist-output``); ``token``: access token required
     on every request (see :mod:`.security`); ``loopback_only``: refuse requests whose Host is not loopback
-    (set when bound to 127.0.0.1); ``max_upload_mb``: total size of one upload.
+    (set when bound to 127.0.0.1); ``max_upload_mb``: total size of one upload; ``compute_server`` (+
+    ``compute_token``): a segmentation server (``mrisegassist server``) that computes instead of this process.
     """
 
     def __init__(self, server=None, *, data_dir=None, output_dir=None, token: Optional[str] = None,
                  loopback_only: bool = True, max_upload_mb: float = security.DEFAULT_MAX_UPLOAD_MB,
-                 device: Optional[str] = None, layout: str = DEFAULT_LAYOUT) -> None:
+                 device: Optional[str] = None, layout: str = DEFAULT_LAYOUT, compute_server: Optional[str] = None,
+                 compute_token: Optional[str] = None) -> None:
         super().__init__(server)
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
@@ -73,6 +76,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         self.token = token
         self.loopback_only = loopback_only
         self.uploads = UploadArea(int(max_upload_mb * 2 ** 20))
+        self._receiving = False  # between the first chunk of an upload and its end (an empty chunk)
 
         self.server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
@@ -82,6 +86,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         self.layout_manager = LayoutManager(self.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.logic = MRISegAssistLogic(self.scene, device=device)
+        if compute_server:
+            self.logic.use_server(compute_server, compute_token)
         self.jobs = PageJobs(self.state)
 
         self.study: Optional[StudyFiles] = None
@@ -153,7 +159,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         for spec in self.logic.list_engines():
             status = self.logic.weights_status(spec["name"])
             items.append({"title": spec["name"], "value": spec["name"], "subtitle": spec["description"],
-                          "props": {"disabled": not status["available"], "subtitle": status["message"]}})
+                          "props": {"disabled": not status.available, "subtitle": status.message}})
         return items
 
     def _on_server_ready(self, **_) -> None:
@@ -232,23 +238,43 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     def upload_chunk(self, files: list) -> None:
         """Receive uploaded files in chunks (empty list = end of upload, then load them as one study)."""
         if files:
-            if self.uploads.folder is None:
+            if not self._receiving:  # a new upload: the previous one (loaded or refused) is dropped
                 self.uploads.begin()
-            self.uploads.add(files)
+                self._receiving = True
+            try:
+                self.uploads.add(files)  # a refusal discards what this upload received
+            except Exception:
+                self._receiving = False
+                raise
             return
-        if self.uploads.folder is None:
+        receiving, self._receiving = self._receiving, False
+        if not receiving or self.uploads.folder is None:
             raise InputError("no file was uploaded")
-        self._load_folder(self.uploads.folder, "uploaded files")
+        try:
+            self._load_folder(self.uploads.folder, "uploaded files")
+        except Exception:
+            self.uploads.discard()  # a refused study is not mixed into the next upload
+            raise
 
     def upload_refused(self, message: str) -> None:
         """The page refused an upload before sending it (over the size limit)."""
+        self._receiving = False
         self.uploads.discard()
         self.state.error = message
 
     def _load_folder(self, folder: Path, label: str) -> None:
         if self.jobs.busy:
             raise InputError("wait for the running step to finish (or cancel it) before loading a study")
-        study = scan_study(folder)
+        try:
+            self._read_study(folder, label)
+        except MRISegAssistError as exc:  # an upload's messages never show the server's temporary folder
+            exc.args = (self.uploads.redact(str(exc)),)
+            raise
+
+    def _read_study(self, folder: Path, label: str) -> None:
+        uploaded = self.uploads.folder is not None and folder == self.uploads.folder
+        # files (and symbolic links) must resolve inside the data folder, uploads inside their own folder
+        study = scan_study(folder, root=None if uploaded else self.data_dir)
         self._reset_study()
         loaded = {}
         for path in study.images:
@@ -288,7 +314,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         for roi in list(self.rois):
             self._forget_roi(roi)
         self.scene.Clear(0)
-        self.logic = MRISegAssistLogic(self.scene, device=self.logic.device)  # undo history is per study
+        self.logic = MRISegAssistLogic(self.scene, device=self.logic.device,  # undo history is per study
+                                       client=self.logic.client)
         self.volume_nodes, self.segmentation_node, self.reference, self.reference_node = {}, None, None, None
         self._reference_values = {}
         self.state.update({"study_loaded": False, "boxes": [], "segments": [], "metrics": [], "metrics_note": "",
@@ -322,7 +349,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
             self._set_reference(reference_file)
         except Exception as exc:  # noqa: BLE001
             self.reference = None
-            self.state.error = describe_error(exc)
+            self.state.error = self.uploads.redact(describe_error(exc))
         self._refresh_results()
 
     def _set_reference(self, reference_file: Optional[str]) -> None:
@@ -360,7 +387,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
     def _on_engine(self, engine, **_) -> None:
         if engine:
             status = self.logic.weights_status(engine)
-            self.state.engine_note = "" if status["available"] else status["message"]
+            self.state.engine_note = "" if status.available else status.message
 
     @page_action
     def auto_segment(self) -> None:
@@ -384,7 +411,8 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         job = self.logic.segment_from_rois_job(self.base_volume_node(), rois, engine=self.state.engine,
                                                segmentation_node=self._live_segmentation(),
                                                strategy=self.state.strategy,
-                                               cascade="D" if self.state.cascade else None)
+                                               cascade="D" if self.state.cascade else None,
+                                               extra_nodes=self.input_nodes())
         self.jobs.start(job, lambda node: self._segmentation_done(node, None))
 
     @page_action
@@ -400,9 +428,9 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         def done(rois) -> str:
             for roi in rois:
                 self._track_roi(roi)
-            missing = self.logic.last_summary.get("not_found", [])
+            missing = self.logic.last_result.not_found
             text = f"{len(rois)} atlas box(es) added: review them, then propagate"
-            return text + ("; not found: " + "; ".join(m["name"] for m in missing) if missing else "")
+            return text + ("; not found: " + "; ".join(m.name for m in missing) if missing else "")
 
         self.jobs.start(job, done)
 
@@ -419,14 +447,12 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
             display.SetOpacity2DFill(0.4)
         self._on_show_3d(self.state.show_3d)
         self._refresh_results()
-        summary = self.logic.last_summary
+        result = self.logic.last_result
         took = f"{self.jobs.last_duration:.1f} s (engine {self.jobs.runner.compute_seconds:.1f} s)"
-        if summary.get("workflow") == "auto":
-            return f"auto-segmentation with {summary.get('model')} finished in {took}"
-        if summary.get("workflow") == "prompt":
-            engine = summary.get("engine") + (f" + cascade {summary['cascade']}" if summary.get("cascade") else "")
-            return f"{len(summary.get('objects', []))} object(s) segmented with {engine} in {took}"
-        return f"finished in {took}"
+        if result.workflow == "auto-segment":
+            return f"auto-segmentation with {result.model} finished in {took}"
+        engine = result.engine + (f" + cascade {result.cascade}" if result.cascade else "")
+        return f"{len(result.objects)} object(s) segmented with {engine} in {took}"
 
     @page_action
     def undo(self) -> None:
@@ -483,8 +509,15 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
         if labelmap is None:
             raise InputError("there is no segmentation to save yet")
         name = security.safe_file_name(self.state.save_name or "segmentation", "segmentation")
+        fmt = self.state.save_format
+        if fmt not in results.SAVE_FORMATS:
+            raise InputError(f"unknown format {fmt!r}; use one of {', '.join(results.SAVE_FORMATS)}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = results.save_labelmap(labelmap, self.output_dir, name, self.state.save_format)
+        study = self.study
+        # the output policy: never over a file of the loaded study, nor inside its folder
+        guard_outputs([Output(self.output_dir / f"{name}{results.SAVE_FORMATS[fmt]}", "labelmap", "Save")],
+                      (study.images + study.references) if study else (), [study.folder if study else None])
+        path = results.save_labelmap(labelmap, self.output_dir, name, fmt)
         self.state.saved_path = str(path)
         self.state.info = f"saved {path.name} in {self.output_dir}"
         return str(path)

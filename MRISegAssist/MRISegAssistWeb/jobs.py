@@ -1,7 +1,7 @@
 """Long steps of the browser session: the logic's :class:`~MRISegAssistLib.tasks.Job` objects run with its
-:class:`~MRISegAssistLib.tasks.BackgroundRunner` — engine work in a worker thread, MRML writes and page
-updates on the server's event loop (polled with ``loop.call_later``), so the page stays live, shows
-progress and can cancel.
+:class:`~MRISegAssistLib.tasks.BackgroundRunner`: the request is submitted to the logic's client (this process,
+computing in a thread, or a segmentation server), its state polled, and MRML writes and page updates done on
+the server's event loop (polled with ``loop.call_later``), so the page stays live, shows progress and can cancel.
 """
 from __future__ import annotations
 

@@ -10,67 +10,29 @@ size-limited uploads.
   header must name the loopback (DNS-rebinding guard).
 * Paths typed in the page are confined to the data folder: no ``..``, symlinks resolved, absolute paths only
   when they resolve inside it (:func:`confine_path`).
-* Uploads are limited in total size (:class:`UploadBudget`) and saved under sanitised names.
+* Uploads are limited in total size, counted both as bytes received and as decompressed voxel data from each
+  file's header, and each volume by the engine's voxel-count limit (:class:`UploadBudget`); they are saved
+  under sanitised names.
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import re
-import secrets
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 from urllib.parse import urlsplit
 
 from mrisegassist.errors import InputError
+from mrisegassist.service.auth import DEFAULT_HOST, access_token_for, is_loopback, token_matches  # noqa: F401
 
 TOKEN_COOKIE = "mrisegassist_token"
 TOKEN_QUERY = "token"
-DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_UPLOAD_MB = 2048
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 # ----------------------------------------------------------------------------------------------- binding
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, ``127.0.0.0/8`` and ``::1`` (brackets and a ``:port`` suffix allowed)."""
-    host = (host or "").strip().lower()
-    if host.startswith("["):
-        host = host[1:].split("]", 1)[0]
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def access_token_for(host: str, token: Optional[str]) -> tuple[Optional[str], bool]:
-    """The token the server requires when bound to ``host``: ``(token, generated)``.
-
-    On loopback a given token is honoured and none is required otherwise; on any other address a token is
-    required, so one is generated (``secrets.token_urlsafe``) when none is given.
-    """
-    if token is not None:
-        token = token.strip()
-        if len(token) < 8:
-            raise InputError("the access token must have at least 8 characters")
-        return token, False
-    if is_loopback(host):
-        return None, False
-    return secrets.token_urlsafe(24), True
-
-
-def token_matches(expected: Optional[str], candidate: Optional[str]) -> bool:
-    """Constant-time comparison; with no expected token everything matches."""
-    if expected is None:
-        return True
-    if not candidate:
-        return False
-    return hmac.compare_digest(expected.encode(), candidate.encode())
+# is_loopback, access_token_for, token_matches: the rules of mrisegassist.service.auth (shared with the
+# segmentation server).
 
 
 def request_token(query: dict, headers: dict, cookies: dict) -> tuple[Optional[str], str]:
@@ -185,27 +147,52 @@ def safe_file_name(name: str, default: str = "file") -> str:
 
 # ---------------------------------------------------------------------------------------------- uploads
 class UploadBudget:
-    """Running total of one upload; :meth:`add` raises :class:`InputError` past ``limit_bytes``."""
+    """Limits of one upload: bytes received and decompressed voxel data (each at most ``limit_bytes`` in
+    total), and the voxel count of each volume (``max_voxels``; ``None``: the engine's limit,
+    :func:`mrisegassist.integrity.max_voxels_limit`). Refusals raise :class:`InputError` naming the file and
+    its own size."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, max_voxels: Optional[int] = None) -> None:
         if limit_bytes <= 0:
             raise InputError("upload limit must be positive")
         self.limit_bytes = int(limit_bytes)
+        self.max_voxels = max_voxels
         self.used = 0
+        self.voxel_bytes = 0
 
-    def check_declared(self, sizes: list[int]) -> None:
-        """Refuse an upload whose declared file sizes already exceed the limit (before any byte is kept)."""
-        total = self.used + sum(int(s) for s in sizes)
-        if total > self.limit_bytes:
-            raise InputError(f"upload of {_mb(total)} exceeds the server's limit of {_mb(self.limit_bytes)}")
+    def check_declared(self, files: list[tuple[str, int]]) -> None:
+        """Refuse an upload whose declared ``(name, size)`` files already exceed the limit (before any byte is
+        kept); the message names the first file that does not fit and its size."""
+        total = self.used
+        for name, size in files:
+            total += int(size)
+            if total > self.limit_bytes:
+                raise InputError(self._over(f"{name} ({_mb(int(size))})", total - int(size)))
 
-    def add(self, n_bytes: int) -> None:
+    def add(self, n_bytes: int, name: str = "a file") -> None:
+        """Count ``n_bytes`` received for file ``name``."""
         if self.used + n_bytes > self.limit_bytes:
-            raise InputError(f"upload exceeds the server's limit of {_mb(self.limit_bytes)}")
+            raise InputError(self._over(f"{name} ({_mb(n_bytes)})", self.used))
         self.used += n_bytes
+
+    def add_volume(self, info, name: str) -> None:
+        """Count a received volume by its header (:class:`mrisegassist.integrity.VolumeFileInfo`): its voxel
+        count against ``max_voxels`` and its decompressed voxel data against the limit."""
+        from mrisegassist.integrity import check_voxel_limit
+
+        check_voxel_limit(info, self.max_voxels, name)
+        if self.voxel_bytes + info.expected_bytes > self.limit_bytes:
+            raise InputError(self._over(f"{name} holds {_mb(info.expected_bytes)} of voxel data when decompressed "
+                                        f"({info.describe()}), which", self.voxel_bytes, "of voxel data "))
+        self.voxel_bytes += info.expected_bytes
+
+    def _over(self, what: str, before: int, kind: str = "") -> str:
+        already = f", with {_mb(before)} {kind}already in this upload" if before else ""
+        return f"{what} exceeds the server's limit of {_mb(self.limit_bytes)} for one upload{already}"
 
     def reset(self) -> None:
         self.used = 0
+        self.voxel_bytes = 0
 
 
 def _mb(n: int) -> str:

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from mrisegassist.errors import InputError
+from mrisegassist.service.protocol import READY_PREFIX
 
 from . import security
-
-READY_PREFIX = "MRISegAssist serving at "
 
 
 @contextmanager
@@ -34,7 +33,8 @@ def page_url(host: str, port: int, token: Optional[str]) -> str:
 def serve(host: str = security.DEFAULT_HOST, port: int = 8080, data_dir: Optional[str] = None,
           output_dir: Optional[str] = None, token: Optional[str] = None,
           max_upload_mb: float = security.DEFAULT_MAX_UPLOAD_MB, device: Optional[str] = None,
-          server_name: str = "mrisegassist") -> int:
+          server_name: str = "mrisegassist", compute_server: Optional[str] = None,
+          compute_token: Optional[str] = None) -> int:
     """Serve the page on ``host:port`` until interrupted (``port=0``: a free port, printed when ready).
 
     On loopback no token is needed unless given; elsewhere one is required and generated when missing. The
@@ -55,7 +55,8 @@ def serve(host: str = security.DEFAULT_HOST, port: int = 8080, data_dir: Optiona
 
         server = get_server(server_name, client_type="vue3")
         app = create_app(server, data_dir=data_dir, output_dir=output_dir, token=token, loopback_only=loopback,
-                         max_upload_mb=max_upload_mb, device=device)
+                         max_upload_mb=max_upload_mb, device=device, compute_server=compute_server,
+                         compute_token=compute_token)
 
         def announce(**_) -> None:
             if generated:

@@ -4,6 +4,11 @@ reference mask, and uploads written to a private temporary folder.
 A *study* is one folder with one file per sequence (``flair.nii.gz``, ``t1.nii.gz``, ...), optionally with a
 reference mask (``lesions.nii.gz``, ``labels.nii.gz``, ``*-seg.nii.gz``, ...) for metrics. Files are
 classified by name only; the page lets the user correct the choice.
+
+Safety: every volume file of a study (and a detached ``.raw`` it names) must resolve inside the data folder
+(symbolic links are followed and confined like folders), and is checked for truncation, compressed-stream
+damage and the voxel-count limit before anything reads it (:func:`mrisegassist.integrity.verify_volume_file`).
+Messages name files relative to the study, never the server's folders.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from mrisegassist.errors import InputError
+from mrisegassist.integrity import inspect_volume_file, verify_volume_file
 
 from .security import UploadBudget, safe_file_name
 
@@ -67,15 +73,33 @@ class StudyFiles:
         return self.references[0] if self.references else None
 
 
-def scan_study(folder: Path) -> StudyFiles:
-    """Classify the volume files directly inside ``folder``; :class:`InputError` when it has no image."""
+def _confine_file(path: Path, base: Path, where: str) -> None:
+    real = path.resolve()
+    if real != base and base not in real.parents:
+        link = "is a link to a file" if path.is_symlink() else "lies"
+        raise InputError(f"{path.name}: {link} outside {where}; refused")
+
+
+def scan_study(folder: Path, root: Optional[Path] = None, max_voxels: Optional[int] = None) -> StudyFiles:
+    """Classify and check the volume files directly inside ``folder``; :class:`InputError` when it has no image.
+
+    Every volume file (and a detached data file its header names) must resolve inside ``root`` (the data
+    folder; default: ``folder`` itself), and passes the engine's integrity checks (truncation, gzip CRC, the
+    voxel-count limit ``max_voxels``) before anything reads it. Messages name the file, not its folder.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder.name}: is not a folder")
+    base = Path(root if root is not None else folder).resolve()
+    where = "the data folder" if root is not None else "the study folder"
     study = StudyFiles(folder)
     for path in sorted(folder.iterdir()):
         if not is_volume_file(path):
             continue
+        _confine_file(path, base, where)
+        info = verify_volume_file(path, name=path.name, max_voxels=max_voxels)
+        for extra in (info.files[1:] if info is not None else ()):
+            _confine_file(extra, base, where)
         {"image": study.images, "reference": study.references, "ignored": study.ignored}[role_of(path)].append(path)
     if not study.images:
         raise InputError(f"{folder.name}: holds no image volume ({', '.join(VOLUME_SUFFIXES)})")
@@ -101,14 +125,16 @@ def list_studies(root: Path, max_depth: int = 4) -> list[str]:
 
 
 class UploadArea:
-    """A private temporary folder receiving one upload at a time, limited to ``limit_bytes`` in total.
+    """A private temporary folder receiving one upload at a time, limited to ``limit_bytes`` in total (bytes
+    received and decompressed voxel data) and ``max_voxels`` per volume (default: the engine's limit).
 
     Files from the browser arrive as trame file dicts (``name``, ``size``, ``content`` bytes or chunks);
-    names are sanitised (folders dropped), so nothing is written outside the folder.
+    names are sanitised (folders dropped), so nothing is written outside the folder. Messages name the
+    uploaded file, never the temporary folder (:meth:`redact` hides it in other messages).
     """
 
-    def __init__(self, limit_bytes: int) -> None:
-        self.budget = UploadBudget(limit_bytes)
+    def __init__(self, limit_bytes: int, max_voxels: Optional[int] = None) -> None:
+        self.budget = UploadBudget(limit_bytes, max_voxels)
         self._root = Path(tempfile.mkdtemp(prefix="mrisegassist-upload-"))
         self.folder: Optional[Path] = None
 
@@ -120,24 +146,35 @@ class UploadArea:
         return self.folder
 
     def add(self, files: list[dict]) -> list[Path]:
-        """Write one chunk of files; raises :class:`InputError` (and discards the upload) past the limit."""
+        """Write one chunk of files; raises :class:`InputError` (and discards the upload) past a limit or for a
+        volume whose header cannot be read."""
         if self.folder is None:
             self.begin()
         written = []
         try:
-            self.budget.check_declared([int(f.get("size") or 0) for f in files])
-            for item in files:
+            names = [safe_file_name(f.get("name") or "", "upload") for f in files]
+            self.budget.check_declared([(n, int(f.get("size") or 0)) for n, f in zip(names, files)])
+            for name, item in zip(names, files):
                 content = item.get("content") or b""
                 if isinstance(content, list):
                     content = b"".join(content)
-                self.budget.add(len(content))
-                path = self.folder / safe_file_name(item.get("name") or "", "upload")
+                self.budget.add(len(content), name)
+                path = self.folder / name
                 path.write_bytes(content)
                 written.append(path)
-        except InputError:
+                info = inspect_volume_file(path, name) if is_volume_file(path) else None
+                if info is not None:
+                    self.budget.add_volume(info, name)
+        except InputError as exc:
             self.discard()
-            raise
+            raise type(exc)(self.redact(str(exc))) from None  # same class (DamagedFileError, ...)
         return written
+
+    def redact(self, text: str) -> str:
+        """``text`` with this area's temporary folder replaced by ``<upload>`` (for messages shown in the page)."""
+        for form in {str(self._root), str(self._root.resolve())}:
+            text = text.replace(form, "<upload>")
+        return text
 
     def discard(self) -> None:
         if self.folder is not None:

@@ -15,3 +15,19 @@ class CheckpointError(MRISegAssistError):
 
 class Cancelled(MRISegAssistError):
     """The user cancelled a long step. Nothing partial was written."""
+
+
+class DamagedFileError(InputError):
+    """An input file is truncated or inconsistent (header vs. data, compressed stream, CRC)."""
+
+
+class VolumeTooLargeError(InputError):
+    """A volume's header declares more voxels than the configured limit."""
+
+
+class WriteError(MRISegAssistError):
+    """An output could not be written completely and verified; any previous file at that path is kept."""
+
+
+class InputWarning(UserWarning):
+    """Input that is accepted but suspicious (implausible spacing, ignored options, clipped boxes)."""

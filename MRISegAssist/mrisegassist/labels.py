@@ -30,7 +30,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .volume import PathLike, Geometry, Volume, atomic_write, read_volume, validate_array, write_volume
+from .outputs import atomic_write_group, record_input, refuse_two_file_format, text_verifier
+from .volume import (WRITABLE_SUFFIXES, PathLike, Geometry, Volume, read_image, read_volume, validate_array,
+                     volume_writer, write_volume)
 
 Color = tuple[float, float, float]
 _CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
@@ -222,6 +224,7 @@ def read_label_descriptions(path: PathLike) -> list[LabelInfo]:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read label descriptions ({exc})") from None
+        record_input(path)
         items = data.get("labels", []) if isinstance(data, dict) else data
         return [LabelInfo.from_json(item) for item in items]
     return read_itksnap_labels(path)
@@ -271,10 +274,7 @@ def read_labelmap(path: PathLike, labels: Union[None, PathLike, Sequence[LabelIn
     path = Path(path)
     image = None
     if path.name.lower().endswith(".nrrd") and path.is_file():
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            raise InputError(f"{path}: cannot read as an image ({str(exc).strip().splitlines()[-1]})") from None
+        image = read_image(path)  # integrity-checked, recorded as an input
     if image is not None and _segment_fields(image):
         labelmap = _read_seg_nrrd(path, image)
         validate_array(labelmap.volume.array, path.name, "label")
@@ -318,7 +318,10 @@ def seg_nrrd_fields(labelmap: LabelMap) -> dict[str, str]:
 
 
 def write_labelmap(labelmap: LabelMap, path: PathLike) -> Path:
-    """Write a label map with its names, atomically (see the module docstring for the two forms).
+    """Write a label map with its names, atomically and verified (see the module docstring for the two forms).
+
+    The image and its sidecar are both written to temporary files and verified before either replaces the
+    previous pair; on failure both previous files are kept and ``WriteError`` is raised.
 
     Values must fit ``uint8`` for ``.seg.nrrd`` (Slicer's binary-labelmap type) and be non-negative integers.
     """
@@ -329,6 +332,9 @@ def write_labelmap(labelmap: LabelMap, path: PathLike) -> Path:
         raise InputError(f"{labelmap.volume.label}: label values above 65535 cannot be written")
     dtype = np.uint8 if (not array.size or array.max() <= 255) else np.uint16
     volume = labelmap.volume.with_array(array.astype(dtype, copy=False))
+    refuse_two_file_format(path)
+    if not path.name.lower().endswith(WRITABLE_SUFFIXES):
+        raise InputError(f"{path.name}: cannot write this format; use one of {', '.join(WRITABLE_SUFFIXES)}")
     if path.name.lower().endswith(".seg.nrrd"):
         if dtype != np.uint8:
             raise InputError(f"{path.name}: .seg.nrrd label values must be <= 255 (max {int(array.max())})")
@@ -336,9 +342,11 @@ def write_labelmap(labelmap: LabelMap, path: PathLike) -> Path:
     side = sidecar_path(path)
     doc = {"format": "mrisegassist-labels", "version": 1,
            "labels": [lab.to_json() for lab in labelmap.complete_labels()]}
-    out = write_volume(volume, path)
-    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2)))
-    return out
+    text = json.dumps(doc, indent=2).encode("utf-8")
+    write, verify = volume_writer(volume, path)
+    # image and sidecar are staged and verified together: either both are replaced or neither is
+    return atomic_write_group([(path, write, verify),
+                               (side, lambda tmp: Path(tmp).write_bytes(text), text_verifier(text, side.name))])[0]
 
 
 def labels_from_names(names: Union[dict[int, str], Iterable[LabelInfo], None]) -> list[LabelInfo]:

@@ -14,7 +14,8 @@ import numpy as np
 
 from .errors import InputError
 from .labels import LabelInfo, LabelMap, default_color
-from .volume import Geometry, PathLike, Volume, atomic_write
+from .outputs import atomic_write, verify_png
+from .volume import Geometry, PathLike, Volume
 
 ArrayLike = Union[np.ndarray, Volume, LabelMap]
 
@@ -191,13 +192,14 @@ def overlay_png(image: ArrayLike, labels: Optional[ArrayLike], path: PathLike,
                    frameon=False)
     fig.suptitle((title + "\n" if title else "") + f"slices k={centre[0]} j={centre[1]} i={centre[2]} "
                  f"(radiological: patient right on the left)", fontsize=10)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
-def _save(fig, path: PathLike, dpi: int) -> Path:
+def save_figure(fig, path: PathLike, dpi: int) -> Path:
+    """Write a matplotlib figure as PNG atomically, verified by reading it back (:func:`verify_png`); closes it."""
     plt = _plt()
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), verify_png)
     finally:
         plt.close(fig)
 
@@ -224,7 +226,7 @@ def plot_bars(values: Mapping[str, Union[float, Mapping[str, float]]], path: Pat
     if grouped:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def plot_benchmark(results: Mapping[str, float], path: PathLike, baseline: Optional[str] = None,
@@ -248,4 +250,4 @@ def plot_benchmark(results: Mapping[str, float], path: PathLike, baseline: Optio
     ax.set_xlim(0, max(vals) * 1.35 if max(vals) > 0 else 1)
     ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)

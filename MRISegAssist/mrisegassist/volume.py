@@ -1,4 +1,5 @@
-"""Volumes with geometry: reading, validation, resampling onto a reference grid, atomic writing.
+"""Volumes with geometry: reading (integrity-checked), validation, resampling onto a reference grid, verified
+atomic writing.
 
 Conventions
 -----------
@@ -7,23 +8,32 @@ Conventions
 * ``Geometry.origin`` is the LPS position (mm) of the centre of voxel ``(0, 0, 0)``; ``Geometry.direction``
   is the 3x3 ITK direction matrix, row-major; its columns are the i, j, k axes in LPS.
 * ``ijk_to_lps`` / ``ijk_to_ras`` are 4x4 homogeneous matrices mapping voxel indices to millimetres.
+
+Safety: every file is checked by :mod:`mrisegassist.integrity` before it is read (truncation, compressed
+stream CRC, voxel-count limit) and recorded as an input (:func:`mrisegassist.outputs.record_input`);
+:func:`write_volume` writes through :func:`mrisegassist.outputs.atomic_write` and verifies the file it wrote.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, MRISegAssistError
+from .errors import InputError, InputWarning, VolumeTooLargeError, WriteError
+from .integrity import hide_folder, max_voxels_limit, verify_volume_file
+from .outputs import WRITABLE_SUFFIXES, atomic_write, record_input, refuse_two_file_format
 
 PathLike = Union[str, os.PathLike]
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".gipl.gz", ".dcm")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Voxel spacings (mm) outside this open range give an :class:`InputWarning` (likely a wrong header unit).
+PLAUSIBLE_SPACING_MM = (0.05, 20.0)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -167,27 +177,55 @@ def _is_dicom_dir(path: Path) -> bool:
     return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
-def _read_image(path: Path, series_id: Optional[str] = None) -> sitk.Image:
+def read_image(path: Path, series_id: Optional[str] = None, name: Optional[str] = None,
+               max_voxels: Optional[int] = None) -> sitk.Image:
+    """A SimpleITK image from a file or DICOM series folder, read after the integrity checks
+    (:func:`mrisegassist.integrity.verify_volume_file`); every file read is recorded as an input.
+
+    Messages name ``name`` when given (the path stays private: the web server's upload folder), else the path.
+    """
+    path = Path(path)
+    shown = name or str(path)
     if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
+        raise InputError(f"{shown}: no such file or folder")
     try:
         if path.is_dir():
             ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
             if not ids:
-                raise InputError(f"{path}: folder holds no DICOM series")
+                raise InputError(f"{shown}: folder holds no DICOM series")
             if series_id is None and len(ids) > 1:
-                raise InputError(f"{path}: folder holds {len(ids)} DICOM series ({', '.join(ids)}); "
+                raise InputError(f"{shown}: folder holds {len(ids)} DICOM series ({', '.join(ids)}); "
                                  f"pass one series folder or a series id")
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series_id or ids[0])
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+            image = reader.Execute()
+            read = list(files)
+        else:
+            info = verify_volume_file(path, name=shown, max_voxels=max_voxels)
+            image = sitk.ReadImage(str(path))
+            read = list(info.files) if info is not None else [path]
     except InputError:
         raise
     except RuntimeError as exc:  # SimpleITK reports every I/O failure as RuntimeError
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read as an image ({first})") from None
+        raise InputError(f"{shown}: cannot read as an image ({first if name is None else hide_folder(first, path)})") \
+            from None
+    for f in read:
+        record_input(f)
+    return image
+
+
+def warn_implausible_spacing(geometry: "Geometry", name: str) -> Optional[str]:
+    """Issue an :class:`InputWarning` (and return its text) when a spacing lies outside
+    :data:`PLAUSIBLE_SPACING_MM`; volumes in ml would then be wrong by orders of magnitude."""
+    lo, hi = PLAUSIBLE_SPACING_MM
+    if all(lo < s < hi for s in geometry.spacing):
+        return None
+    text = (f"{name}: implausible voxel spacing {' x '.join(f'{s:g}' for s in geometry.spacing)} mm (expected "
+            f"{lo:g}-{hi:g} mm); check the header's units: volumes in ml and distances in mm use it")
+    warnings.warn(text, InputWarning, stacklevel=3)
+    return text
 
 
 def validate_array(array: np.ndarray, name: str, kind: str = "image") -> None:
@@ -201,6 +239,12 @@ def validate_array(array: np.ndarray, name: str, kind: str = "image") -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise InputError(f"{name}: {bad} voxels are NaN or infinite")
+    if kind == "image" and np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize > 4:
+        big = np.abs(array) > _FLOAT32_MAX
+        if big.any():
+            raise InputError(f"{name}: {int(np.count_nonzero(big))} voxels have values beyond the float32 range "
+                             f"(largest magnitude {float(np.abs(array).max()):.3g}; float32 holds up to "
+                             f"{_FLOAT32_MAX:.3g}, the engine computes in float32): rescale the image")
     if kind == "image":
         if np.all(array == array.flat[0]):
             raise InputError(f"{name}: volume is empty (every voxel is {array.flat[0]})")
@@ -209,6 +253,8 @@ def validate_array(array: np.ndarray, name: str, kind: str = "image") -> None:
             raise InputError(f"{name}: label map has non-integer values")
         if array.min() < 0:
             raise InputError(f"{name}: label map has negative values")
+        if array.max() > np.iinfo(np.int32).max:
+            raise InputError(f"{name}: label values up to {float(array.max()):.3g} are too large for a label map")
 
 
 def _nifti_nonfinite(path: Path) -> int:
@@ -225,18 +271,25 @@ def _nifti_nonfinite(path: Path) -> int:
 
 
 def read_volume(path: PathLike, kind: str = "image", name: Optional[str] = None,
-                series_id: Optional[str] = None, check_nan: bool = True) -> Volume:
+                series_id: Optional[str] = None, check_nan: bool = True,
+                max_voxels: Optional[int] = None) -> Volume:
     """Read a 3D volume (NIfTI, NRRD, MHA/MHD, GIPL, or a DICOM series folder), keeping its geometry.
 
     ``kind`` is ``"image"`` (float32 array; constant volumes rejected) or ``"label"`` (integer array).
-    Raises :class:`InputError` with a specific message for missing/unreadable files, 4D or 2D data,
-    multi-component pixels, NaN/inf and empty volumes. ITK silently reads NaN voxels of NIfTI files as 0,
-    so floating-point NIfTI files are also checked with nibabel (``check_nan=False`` skips that second
-    read, ~0.5 s for a 240x240x155 float32 file).
+    Before reading, the file's header and every byte of voxel data are checked
+    (:func:`mrisegassist.integrity.verify_volume_file`: truncation, gzip CRC, and the voxel-count limit
+    ``max_voxels``, default ``$MRISEGASSIST_MAX_VOXELS`` or 2**28). Raises :class:`InputError` (or its
+    subclasses ``DamagedFileError`` / ``VolumeTooLargeError``) with a specific message for missing, damaged
+    or unreadable files, 4D or 2D data, multi-component pixels, NaN/inf, values beyond float32 and empty
+    volumes; warns (:class:`InputWarning`) on implausible spacing. ITK silently reads NaN voxels of NIfTI
+    files as 0, so floating-point NIfTI files are also checked with nibabel (``check_nan=False`` skips that
+    second read, ~0.5 s for a 240x240x155 float32 file). Every file read is recorded as an input.
     """
     path = Path(path)
     label = name or path.name
-    image = _read_image(path, series_id)
+    image = read_image(path, series_id, label if name else None, max_voxels)
+    if path.is_dir():
+        check_voxel_limit_of(image, label, max_voxels)
     if check_nan and path.name.lower().endswith((".nii", ".nii.gz")) and \
             image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = _nifti_nonfinite(path)
@@ -258,10 +311,19 @@ def read_volume(path: PathLike, kind: str = "image", name: Optional[str] = None,
     else:
         array = array.astype(np.float32, copy=False)
     volume = Volume(array, Geometry.from_sitk(image), label)
+    warn_implausible_spacing(volume.geometry, label)
     volume.metadata = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
     volume.metadata["source_pixel_type"] = image.GetPixelIDTypeAsString()
     volume.metadata["source_path"] = str(path)
     return volume
+
+
+def check_voxel_limit_of(image: sitk.Image, name: str, max_voxels: Optional[int] = None) -> None:
+    """The voxel-count limit for an image read without a file header check (a DICOM series)."""
+    n = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
+    limit = max_voxels_limit(max_voxels)
+    if n > limit:
+        raise VolumeTooLargeError(f"{name}: {n:,} voxels, over the limit of {limit:,} voxels")
 
 
 # ------------------------------------------------------------------------------------------ resampling
@@ -391,60 +453,58 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def verify_written_volume(image: sitk.Image, name: str) -> Callable[[Path], None]:
+    """A verifier for :func:`~mrisegassist.outputs.atomic_write`: the written file's voxel data are complete
+    (integrity check: byte count, compressed stream and CRC), its header (size, components, spacing) matches
+    ``image``, and files up to :data:`FULL_READBACK_MAX_BYTES` of voxel data are read back in full and compared."""
+    size = tuple(int(s) for s in image.GetSize())
+
+    def verify(tmp: Path) -> None:
+        info = verify_volume_file(tmp, name=name, max_voxels=2 ** 62)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(tmp))
+        reader.ReadImageInformation()
+        if tuple(reader.GetSize()) != size or reader.GetNumberOfComponents() != image.GetNumberOfComponentsPerPixel():
+            raise WriteError(f"{name}: header read back declares size {reader.GetSize()}, wrote {size}")
+        if not np.allclose(reader.GetSpacing(), image.GetSpacing(), rtol=1e-5):
+            raise WriteError(f"{name}: header read back has spacing {reader.GetSpacing()}, wrote {image.GetSpacing()}")
+        if info is not None and info.expected_bytes <= FULL_READBACK_MAX_BYTES:
+            back = reader.Execute()  # keep the image alive while its array view is compared
+            if not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)):
+                raise WriteError(f"{name}: voxel values read back differ from those written")
+
+    return verify
 
 
-_UMASK = _read_umask()
-
-
-def atomic_write(path: PathLike, writer) -> Path:
-    """Call ``writer(tmp_path)`` on a temporary file beside ``path`` and rename it into place.
-
-    The temporary name keeps the extension so format-by-extension writers work. On failure nothing
-    is left behind and an existing ``path`` is untouched.
-    """
-    path = Path(path)
-    if not path.parent.exists():
-        raise InputError(f"{path.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{_suffix(path)}", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".gipl", ".gipl.gz")
+#: Written files with at most this many bytes of voxel data are read back in full and compared.
+FULL_READBACK_MAX_BYTES = 64 * 2 ** 20
 
 
 def write_volume(volume: Volume, path: PathLike, metadata: Optional[Mapping[str, str]] = None,
                  compress: bool = True) -> Path:
-    """Write ``volume`` with its geometry, atomically. ``metadata`` becomes NRRD/MHA header keys.
+    """Write ``volume`` with its geometry, atomically and verified. ``metadata`` becomes NRRD/MHA header keys.
 
     Formats: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.seg.nrrd``), MetaImage (``.mha``), GIPL.
-    Two-file formats (``.nhdr``, ``.mhd``) are refused: they cannot be renamed into place atomically.
-    On failure nothing is left behind and an existing file at ``path`` is untouched.
+    Two-file formats (``.nhdr``, ``.mhd``) are refused (:class:`InputError`): they cannot be renamed into place
+    atomically. The temporary file is checked (:func:`verify_written_volume`) before it replaces ``path``; on
+    any failure (a full disk included) nothing is left behind, an existing file at ``path`` is untouched, and
+    :class:`~mrisegassist.errors.WriteError` is raised. Refuses to replace a file read as an input.
     """
     path = Path(path)
+    refuse_two_file_format(path)
     if not path.name.lower().endswith(WRITABLE_SUFFIXES):
         raise InputError(f"{path.name}: cannot write this format; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    return atomic_write(path, *volume_writer(volume, path, metadata, compress))
+
+
+def volume_writer(volume: Volume, path: Path, metadata: Optional[Mapping[str, str]] = None,
+                  compress: bool = True) -> tuple[Callable[[str], None], Callable[[Path], None]]:
+    """``(writer, verify)`` for :func:`~mrisegassist.outputs.atomic_write` / ``atomic_write_group``."""
     image = volume.to_sitk()
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, str(value))
 
     def write(tmp: str) -> None:
-        try:
-            sitk.WriteImage(image, tmp, compress)
-        except RuntimeError as exc:
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "write failed"
-            raise MRISegAssistError(f"{path}: cannot write ({last})") from None
+        sitk.WriteImage(image, tmp, compress)  # RuntimeError -> WriteError naming the path (outputs._stage)
 
-    return atomic_write(path, write)
+    return write, verify_written_volume(image, path.name)

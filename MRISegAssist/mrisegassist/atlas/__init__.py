@@ -4,12 +4,13 @@ Typical use::
 
     refset = load_reference_set("builtin:colin27")            # or a folder / CSV / JSON manifest
     boxes = atlas_boxes(target_volume, refset, strategy="A")   # AtlasBoxes (IJK + RAS boxes, JSON)
-    result = auto_from_atlas(target_volume, refset, "classical", cascade="D")   # LabelMap in result.labels
-    result = auto_from_mask(target_volume, unet_output_volume, "classical")
+    prompts = mask_prompts(unet_output_volume, target_volume)  # one prompt per connected component
+
+The whole pipeline (prompts -> engine -> cascade -> label map) is ``mrisegassist.service.Service.auto``.
 
 Arrays are ``[k, j, i]``; boxes are axial (constant ``k``); physical coordinates LPS mm (RAS in the JSON boxes).
 """
-from .auto import AutoResult, atlas_boxes, auto_from_atlas, auto_from_mask, mask_prompts, segment_objects  # noqa: F401
+from .auto import atlas_boxes, atlas_result, mask_prompts  # noqa: F401
 from .boxes import AtlasBoxes, ScoreMap, StructureBoxes, boxes_from_scores, ras_box, score_maps  # noqa: F401
 from .cascade import cascade_prompt, enlarge_box, enlarge_range, run_cascade  # noqa: F401
 from .references import (Reference, ReferenceSet, Structure, builtin_names, cache_dir,  # noqa: F401

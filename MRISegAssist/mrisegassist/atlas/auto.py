@@ -1,36 +1,27 @@
-"""Automatic prompts -> promptable engine -> cascade -> label map.
+"""Automatic prompts: registration-atlas boxes, mask components, and the atlas's own label map.
 
-Prompts come from a registered reference set (:func:`atlas_boxes`: one object per structure) or from a mask
-(:func:`mask_prompts`: one object per 26-connected component of a U-Net output or any label map). The engine
-(``prompt.get_engine``, weights-free ``classical`` by default) segments every object at once; an optional
-cascade (:mod:`.cascade`, ``C`` or ``D``) re-prompts each object from its first-pass mask; ``prompt.fusion``
-turns the per-object results into one label map on the target grid (``[k, j, i]``, uint16).
+Building blocks of the service's automatic pipeline (``mrisegassist.service``: prompts -> engine -> cascade ->
+label map): :func:`atlas_boxes` (a registered reference set, one object per structure), :func:`mask_prompts`
+(one object per 26-connected component of a U-Net output or any label map) and :func:`atlas_result` (the
+thresholded score maps fused into a label map, no engine). Arrays are ``[k, j, i]``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 
 from ..errors import InputError
-from ..labels import LabelInfo, LabelMap, default_color
+from ..labels import LabelInfo, LabelMap
 from ..progress import CancelToken, ProgressFn, check, report
-from ..prompt import get_engine
-from ..prompt.base import ObjectPrompt, ObjectResult, PromptableEngine
-from ..prompt.fusion import fuse
+from ..prompt.base import ObjectPrompt
 from ..prompt.strategies import prompts_from_mask
-from ..volume import PathLike, Volume, resample_to
+from ..volume import Volume, resample_to
 from .boxes import AtlasBoxes, boxes_from_scores, fuse_scores, score_maps
-from .cascade import CASCADES, run_cascade
 from .references import ReferenceSet
 from .registration import FAST, RegistrationSettings
 from .space import CommonSpace
-
-
-#: engine name meaning "no promptable engine: the atlas score maps are the segmentation"
-ATLAS_ENGINE = "atlas"
 
 
 def _sub(progress: Optional[ProgressFn], a: float, b: float) -> Optional[ProgressFn]:
@@ -80,126 +71,11 @@ def mask_prompts(mask: Union[np.ndarray, Volume], target: Optional[Volume] = Non
     return [ObjectPrompt(p.object_id, p.boxes, p.z_range, f"object-{p.object_id}") for p in prompts]
 
 
-@dataclass
-class AutoResult:
-    """Output of :func:`segment_objects`: the fused label map, per-object summaries and the first pass."""
-
-    labels: LabelMap
-    objects: list[dict]
-    first_pass: list[ObjectResult]
-    final: list[ObjectResult]
-    boxes: Optional[AtlasBoxes] = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        d = {"objects": self.objects, "timings_s": {k: round(v, 3) for k, v in self.timings.items()}}
-        if self.boxes is not None:
-            d["not_found"] = [{"name": s.name, "reason": s.reason} for s in self.boxes.not_found()]
-        return d
-
-
-def segment_objects(target: Volume, prompts: Sequence[ObjectPrompt], engine: Union[str, PromptableEngine] = "classical",
-                    cascade: Optional[str] = None, *, strategy: str = "A", exclude: Sequence[int] = (),
-                    colors: Optional[Mapping[int, tuple]] = None, device: str = "cpu",
-                    progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> AutoResult:
-    """Segment every prompted object on ``target`` at once, optionally cascade, and fuse into a label map.
-
-    ``exclude``: object ids kept out of the cascade. Label values = object ids, names = prompt names.
-    """
-    if cascade is not None and cascade not in CASCADES:
-        raise InputError(f"unknown cascade {cascade!r}; use C or D")
-    if not prompts:
-        raise InputError("no object to segment (no structure found / no mask component)")
-    eng = get_engine(engine, device) if isinstance(engine, str) else engine
-    t0 = time.perf_counter()
-    report(progress, 0.0, f"preparing {eng.name or 'engine'}")
-    prepared = eng.prepare(target.array, cancel=cancel)
-    second_share = 0.45 if cascade else 0.0
-    first = eng.segment(prepared, list(prompts), progress=_sub(progress, 0.05, 0.95 - second_share), cancel=cancel)
-    t1 = time.perf_counter()
-    final = first
-    if cascade:
-        report(progress, 0.95 - second_share, f"cascade {cascade}")
-        final = run_cascade(eng, prepared, first, cascade, strategy, exclude,
-                            progress=_sub(progress, 0.95 - second_share, 0.95), cancel=cancel)
-    t2 = time.perf_counter()
-    fused = fuse(final)
-    names = {p.object_id: p.name or f"object-{p.object_id}" for p in prompts}
-    infos = [LabelInfo(oid, names[oid], tuple((colors or {}).get(oid, default_color(oid)))) for oid in names]
-    labelmap = LabelMap(target.with_array(fused, f"{target.label} labels"), infos)
-    ml = target.geometry.voxel_volume_ml
-    objects = []
-    for p, a, b in zip(prompts, first, final):
-        objects.append({"label": p.object_id, "name": names[p.object_id], "boxes": len(p.boxes),
-                        "z_range": list(p.z_range) if p.z_range else None,
-                        "first_pass_ml": round(float(a.mask.sum()) * ml, 4),
-                        "final_ml": round(float((fused == p.object_id).sum()) * ml, 4),
-                        "cascaded": bool(cascade) and p.object_id not in set(exclude) and bool(a.mask.any())})
-    report(progress, 1.0, "done")
-    return AutoResult(labelmap, objects, list(first), list(final), None,
-                      {"first_pass_s": t1 - t0, "cascade_s": t2 - t1, "engine_total_s": time.perf_counter() - t0})
-
-
-def auto_from_atlas(target: Volume, refset: ReferenceSet, engine: Union[str, PromptableEngine] = "classical",
-                    cascade: Optional[str] = None, *, strategy: str = "A",
-                    settings: RegistrationSettings = FAST, thresholds: Optional[dict[str, float]] = None,
-                    workers: Optional[int] = None, cache=None, device: str = "cpu",
-                    progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> AutoResult:
-    """Atlas boxes -> engine -> cascade (structures with ``cascade=False`` excluded) -> label map.
-
-    ``engine="atlas"`` skips the promptable engine: the label map is the thresholded score maps themselves
-    (multi-atlas label fusion, :func:`.boxes.fuse_scores`).
-    """
-    boxes = atlas_boxes(target, refset, strategy, settings=settings, thresholds=thresholds, workers=workers,
-                        cache=cache, progress=_sub(progress, 0.0, 0.9 if engine == ATLAS_ENGINE else 0.5),
-                        cancel=cancel)
-    if engine == ATLAS_ENGINE:
-        return atlas_result(target, boxes)
-    if not boxes.found():
-        raise InputError("no structure was found on the target: " +
-                         "; ".join(f"{s.name}: {s.reason}" for s in boxes.structures))
-    found = boxes.found()
-    result = segment_objects(target, boxes.prompts(), engine, cascade, strategy=strategy,
-                             exclude=[s.value for s in found if not s.cascade],
-                             colors={s.value: s.color for s in found}, device=device,
-                             progress=_sub(progress, 0.5, 1.0), cancel=cancel)
-    result.boxes = boxes
-    result.timings.update({f"atlas_{k}": v for k, v in boxes.timings.items()})
-    return result
-
-
-def atlas_result(target: Volume, boxes: AtlasBoxes) -> AutoResult:
-    """The label map of the atlas alone (score-map fusion) as an :class:`AutoResult`."""
+def atlas_result(target: Volume, boxes: AtlasBoxes) -> LabelMap:
+    """The label map of the atlas alone (score-map fusion, :func:`.boxes.fuse_scores`) on ``target``'s grid,
+    one label per found structure (its value, name and colour)."""
     if boxes.scores is None:
         raise InputError("the atlas label map needs score maps: run with --references (boxes read from JSON "
                          "carry none)")
-    fused = fuse_scores(boxes.scores)
-    ml = target.geometry.voxel_volume_ml
-    found = boxes.found()
-    infos = [LabelInfo(s.value, s.name, tuple(s.color)) for s in found]
-    objects = [{"label": s.value, "name": s.name, "boxes": len(s.boxes), "z_range": list(s.z_range),
-                "first_pass_ml": round(s.volume_ml, 4), "final_ml": round(float((fused == s.value).sum()) * ml, 4),
-                "cascaded": False} for s in found]
-    labels = LabelMap(target.with_array(fused, f"{target.label} atlas labels"), infos)
-    return AutoResult(labels, objects, [], [], boxes, {f"atlas_{k}": v for k, v in boxes.timings.items()})
-
-
-def auto_from_mask(target: Volume, mask: Union[Volume, np.ndarray], engine: Union[str, PromptableEngine] = "classical",
-                   cascade: Optional[str] = None, *, strategy: str = "A", min_voxels: int = 3, device: str = "cpu",
-                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> AutoResult:
-    """Connected components of ``mask`` (e.g. a U-Net output) -> one object each -> engine -> label map."""
-    prompts = mask_prompts(mask, target, strategy, min_voxels)
-    return segment_objects(target, prompts, engine, cascade, strategy=strategy, device=device,
-                           progress=progress, cancel=cancel)
-
-
-def unet_mask(model: str, inputs: Mapping[str, Union[PathLike, Volume]], target: Volume, device: str = "cpu",
-              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> Volume:
-    """Run a U-Net (``unet.segment_files``) and return its foreground (any label) on the target grid."""
-    from ..unet.inference import segment_files
-
-    labelmap = segment_files(model, inputs, device=device, progress=progress, cancel=cancel)
-    fg = labelmap.volume.with_array((labelmap.volume.array > 0).astype(np.uint8), f"{model} foreground")
-    if not fg.geometry.same_as(target.geometry, atol=1e-4):
-        fg = resample_to(fg, target.geometry, "nearest")
-    return fg
+    infos = [LabelInfo(s.value, s.name, tuple(s.color)) for s in boxes.found()]
+    return LabelMap(target.with_array(fuse_scores(boxes.scores), f"{target.label} atlas labels"), infos)

@@ -25,7 +25,8 @@ from scipy import ndimage
 from ..errors import InputError
 from ..prompt.base import Box2D, ObjectPrompt
 from ..prompt.strategies import STRATEGIES, boxes_for_object, z_extent
-from ..volume import Geometry, atomic_write
+from ..outputs import write_text
+from ..volume import Geometry
 from .references import Structure
 
 FORMAT = "mrisegassist-atlas-boxes"
@@ -274,8 +275,7 @@ class AtlasBoxes:
             raise InputError(f"bad atlas boxes document: {exc}") from None
 
     def write(self, path: Union[str, Path]) -> Path:
-        text = json.dumps(self.to_json(), indent=1)
-        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        return write_text(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def read(cls, path: Union[str, Path]) -> "AtlasBoxes":

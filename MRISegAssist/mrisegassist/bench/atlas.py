@@ -221,7 +221,7 @@ def write_png(results: list[dict], path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..volume import atomic_write
+    from ..viz import save_figure
 
     keys = [("dice_ref_boxes", "reference-mask boxes"), ("dice_auto_boxes", "atlas boxes"),
             ("dice_cascade_C", "cascade C"), ("dice_cascade_D", "cascade D"), ("dice_atlas_only", "atlas alone")]
@@ -238,15 +238,17 @@ def write_png(results: list[dict], path) -> Path:
         ax.set_title(f"{res['dataset']} ({res['labels']}; {res['references']} refs, {res['engine']})", fontsize=9)
         ax.legend(fontsize=7, ncol=len(keys))
     fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, 90)
 
 
 def run_eval(args) -> int:
     from ..atlas.evaluation import dataset, evaluate
     from ..cli import emit
 
+    if args.png:  # the output policy, before any work
+        from ..outputs import Output, guard_outputs
+
+        guard_outputs([Output(Path(args.png), "png", "--png")], [args.data])
     names = ["itksnap"] if args.quick else [d.strip() for d in args.dataset.split(",") if d.strip()]
     n_refs = 3 if args.quick else args.references
     results = []

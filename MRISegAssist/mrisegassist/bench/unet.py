@@ -169,6 +169,11 @@ def _median_time(fn: Callable[[], object], repeats: int, cpu: Optional[list] = N
 def run(args) -> int:
     import torch
 
+    if args.plot:  # the output policy, before any work
+        from ..outputs import Output, guard_outputs
+
+        guard_outputs([Output(Path(args.plot), "png", "--plot")], [args.data])
+
     from ..cli import emit
     from ..errors import InputError
 

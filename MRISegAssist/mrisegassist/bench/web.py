@@ -57,10 +57,12 @@ def run(args) -> int:
     from ..cli import emit
     from ..errors import InputError
 
-    try:
-        from MRISegAssistWeb import harness
-    except ImportError as exc:
-        raise InputError(f"the browser front end is not installed ({exc}): pip install 'mrisegassist[web]'")
+    import importlib.util
+
+    from . import browser as harness
+
+    if importlib.util.find_spec("trame_slicer") is None:
+        raise InputError("the browser front end is not installed: pip install 'mrisegassist[web]'")
     reason = harness.chromium_missing_reason()
     if reason:
         raise InputError(f"bench web needs Chromium and Playwright: {reason}")

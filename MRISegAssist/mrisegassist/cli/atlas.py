@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from . import add_json_flag, emit
+from .prompt import add_service_flags, existing, extra_paths
 from ..errors import InputError
 
 
@@ -33,6 +34,7 @@ def register(sub) -> None:
     _add_reference_options(p)
     p.add_argument("--strategy", choices=["A", "B"], default="A", help="A: one box, B: three boxes per structure")
     p.add_argument("-o", "--output", required=True, help="boxes JSON (IJK and RAS boxes per structure)")
+    add_service_flags(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_atlas)
 
@@ -59,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--ref-labels", metavar="NAME=V[+V],...",
                    help="reference values per structure for --ref-mask (default: the output values)")
     p.add_argument("--png", help="write an overlay PNG of the result")
+    p.add_argument("--extra", action="append", metavar="SEQ=FILE",
+                   help="another co-registered sequence of the target (repeatable), for engines that use several")
+    add_service_flags(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_auto)
 
@@ -83,51 +88,31 @@ def _thresholds(items: list[str]) -> dict[str, float]:
     return out
 
 
-def _settings(args):
-    from dataclasses import replace
-
-    from ..atlas.registration import FAST
-
-    changes = {}
-    if args.deformable:
-        changes["deformable"] = args.deformable
-    if args.resolution is not None:
-        changes["resolution_mm"] = args.resolution
-    return replace(FAST, **changes) if changes else FAST
-
-
-def _reference_set(args):
-    from ..atlas.augment import augment
-    from ..atlas.references import load_reference_set
+def _atlas_request(args, target):
+    from ..service import AtlasBoxesRequest
 
     names = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
-    progress, close = _progress(args, "references")
+    return AtlasBoxesRequest(target, args.references, names, args.strategy, _thresholds(args.threshold),
+                             args.deformable, args.resolution, args.augment, args.workers, not args.no_cache)
+
+
+def _call(args, request, desc: str):
+    """Run a service request (in-process, or on ``--server``) with a progress bar."""
+    from .prompt import service_client
+
+    client = service_client(args)
+    progress, close = _progress(args, desc)
     try:
-        refset = load_reference_set(args.references, names, progress=progress)
-        if args.augment:
-            refset = augment(refset, args.augment, progress=progress)
+        return client.call(request, progress)
     finally:
         close()
-    return refset
+        client.close()
 
 
-def _atlas_boxes(args, target):
-    from ..atlas.auto import atlas_boxes
-
-    refset = _reference_set(args)
-    progress, close = _progress(args, "atlas boxes")
-    try:
-        return refset, atlas_boxes(target, refset, args.strategy, settings=_settings(args),
-                                   thresholds=_thresholds(args.threshold), workers=args.workers,
-                                   cache=False if args.no_cache else None, progress=progress)
-    finally:
-        close()
-
-
-def _boxes_text(boxes) -> str:
+def _boxes_text(boxes, seconds: float) -> str:
     lines = [f"{len(boxes.found())} of {len(boxes.structures)} structures found on {boxes.target} "
              f"({boxes.n_references} references from {boxes.reference_set}, strategy {boxes.strategy}, "
-             f"{boxes.timings.get('total_s', 0):.1f} s)"]
+             f"{seconds:.1f} s)"]
     for s in boxes.structures:
         if s.found:
             b = ", ".join(f"k={x.k} i={x.i0}..{x.i1} j={x.j0}..{x.j1}" for x in s.boxes)
@@ -138,21 +123,23 @@ def _boxes_text(boxes) -> str:
 
 
 def cmd_atlas(args) -> int:
+    from ..outputs import Output, guard_outputs
     from ..volume import read_volume
 
-    target = read_volume(args.target)
     out = Path(args.output)
-    if not out.parent.exists():
-        raise InputError(f"{out.parent}: output folder does not exist")
-    _, boxes = _atlas_boxes(args, target)
+    guard_outputs([Output(out, "json", "-o")], [args.target, *existing(args.references)])
+    target = read_volume(args.target)
+    result = _call(args, _atlas_request(args, target), "atlas boxes")
+    boxes = result.boxes
     boxes.write(out)
-    emit(args, {**boxes.to_json(), "output": str(out)}, lambda _: _boxes_text(boxes) + f"\nwrote {out}")
+    seconds = result.timings.get("total_s", 0.0)
+    emit(args, {**boxes.to_json(), "output": str(out)}, lambda _: _boxes_text(boxes, seconds) + f"\nwrote {out}")
     return 0
 
 
-def _ref_values(spec: Optional[str], objects: list[dict]) -> dict[str, list[int]]:
+def _ref_values(spec: Optional[str], objects: list) -> dict[str, list[int]]:
     if not spec:
-        return {o["name"]: [o["label"]] for o in objects}
+        return {o.name: [o.label] for o in objects}
     out = {}
     for item in spec.split(","):
         name, sep, values = item.partition("=")
@@ -165,22 +152,28 @@ def _ref_values(spec: Optional[str], objects: list[dict]) -> dict[str, list[int]
     return out
 
 
-def _compare(args, result, target) -> dict:
-    from ..metrics import overlap_metrics
+def _reference(path: str, target):
+    """``--ref-mask`` on the target's grid (read and checked before computing)."""
     from ..volume import read_volume, resample_to
 
-    ref = read_volume(args.ref_mask, kind="label")
+    ref = read_volume(path, kind="label", name=f"--ref-mask {Path(path).name}")
     if not ref.geometry.same_as(target.geometry, atol=1e-4):
         ref = resample_to(ref, target.geometry, "nearest")
-    pred = result.labels.volume.array
+    return ref
+
+
+def _compare(args, result, target, ref) -> dict:
+    from ..metrics import overlap_metrics
+
+    pred = result.array
     spacing = target.geometry.spacing
     if args.references or args.boxes:
         values = _ref_values(args.ref_labels, result.objects)
         rows = {}
         for o in result.objects:
-            if o["name"] in values:
-                m = overlap_metrics(pred == o["label"], np.isin(ref.array, values[o["name"]]), spacing, distances=False)
-                rows[o["name"]] = {"dice": round(m["dice"], 4), "volume_ref_ml": round(m["volume_ref_ml"], 3)}
+            if o.name in values:
+                m = overlap_metrics(pred == o.label, np.isin(ref.array, values[o.name]), spacing, distances=False)
+                rows[o.name] = {"dice": round(m["dice"], 4), "volume_ref_ml": round(m["volume_ref_ml"], 3)}
         return {"per_structure": rows}
     m = overlap_metrics(pred > 0, ref.array > 0, spacing, distances=False)
     return {"foreground": {"dice": round(m["dice"], 4), "volume_pred_ml": round(m["volume_pred_ml"], 3),
@@ -188,72 +181,73 @@ def _compare(args, result, target) -> dict:
 
 
 def cmd_auto(args) -> int:
-    from ..atlas import auto
     from ..atlas.boxes import AtlasBoxes
     from ..labels import write_labelmap
+    from ..outputs import Output, guard_outputs
+    from ..service import ATLAS_ENGINE, AutoRequest, AutoSegmentRequest
+    from ..service.checks import check_device, check_request
     from ..volume import read_volume
+    from .prompt import read_extras
 
-    target = read_volume(args.target)
     out = Path(args.output)
-    if not out.parent.exists():
-        raise InputError(f"{out.parent}: output folder does not exist")
     if args.ref_mask and not Path(args.ref_mask).exists():
         raise InputError(f"{args.ref_mask}: no such reference mask")
-    kwargs = dict(cascade=args.cascade, strategy=args.strategy, device=args.device)
-    if args.engine == auto.ATLAS_ENGINE and not args.references:
+    if args.engine == ATLAS_ENGINE and not args.references:
         raise InputError("--engine atlas labels from the atlas score maps: it needs --references")
-    boxes = None
+    check_device(args.device, used=False, option="--device")
+    outputs = [Output(out, "labelmap", "-o")]
+    outputs += [Output(Path(args.boxes_out), "json", "--boxes-out")] if args.boxes_out else []
+    outputs += [Output(Path(args.png), "png", "--png")] if args.png else []
+    guard_outputs(outputs, [args.target, args.from_mask, args.boxes, args.ref_mask, *extra_paths(args.input),
+                            *extra_paths(args.extra), *existing(args.references, args.unet)])
+    target = read_volume(args.target)
+    ref = _reference(args.ref_mask, target) if args.ref_mask else None
+    request = AutoRequest(target, args.engine, args.cascade, args.strategy, min_voxels=args.min_voxels,
+                          extra=read_extras(args.extra, target.geometry), device=None if args.server else args.device)
     if args.references:
-        _, boxes = _atlas_boxes(args, target)
+        request.atlas = _atlas_request(args, target)
     elif args.boxes:
-        boxes = AtlasBoxes.read(args.boxes)
-        if not boxes.geometry.same_as(target.geometry, atol=1e-3):
+        request.boxes = AtlasBoxes.read(args.boxes)
+        if not request.boxes.geometry.same_as(target.geometry, atol=1e-3):
             raise InputError(f"{args.boxes}: the boxes were made for another grid than {target.label}")
-    progress, close = _progress(args, "segmenting")
-    try:
-        if args.engine == auto.ATLAS_ENGINE:
-            result = auto.atlas_result(target, boxes)
-        elif boxes is not None:
-            if not boxes.found():
-                raise InputError("no structure was found on the target: "
-                                 + "; ".join(f"{s.name}: {s.reason}" for s in boxes.structures))
-            found = boxes.found()
-            result = auto.segment_objects(target, boxes.prompts(), args.engine,
-                                          exclude=[s.value for s in found if not s.cascade],
-                                          colors={s.value: s.color for s in found}, progress=progress, **kwargs)
-            result.boxes = boxes
-        else:
-            if args.unet:
-                from .unet import parse_inputs
+    elif args.unet:
+        from .unet import parse_inputs
 
-                inputs = parse_inputs(args.input) if args.input else None
-                if inputs is None:
-                    from ..unet.entries import get_model
+        paths = parse_inputs(args.input) if args.input else None
+        inputs = {n: read_volume(p, name=f"{n} ({Path(p).name})") for n, p in paths.items()} if paths else None
+        if inputs is None:
+            from ..unet.entries import get_model
 
-                    inputs = {get_model(args.unet).inputs[0]: Path(args.target)}
-                mask = auto.unet_mask(args.unet, inputs, target, args.device, progress=progress)
-            else:
-                mask = read_volume(args.from_mask, kind="label")
-            result = auto.auto_from_mask(target, mask, args.engine, min_voxels=args.min_voxels,
-                                         progress=progress, **kwargs)
-    finally:
-        close()
+            inputs = {get_model(args.unet).inputs[0]: target}
+        request.unet = AutoSegmentRequest(inputs, args.unet, device=request.device)
+    else:
+        request.mask = read_volume(args.from_mask, kind="label")
+    if args.server:
+        check_request(request)  # the server's own warnings stay on the server
+    result = _call(args, request, "segmenting")
+    comparison = _compare(args, result, target, ref) if ref is not None else None
     write_labelmap(result.labels, out)
     if args.boxes_out and result.boxes is not None:
         result.boxes.write(args.boxes_out)
-    doc = {"output": str(out), "engine": args.engine, "cascade": args.cascade, **result.summary()}
-    if args.ref_mask:
-        doc["comparison"] = _compare(args, result, target)
+    objects = [{"label": o.label, "name": o.name, "boxes": len(o.boxes), "z_range": list(o.z_range) if o.z_range
+                else None, "first_pass_ml": round(o.first_pass_ml or 0.0, 4), "final_ml": round(o.volume_ml, 4),
+                "cascaded": o.cascaded} for o in result.objects]
+    doc = {"output": str(out), "engine": args.engine, "cascade": args.cascade, "objects": objects,
+           "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
+    if result.boxes is not None:
+        doc["not_found"] = [{"name": n.name, "reason": n.reason} for n in result.not_found]
+    if comparison is not None:
+        doc["comparison"] = comparison
     if args.png:
         from ..viz import overlay_png
 
         overlay_png(target, result.labels, args.png)
         doc["png"] = args.png
-    emit(args, doc, lambda d: _auto_text(d, result))
+    emit(args, doc, _auto_text)
     return 0
 
 
-def _auto_text(doc: dict, result) -> str:
+def _auto_text(doc: dict) -> str:
     lines = [f"{len(doc['objects'])} object(s) segmented with {doc['engine']}"
              + (f", cascade {doc['cascade']}" if doc["cascade"] else "")]
     dice = doc.get("comparison", {}).get("per_structure", {})

@@ -56,13 +56,17 @@ def parse_regions(spec: Optional[str]):
 
 def _evaluate(args: argparse.Namespace) -> int:
     from ..metrics import evaluate_files, format_report
+    from ..outputs import Output, guard_outputs
 
+    if args.overlay:
+        if not args.image:
+            raise InputError("--overlay needs --image (the MRI to draw the labels on)")
+        labels_file = args.labels if args.labels and Path(args.labels).is_file() else None
+        guard_outputs([Output(Path(args.overlay), "png", "--overlay")], [args.pred, args.ref, args.image, labels_file])
     result = evaluate_files(args.pred, args.ref, labels=parse_labels(args.labels),
                             regions=parse_regions(args.regions), lesionwise=args.lesionwise,
                             distances=not args.no_distances, min_overlap=args.min_overlap)
     if args.overlay:
-        if not args.image:
-            raise InputError("--overlay needs --image (the MRI to draw the labels on)")
         from ..labels import read_labelmap
         from ..viz import overlay_png
         from ..volume import read_volume, resample_to
@@ -80,12 +84,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    from ..outputs import guard_output_folder
     from ..progress import tqdm_progress
     from ..synth import make_case, write_case
 
     if args.count < 1:
         raise InputError("--count must be >= 1")
     out = Path(args.output)
+    guard_output_folder(out, option="-o")
     progress, close = tqdm_progress("synthetic cases", disable=args.json)
     written = []
     try:
@@ -140,7 +146,7 @@ def register(sub) -> None:
     p.set_defaults(func=_evaluate)
 
     s = sub.add_parser("synth", help="write synthetic MRI cases with exact labels (from the MNI152 template)")
-    s.add_argument("--kind", choices=("glioma", "metastases", "ms", "healthy"), default="glioma")
+    s.add_argument("--kind", choices=("glioma", "metastases", "ms", "healthy", "lgg", "ms-confluent"), default="glioma")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--count", type=int, default=1, help="number of cases (seeds SEED, SEED+1, ...; one "
                                                         "sub-folder each when > 1)")

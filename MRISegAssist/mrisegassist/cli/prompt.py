@@ -11,7 +11,11 @@ the voxel column (i) / row (j), inclusive. Objects:
 * ``--z-range Z0,Z1`` limits every object to slices Z0..Z1 (``ID:Z0,Z1`` one object only).
 
 The fused label map (uint16, 0 = background, values = object ids) is written in the input's geometry,
-atomically, after every input was checked; ``--ref-mask`` adds overlap metrics against a reference.
+atomically and verified, after every input was checked; ``-o`` is refused before any work when it is an input
+(or beside one as its sidecar), a folder, not writable, or a two-file format (.mhd, .nhdr). Boxes reaching outside
+the volume are clipped with a warning. ``--ref-mask`` adds overlap metrics against a reference.
+``--extra SEQ=FILE`` gives other co-registered sequences to engines that use several; ``--server URL --token T``
+computes on a segmentation server (``mrisegassist server``) instead of in this process.
 """
 from __future__ import annotations
 
@@ -28,7 +32,6 @@ from . import add_json_flag, emit
 _INT = r"-?\d+"
 _BOX = re.compile(rf"^(?:(\d+):)?\s*({_INT}),\s*({_INT}),\s*({_INT}),\s*({_INT}),\s*({_INT})$")
 _ZR = re.compile(rf"^(?:(\d+):)?\s*({_INT}),\s*({_INT})$")
-OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 def parse_box(text: str):
@@ -91,11 +94,14 @@ def prompts_from_args(args: argparse.Namespace, reference: Optional[np.ndarray])
     return prompts
 
 
-def _check_output(path: Path) -> None:
-    if not path.name.lower().endswith(OUTPUT_SUFFIXES):
-        raise InputError(f"-o {path}: unsupported output format; use one of {', '.join(OUTPUT_SUFFIXES)}")
-    if not path.parent.is_dir():
-        raise InputError(f"-o {path}: output folder {path.parent} does not exist")
+def extra_paths(items: Optional[list[str]]) -> list[str]:
+    """The files of ``--extra SEQ=FILE`` / ``--input SEQ=FILE`` items (for the output policy; parsed later)."""
+    return [item.partition("=")[2].strip() for item in items or [] if "=" in item]
+
+
+def existing(*paths: Optional[str]) -> list[str]:
+    """The given paths that exist (model or reference-set names are not files)."""
+    return [p for p in paths if p and not str(p).startswith("builtin:") and Path(p).exists()]
 
 
 def _read_mask(path: str, geometry, what: str) -> np.ndarray:
@@ -107,54 +113,85 @@ def _read_mask(path: str, geometry, what: str) -> np.ndarray:
     return vol.array
 
 
+def add_service_flags(p: argparse.ArgumentParser) -> None:
+    """``--server URL --token T``: compute on a segmentation server instead of in this process."""
+    p.add_argument("--server", metavar="URL", help="compute on this segmentation server (`mrisegassist server`), "
+                                                   "e.g. http://gpu-box:8765; default: in this process")
+    p.add_argument("--token", help="the server's access token (or set $MRISEGASSIST_SERVER_TOKEN)")
+
+
+def service_client(args: argparse.Namespace):
+    """The client for ``--server``/``--token`` (in-process without ``--server``)."""
+    import os
+
+    from ..service import client_for
+
+    token = args.token or os.environ.get("MRISEGASSIST_SERVER_TOKEN") or None
+    return client_for(args.server, token, getattr(args, "device", None))
+
+
+def read_extras(items: list[str], geometry) -> dict:
+    """``--extra SEQ=FILE`` -> ``{sequence: Volume}`` (any grid; the service resamples them)."""
+    from ..volume import read_volume
+
+    extra = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise InputError(f"bad --extra {item!r}: expected SEQ=FILE, e.g. t1c=case/t1c.nii.gz")
+        if name.strip().lower() in extra:
+            raise InputError(f"--extra: sequence {name.strip()!r} given twice")
+        extra[name.strip().lower()] = read_volume(path.strip(), name=f"{name.strip()} ({Path(path.strip()).name})")
+    return extra
+
+
 def run_prompt(args: argparse.Namespace) -> dict:
-    """Check every input, segment, fuse, write; returns the result document (see module docstring)."""
+    """Check every input, segment (the service: in-process or ``--server``), write; returns the result document."""
+    from ..outputs import Output, guard_outputs
     from ..progress import tqdm_progress
-    from ..prompt import get_engine
-    from ..prompt.fusion import fuse
-    from ..prompt.propagation import validate_prompts
+    from ..prompt import engine_spec
+    from ..service import PromptRequest
+    from ..service.checks import check_device, check_request
     from ..volume import read_volume, write_volume
 
     if not args.input or not args.output:
         raise InputError("--input and -o/--output are required (or use --list-engines)")
     output = Path(args.output)
-    _check_output(output)
+    check_device(args.device, used=False, option="--device")
+    engine_spec(args.engine)
+    guard_outputs([Output(output, "volume", "-o")], [args.input, args.boxes_from_mask, args.ref_mask,
+                                                     *extra_paths(args.extra), *existing(args.checkpoint)])
     volume = read_volume(args.input, name=Path(args.input).name)
     reference = _read_mask(args.boxes_from_mask, volume.geometry, "--boxes-from-mask") \
         if args.boxes_from_mask else None
     ref_mask = _read_mask(args.ref_mask, volume.geometry, "--ref-mask") if args.ref_mask else None
-    prompts = validate_prompts(prompts_from_args(args, reference), volume.array.shape)
-    engine = get_engine(args.engine, device=args.device, checkpoint=args.checkpoint, download=args.download)
-
-    quiet = args.json or args.quiet
-    bar, close = tqdm_progress(f"{args.engine}: prepare", disable=quiet)
+    extra = read_extras(args.extra, volume.geometry)
+    prompts = prompts_from_args(args, reference)  # validated (boxes clipped, with a warning) by the service
+    client = service_client(args)
+    request = PromptRequest(volume, prompts, args.engine, extra=extra, checkpoint=args.checkpoint,
+                            download=args.download, keep_all_components=args.keep_all_components,
+                            device=None if args.server else args.device)
+    if args.server:
+        check_request(request)  # the server's own warnings stay on the server
+    bar, close = tqdm_progress(args.engine, disable=args.json or args.quiet)
     try:
-        prepared = engine.prepare(volume.array, progress=bar)
+        result = client.call(request, bar)
     finally:
         close()
-    bar, close = tqdm_progress(f"{args.engine}: segment", disable=quiet)
-    try:
-        results = engine.segment(prepared, prompts, progress=bar)
-    finally:
-        close()
-    labels = fuse(results, keep_largest_component=not args.keep_all_components)
-    write_volume(volume.with_array(labels, name="labels"), output)
+        client.close()
+    write_volume(result.labels.volume, output)
 
-    voxel_ml = volume.geometry.voxel_volume_ml
-    objects = []
-    for p, r in zip(prompts, results):
-        objects.append({"object_id": p.object_id, "boxes": [list(b.as_tuple()) for b in p.boxes],
-                        "z_range": list(p.z_range) if p.z_range else None,
-                        "slices": [int(k) for k in r.slices], "slice_range": [min(r.slices), max(r.slices)]
-                        if r.slices else None,
-                        "mean_score": float(np.mean(list(r.scores.values()))) if r.scores else 0.0,
-                        "volume_ml": float(np.count_nonzero(labels == p.object_id)) * voxel_ml})
+    objects = [{"object_id": o.label, "boxes": [list(b.as_tuple()) for b in o.boxes],
+                "z_range": list(o.z_range) if o.z_range else None, "slices": o.slices,
+                "slice_range": [min(o.slices), max(o.slices)] if o.slices else None,
+                "mean_score": o.mean_score or 0.0, "volume_ml": o.volume_ml} for o in result.objects]
     doc = {"engine": args.engine, "input": str(args.input), "output": str(output), "objects": objects,
-           "total_volume_ml": float(np.count_nonzero(labels)) * voxel_ml}
+           "total_volume_ml": sum(o.volume_ml for o in result.objects),
+           "computed": client.where, "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
     if ref_mask is not None:
         from ..metrics import overlap_metrics
 
-        doc["metrics"] = overlap_metrics(labels > 0, ref_mask > 0, volume.geometry.spacing)
+        doc["metrics"] = overlap_metrics(result.array > 0, ref_mask > 0, volume.geometry.spacing)
     return doc
 
 
@@ -209,6 +246,8 @@ def register(sub) -> None:
     p.add_argument("--box-margin", type=int, default=0, help="with --boxes-from-mask: enlarge boxes (voxels)")
     p.add_argument("--with-z-range", action="store_true",
                    help="with --boxes-from-mask: give each object its reference z-range")
+    p.add_argument("--extra", action="append", metavar="SEQ=FILE",
+                   help="another co-registered sequence of the case (repeatable), for engines that use several")
     p.add_argument("--checkpoint", help="model checkpoint for engines that need weights")
     p.add_argument("--download", action="store_true",
                    help="allow downloading the engine's official checkpoint into the cache if it is missing")
@@ -217,6 +256,7 @@ def register(sub) -> None:
     p.add_argument("--keep-all-components", action="store_true",
                    help="do not reduce each object to its largest connected component")
     p.add_argument("--list-engines", action="store_true", help="list the engines and exit")
+    add_service_flags(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     add_json_flag(p)
     p.set_defaults(func=_run)

@@ -2,8 +2,9 @@
 
 * :func:`objects_from_mask`: a label map's values (``mode="labels"``) or a mask's 3D connected components
   (``mode="components"``, 26-connected) as separate objects, dropping those under ``min_voxels``;
-* :func:`boxes_for_object`: strategy ``"A"`` = one box on the middle slice of the object's z-range, ``"B"`` =
-  boxes on the slices at 1/4, 1/2 and 3/4 of it (deduplicated for thin objects); each box is the object's
+* :func:`box_slices`: THE A/B slice rule (used by the CLI, the service, the Slicer/browser ROIs, the atlas and
+  the cascade): ``"A"`` = the middle slice of a z-range, ``"B"`` = the slices at 1/4, 1/2 and 3/4 of it;
+* :func:`boxes_for_object`: boxes on those slices of the object's z-range; each box is the object's
   bounding rectangle on that slice, enlarged by ``margin`` voxels and clipped to the slice;
 * :func:`prompts_from_mask`: both, as :class:`ObjectPrompt` list (optionally with the reference z-range).
 
@@ -73,13 +74,35 @@ def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(ii.min()), int(jj.min()), int(ii.max()), int(jj.max())
 
 
+#: Strategy -> fractions of the z-range whose slices carry a box: A = the middle, B = the quartiles.
+STRATEGY_FRACTIONS = {"A": ((1, 2),), "B": ((1, 4), (1, 2), (3, 4))}
+
+
+def _slice_at(z0: int, z1: int, num: int, den: int) -> int:
+    """The slice nearest to fraction ``num/den`` of ``z0..z1``; a tie goes towards the middle of the range (for
+    the middle itself: the lower slice). Exact integer arithmetic."""
+    twice = 2 * num * (z1 - z0)  # 2 * den * position
+    if 2 * num < den:
+        return z0 + (twice + den) // (2 * den)          # round half up
+    if 2 * num > den:
+        return z0 + (twice + den - 1) // (2 * den)      # round half down
+    return z0 + (z1 - z0) // 2
+
+
 def box_slices(z_range: tuple[int, int], strategy: str) -> list[int]:
-    """Prompted slices for a z-range: A = middle, B = 1/4, 1/2, 3/4 (rounded, deduplicated, sorted)."""
+    """The prompted slices of an inclusive z-range ``(k0, k1)``: the one rule of every front end and the engine.
+
+    Strategy ``"A"``: the middle slice; ``"B"``: the slices at 1/4, 1/2 and 3/4 of the range. Each is the slice
+    nearest to that fraction; a tie (the position falls between two slices) goes towards the middle of the
+    range, and for the middle itself to the lower slice, so the rule is symmetric about the middle: ``0..3`` ->
+    A ``[1]``, B ``[1, 2]``; ``8..14`` -> B ``[10, 11, 12]``. Duplicates (thin ranges) are dropped; sorted.
+    """
     if strategy not in STRATEGIES:
-        raise InputError(f"unknown strategy {strategy!r}; use 'A' (one box) or 'B' (three boxes)")
-    z0, z1 = z_range
-    fractions = (0.5,) if strategy == "A" else (0.25, 0.5, 0.75)
-    return sorted({int(round(z0 + f * (z1 - z0))) for f in fractions})
+        raise InputError(f"unknown box strategy {strategy!r}; use 'A' (one box) or 'B' (three boxes)")
+    z0, z1 = int(z_range[0]), int(z_range[1])
+    if z1 < z0:
+        raise InputError(f"z-range {z0}..{z1} is empty")
+    return sorted({_slice_at(z0, z1, num, den) for num, den in STRATEGY_FRACTIONS[strategy]})
 
 
 def slice_box(mask: np.ndarray, k: int, margin: int = 0) -> Box2D:

@@ -1,23 +1,20 @@
-"""Helpers for the browser front end's tests and benchmark: a real server in a subprocess, Chromium through
-Playwright (Debian's /usr/bin/chromium, no browser download), and page actions by element id."""
+"""Driving the browser front end for its tests and benchmark (``mrisegassist bench web``): a real server in a
+subprocess (:class:`~.processes.ServerProcess`, ``python -m MRISegAssistWeb``: the web app is never imported
+here), Chromium through Playwright (Debian's /usr/bin/chromium, no browser download), page actions by element
+id."""
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .server import READY_PREFIX
+from .processes import ServerProcess, free_port  # noqa: F401
 
 CHROMIUM = os.environ.get("MRISEGASSIST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def chromium_missing_reason() -> Optional[str]:
@@ -29,55 +26,6 @@ def chromium_missing_reason() -> Optional[str]:
     except ImportError:
         return "playwright not installed (pip install playwright)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m MRISegAssistWeb`` (= ``mrisegassist serve``) in a subprocess; output kept in ``log``."""
-
-    def __init__(self, *args: str, timeout: float = 300.0, env: Optional[dict] = None) -> None:
-        self.args = ["--port", str(free_port()), *args]
-        cmd = [sys.executable, "-X", "faulthandler", "-m", "MRISegAssistWeb", *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=REPO, env={**os.environ, **(env or {})}, bufsize=1)
-        self.lines: list[str] = []
-        self.url: Optional[str] = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(timeout) or self.url is None:
-            self.stop()
-            raise RuntimeError(f"server did not start in {timeout:.0f} s:\n{self.log[-4000:]}")
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if line.startswith(READY_PREFIX):
-                self.url = line[len(READY_PREFIX):].strip()
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(line for line in self.lines if "WindowResizeEvent" not in line and "ConfigureEvent" not in line)
-
-    @property
-    def base(self) -> str:
-        """``http://host:port`` without path or token."""
-        return self.url.split("/?")[0].rstrip("/")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @contextmanager
