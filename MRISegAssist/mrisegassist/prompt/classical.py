@@ -31,8 +31,9 @@ ratios made things worse); all channels shape the boundary (random-walker edges 
 contrast-to-noise ratio for the object). A change of contrast from one slice to the next neither stops the walk
 (the object still looks more like itself than like its surroundings) nor sends it into neighbouring tissue
 (which the surroundings' histogram has learnt). Intensities are divided by the slice's gain relative to the
-prompted slice (median voxel-wise ratio of the surroundings on consecutive slices), so a smooth intensity drift
-along ``k`` is followed. Seeds: foreground where the ratio is at least ``seed_llr`` or the object's own median
+prompted slice (median voxel-wise ratio of consecutive slices in the body's interior, taken only where the
+surroundings and the whole slice agree), so a smooth intensity drift along ``k`` is followed but a change of
+anatomy is not taken for one. Seeds: foreground where the ratio is at least ``seed_llr`` or the object's own median
 voxel's ratio (a barely separable object, e.g. grey matter beside grey matter), connected to the previous
 slice's mask (the footprint); background the ring and the box's voxels as unlike the object as its
 surroundings' median (or ``-seed_llr``). The object is present while the footprint's top decile is at least
@@ -109,6 +110,7 @@ class ClassicalParams:
     min_interior: float = 0.3     #: the object's samples are its interior (mask minus its edge) unless that is
     #: less than this fraction of the mask (a small object: all of it)
     fill_holes: bool = True       #: regions enclosed by the object belong to it (per slice and in 3D)
+    gain_depth: int = 3           #: slice gain: measured this far (voxels, in-plane and across slices) inside the body
 
 
 @dataclass
@@ -608,14 +610,35 @@ class ClassicalEngine(SliceEngine):
         model.likeness[k] = llr > 0
         return prob, features, gain, True
 
-    @staticmethod
-    def _gain(prepared: PreparedVolume, k: int, k_prev: int, region: tuple, stats: np.ndarray) -> np.ndarray:
-        """Per-channel intensity ratio of slice ``k`` to slice ``k_prev`` in the surroundings ``stats`` of the
-        crop ``region``: the median voxel-wise ratio (anatomy changes little from one slice to the next, a drift
-        of the signal moves every voxel alike)."""
+    def _gain(self, prepared: PreparedVolume, k: int, k_prev: int, region: tuple, stats: np.ndarray) -> np.ndarray:
+        """Per-channel intensity ratio of slice ``k`` to slice ``k_prev``: a drift of the signal along ``k``.
+
+        Measured twice, as the median voxel-wise ratio of the tissue interior (:meth:`_interior_ratio`): in the
+        surroundings ``stats`` of the crop ``region`` and over the whole slice. A drift of the signal moves both
+        alike; a change of anatomy (the brain's surface curving through the slices, tissue pushed aside by the
+        object) moves one only or the other way. The step is the smaller of the two when they agree in sign, else
+        none: compounded over a walk, an anatomical change taken for a drift makes normal tissue look like the
+        object (a FLAIR walk leaking past a tumour's end towards the occipital pole in coronal slices)."""
+        local = np.log(self._interior_ratio(prepared, k, k_prev, region, stats))
+        whole = np.log(self._interior_ratio(prepared, k, k_prev, (slice(None), slice(None)), None))
+        agree = np.sign(local) == np.sign(whole)
+        return np.exp(np.where(agree, np.sign(local) * np.minimum(np.abs(local), np.abs(whole)), 0.0))
+
+    def _interior_ratio(self, prepared: PreparedVolume, k: int, k_prev: int, region: tuple,
+                        where: Optional[np.ndarray]) -> np.ndarray:
+        """Per-channel median voxel-wise ratio slice ``k`` / ``k_prev`` in ``region`` (``where``: a bool mask of the
+        region, or ``None``), over the body's interior: voxels inside the body on every slice from
+        ``gain_depth`` before to ``gain_depth`` after the pair and at least ``gain_depth`` voxels in-plane from
+        its edge (partial volume with the background, in-plane or through the slices, is not a drift)."""
+        d = self.params.gain_depth
+        lo, hi = max(min(k, k_prev) - d, 0), min(max(k, k_prev) + d, prepared.shape[0] - 1)
+        body = np.logical_and.reduce([prepared.body(z)[region] for z in range(lo, hi + 1)])
+        inner = ndimage.binary_erosion(body, iterations=d, border_value=1)
+        if where is not None:
+            inner &= where
         out = np.ones(prepared.n_channels)
         for c in range(prepared.n_channels):
-            a, b = prepared.slice(k, c)[region][stats], prepared.slice(k_prev, c)[region][stats]
+            a, b = prepared.slice(k, c)[region][inner], prepared.slice(k_prev, c)[region][inner]
             valid = (a > 0.02) & (b > 0.02)
             if valid.sum() >= 20:
                 out[c] = float(np.clip(np.median(a[valid] / b[valid]), 0.5, 2.0))
