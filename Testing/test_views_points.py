@@ -114,6 +114,31 @@ def test_boxes_in_any_view_on_any_storage(pat0002, service):
         assert all(np.array_equal(masks[s, view], masks["axial", view]) for s in STORAGES), view
 
 
+def test_request_checks_use_the_views_grid(pat0002):
+    """The request checks (``Service.run`` -> ``check_request``) judge each object's boxes on the grid of the view
+    it was drawn in: a coronal box of the axial case has its slice along A-P (up to 239, the volume has 155 axial
+    slices) and is accepted; reaching beyond that view's slice is warned as clipped; a slice beyond it is refused."""
+    import warnings
+
+    from mrisegassist.errors import InputWarning
+    from mrisegassist.service.checks import check_request
+
+    flair, tumour = pat0002
+    coronal = VIEWS["coronal"]
+    prompt = flat_box_in_view(flair, tumour, coronal)
+    box = prompt.boxes[0]
+    nk, nj, ni = view_grid(flair.geometry, coronal).geometry.shape
+    assert box.k >= flair.array.shape[0] and box.k < nk  # only valid in the coronal view's grid
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        check_request(PromptRequest(flair, [prompt]))
+    wide = ObjectPrompt(1, [Box2D(box.k, box.i0, box.j0, ni + 5, box.j1)], view=coronal)
+    with pytest.warns(InputWarning, match=rf"clipped to \({box.k}, {box.i0}, {box.j0}, {ni - 1}, {box.j1}\)"):
+        check_request(PromptRequest(flair, [wide]))
+    with pytest.raises(InputError, match=rf"box slice k={nk} is outside the volume \(0..{nk - 1}\)"):
+        check_request(PromptRequest(flair, [ObjectPrompt(1, [Box2D(nk, 10, 10, 20, 20)], view=coronal)]))
+
+
 def test_oblique_volume_is_resampled_for_a_view(pat0002, service):
     """A copy of the case on a grid rotated by 30 degrees about A-P (beyond MAX_TILT_DEG): the axial view is
     resampled, propagated across axial planes and mapped back onto the oblique grid; Dice stays near the
