@@ -258,10 +258,13 @@ class ObjectModel:
     slice those walks kept so far; ``gains[(anchor, k)]``: per-channel gain of kept slice ``k`` relative to its
     walk's prompted slice. Propagation calls :meth:`kept` for every slice it keeps; ``predict_slice`` leaves its
     :class:`Prediction` in ``pending`` (and, on propagated slices, what looked like the object in ``likeness``).
+    ``points``: the object's point prompts per slice, ``{k: [(j, i, positive)]}`` (seeds of the walker there).
     """
 
-    def __init__(self, noises: tuple, params: ClassicalParams, polarity: Optional[float] = None) -> None:
+    def __init__(self, noises: tuple, params: ClassicalParams, polarity: Optional[float] = None,
+                 points: Optional[dict] = None) -> None:
         self.params, self.polarity, self.noises = params, polarity, tuple(noises)
+        self.points: dict[int, list[tuple[int, int, bool]]] = dict(points or {})
         self.appearance: dict[int, Appearance] = {}
         self.gains: dict[tuple[int, int], np.ndarray] = {}
         self.pending: dict[int, Prediction] = {}
@@ -317,6 +320,33 @@ def noise_level(prepared: "PreparedVolume", channel: int = 0, n_slices: int = 12
     if d.size < 100:
         return 0.01
     return max(1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0), 1e-3)
+
+
+def _clicks(model: Optional[ObjectModel], k: int, region: tuple) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(positive, negative)`` ``[h, w]`` bool masks of the object's point prompts on slice ``k`` inside the crop
+    ``region`` (a negative point with its 3x3 neighbourhood, so a click on a thin neck cuts it), or ``None``."""
+    points = model.points.get(k) if model is not None else None
+    if not points:
+        return None
+    (sj, si) = region
+    h, w = sj.stop - sj.start, si.stop - si.start
+    out = (np.zeros((h, w), dtype=bool), np.zeros((h, w), dtype=bool))
+    for j, i, positive in points:
+        y, x = j - sj.start, i - si.start
+        if 0 <= y < h and 0 <= x < w:
+            r = 0 if positive else 1
+            out[0 if positive else 1][max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1] = True
+    out[0][out[1]] = False
+    return out if out[0].any() or out[1].any() else None
+
+
+def _without_clicked(filled: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """``filled`` (2D or 3D bool: regions a mask encloses) less its connected regions holding a ``negative`` voxel
+    (a negative point says that cavity is not the object)."""
+    if not (filled & negative).any():
+        return filled
+    labels, _ = ndimage.label(filled)
+    return filled & ~np.isin(labels, np.unique(labels[filled & negative]))
 
 
 def _transform(crop: np.ndarray, sign: float, centre: float) -> np.ndarray:
@@ -378,6 +408,7 @@ class ClassicalEngine(SliceEngine):
     name = "classical"
     accepts_prior = True
     accepts_channels = True
+    accepts_points = True
     propagation = PropagationConfig(margin=0.1, min_margin=2, min_area=1, min_score=0.0, max_growth=1.5,
                                     max_area_ratio=1.5, consensus=True, extent="area+hull")
 
@@ -439,17 +470,26 @@ class ClassicalEngine(SliceEngine):
         votes = [self._box_polarity(prepared, b.k, b.xyxy) for b in boxes] if len(boxes) > 2 else []
         values, counts = np.unique(votes, return_counts=True) if votes else (np.zeros(0), np.zeros(0))
         polarity = float(values[np.argmax(counts)]) if counts.size and counts.max() > len(votes) / 2 else None
-        return ObjectModel(prepared.noises, self.params, polarity)
+        points: dict[int, list[tuple[int, int, bool]]] = {}
+        for q in prompt.points:
+            points.setdefault(q.k, []).append((q.j, q.i, q.positive))
+        return ObjectModel(prepared.noises, self.params, polarity, points)
 
     def segment(self, prepared: PreparedVolume, prompts, *, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelToken] = None) -> list[ObjectResult]:
         """Slice propagation (:mod:`.propagation`), then regions each object encloses in 3D are added to it."""
         results = super().segment(prepared, prompts, progress=progress, cancel=cancel)
         if self.params.fill_holes:
-            for r in results:
+            for r, prompt in zip(results, prompts):
                 if r.mask.any():
                     box = union_bbox([r.mask])
                     filled = enclosed(r.mask[box])
+                    negative = np.zeros(filled.shape, dtype=bool)
+                    for q in prompt.negative_points:
+                        at = (q.k - box[0].start, q.j - box[1].start, q.i - box[2].start)
+                        if all(0 <= a < n for a, n in zip(at, filled.shape)):
+                            negative[at] = True
+                    filled = _without_clicked(filled, negative)
                     if filled.any():
                         r.mask[box] |= filled
                         r.logits[box][filled] = FILL_LOGIT
@@ -512,10 +552,12 @@ class ClassicalEngine(SliceEngine):
         region = geometry[0]
         out = np.full((nj, ni), OUTSIDE_LOGIT, dtype=np.float32)
         anchor = k if prior is None else prior.anchor_k
+        clicks = _clicks(model, k, region)
         if prior is not None and model is not None and model.of(anchor).trained:
-            prob, features, gain, present = self._appearance_slice(prepared, k, geometry, prior, model, cancel)
+            prob, features, gain, present = self._appearance_slice(prepared, k, geometry, prior, model, cancel,
+                                                                   clicks)
         else:
-            prob, present = self._prompted_slice(prepared, k, geometry, model, cancel)
+            prob, present = self._prompted_slice(prepared, k, geometry, model, cancel, clicks)
             features, gain = None, np.ones(prepared.n_channels)
         if not present:
             out[region] = -MAX_LOGIT
@@ -524,6 +566,8 @@ class ClassicalEngine(SliceEngine):
         logits = np.clip(np.log(prob / (1.0 - prob)), -MAX_LOGIT, MAX_LOGIT)
         raw = prob > 0.5
         mask = fill_holes(raw) if self.params.fill_holes else raw
+        if clicks is not None:  # a hole holding a negative point stays a hole
+            mask = raw | _without_clicked(mask & ~raw, clicks[1])
         logits[mask & ~raw] = FILL_LOGIT
         out[region] = logits
         if model is not None:
@@ -539,9 +583,10 @@ class ClassicalEngine(SliceEngine):
         return out, (float(prob[raw].mean()) if raw.any() else 0.0)
 
     def _prompted_slice(self, prepared: PreparedVolume, k: int, geometry: tuple, model: Optional[ObjectModel],
-                        cancel: Optional[CancelToken]) -> tuple[np.ndarray, bool]:
+                        cancel: Optional[CancelToken], clicks: Optional[tuple] = None) -> tuple[np.ndarray, bool]:
         """Foreground probability of the crop on a prompted slice (channel 0, module docstring steps 1-3) and
-        whether the object is present."""
+        whether the object is present. ``clicks``: ``(positive, negative)`` point masks of the crop (seeds), or
+        ``None``."""
         p = self.params
         region, inbox, ring, core, stats = geometry
         crop = np.minimum(prepared.slice(k)[region], 1.0)  # the window's top: the brightest tissue alike
@@ -569,7 +614,7 @@ class ClassicalEngine(SliceEngine):
         # the object should span the box; lower the seed levels until it does (a box is drawn around its object)
         for scale in p.span_scales:
             check(cancel)
-            prob = self._walk_levels(contrast, inbox, ring, core, scale)
+            prob = self._walk_levels(contrast, inbox, ring, core, scale, clicks)
             mask = prob > 0.5
             if not mask.any() or _span(mask, inbox) >= p.min_span:
                 break
@@ -579,7 +624,7 @@ class ClassicalEngine(SliceEngine):
         return prob, True
 
     def _appearance_slice(self, prepared: PreparedVolume, k: int, geometry: tuple, prior: SlicePrior,
-                          model: ObjectModel, cancel: Optional[CancelToken]) -> tuple:
+                          model: ObjectModel, cancel: Optional[CancelToken], clicks: Optional[tuple] = None) -> tuple:
         """``(probability, features, gain, present)`` on a propagated slice: the crop's foreground probability
         from the object's appearance and the previous slice's footprint (module docstring), its gain-corrected
         channels ``[c, h, w]``, the slice's per-channel gain, and whether the object is present."""
@@ -595,14 +640,18 @@ class ClassicalEngine(SliceEngine):
             footprint = core
         bg_typical, fg_typical = appearance.typical_llr()
         fg_seed, bg_seed = min(p.seed_llr, fg_typical), max(-p.seed_llr, bg_typical)
-        if np.percentile(llr[footprint], p.peak_percentile) < max(fg_seed, p.min_relative_llr * fg_typical):
-            return llr, features, gain, False
-        fg = touching(inbox & (llr >= fg_seed), footprint)
+        positive = clicks[0] if clicks is not None else np.zeros(llr.shape, dtype=bool)
+        if not positive.any() and \
+                np.percentile(llr[footprint], p.peak_percentile) < max(fg_seed, p.min_relative_llr * fg_typical):
+            return llr, features, gain, False  # a positive click says the object is there
+        fg = touching(inbox & (llr >= fg_seed), footprint | positive) | positive
         if not fg.any():
             return llr, features, gain, False
         seeds = np.zeros(llr.shape, dtype=np.int32)
         seeds[ring | (inbox & (llr <= bg_seed))] = 1
         seeds[fg] = 2
+        if clicks is not None:
+            seeds[clicks[1]] = 1
         check(cancel)
         weights = appearance.edge_weights()
         data = np.moveaxis(features * weights[:, None, None], 0, -1) if weights.size > 1 else features[0]
@@ -645,18 +694,27 @@ class ClassicalEngine(SliceEngine):
         return out
 
     def _walk_levels(self, contrast: np.ndarray, inbox: np.ndarray, ring: np.ndarray, core: np.ndarray,
-                     scale: float) -> np.ndarray:
+                     scale: float, clicks: Optional[tuple] = None) -> np.ndarray:
         """Seeds from the contrast (foreground ``>= scale * fg_level`` connected to the core, background the
-        ring and ``<= scale * bg_level`` in the box) and the random walker's foreground probability."""
+        ring and ``<= scale * bg_level`` in the box) and the random walker's foreground probability. ``clicks``:
+        ``(positive, negative)`` point masks: the candidate parts the positive points touch are the foreground
+        seeds (else the core's, as without points: a click alone in a box inside its object does not shrink the
+        object to the click), the negative points background seeds."""
         p = self.params
         fg = inbox & (contrast >= scale * p.fg_level)
-        if fg.any() and not (fg & core).any():  # none in the core: the part with the strongest contrast
-            core = np.zeros(fg.shape, dtype=bool)
-            core.flat[np.argmax(np.where(fg, contrast, -np.inf))] = True
-        fg = touching(fg, core)
+        clicked = touching(fg, clicks[0]) if clicks is not None else None
+        if clicked is not None and clicked.any():
+            fg = clicked
+        else:
+            if fg.any() and not (fg & core).any():  # none in the core: the part with the strongest contrast
+                core = np.zeros(fg.shape, dtype=bool)
+                core.flat[np.argmax(np.where(fg, contrast, -np.inf))] = True
+            fg = touching(fg, core)
         seeds = np.zeros(contrast.shape, dtype=np.int32)
         seeds[ring | (inbox & (contrast <= scale * p.bg_level))] = 1
         seeds[fg] = 2
+        if clicks is not None:
+            seeds[clicks[1]] = 1
         return self._random_walk(contrast, seeds)
 
     def _polarity(self, crop: np.ndarray, inbox: np.ndarray, ring: np.ndarray, noise: float,
