@@ -204,8 +204,9 @@ class PromptableEngine(ABC):
     #: when True, :meth:`prepare` takes ``[c, k, j, i]`` float32 (channel 0 = the prompted sequence, then the other
     #: co-registered sequences on its grid) whenever the request carries other sequences
     accepts_channels: bool = False
-    #: when True, :meth:`segment` handles ``ObjectPrompt.points`` itself; otherwise the service turns points
-    #: into boxes and a negative-point cut (``mrisegassist.service.points``) around the engine's box prompts
+    #: when True, :meth:`segment` reads ``ObjectPrompt.points`` itself (e.g. as seeds on their slices); the service's
+    #: point rules (boxes found around points, a 3D negative-point cut: ``mrisegassist.service.points``) run for
+    #: every engine, and only engines that read points are given them
     accepts_points: bool = False
 
     @abstractmethod

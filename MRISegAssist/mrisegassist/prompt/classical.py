@@ -31,8 +31,9 @@ ratios made things worse); all channels shape the boundary (random-walker edges 
 contrast-to-noise ratio for the object). A change of contrast from one slice to the next neither stops the walk
 (the object still looks more like itself than like its surroundings) nor sends it into neighbouring tissue
 (which the surroundings' histogram has learnt). Intensities are divided by the slice's gain relative to the
-prompted slice (median voxel-wise ratio of the surroundings on consecutive slices), so a smooth intensity drift
-along ``k`` is followed. Seeds: foreground where the ratio is at least ``seed_llr`` or the object's own median
+prompted slice (median voxel-wise ratio of consecutive slices in the body's interior, taken only where the
+surroundings and the whole slice agree), so a smooth intensity drift along ``k`` is followed but a change of
+anatomy is not taken for one. Seeds: foreground where the ratio is at least ``seed_llr`` or the object's own median
 voxel's ratio (a barely separable object, e.g. grey matter beside grey matter), connected to the previous
 slice's mask (the footprint); background the ring and the box's voxels as unlike the object as its
 surroundings' median (or ``-seed_llr``). The object is present while the footprint's top decile is at least
@@ -109,6 +110,7 @@ class ClassicalParams:
     min_interior: float = 0.3     #: the object's samples are its interior (mask minus its edge) unless that is
     #: less than this fraction of the mask (a small object: all of it)
     fill_holes: bool = True       #: regions enclosed by the object belong to it (per slice and in 3D)
+    gain_depth: int = 3           #: slice gain: measured this far (voxels, in-plane and across slices) inside the body
 
 
 @dataclass
@@ -256,10 +258,13 @@ class ObjectModel:
     slice those walks kept so far; ``gains[(anchor, k)]``: per-channel gain of kept slice ``k`` relative to its
     walk's prompted slice. Propagation calls :meth:`kept` for every slice it keeps; ``predict_slice`` leaves its
     :class:`Prediction` in ``pending`` (and, on propagated slices, what looked like the object in ``likeness``).
+    ``points``: the object's point prompts per slice, ``{k: [(j, i, positive)]}`` (seeds of the walker there).
     """
 
-    def __init__(self, noises: tuple, params: ClassicalParams, polarity: Optional[float] = None) -> None:
+    def __init__(self, noises: tuple, params: ClassicalParams, polarity: Optional[float] = None,
+                 points: Optional[dict] = None) -> None:
         self.params, self.polarity, self.noises = params, polarity, tuple(noises)
+        self.points: dict[int, list[tuple[int, int, bool]]] = dict(points or {})
         self.appearance: dict[int, Appearance] = {}
         self.gains: dict[tuple[int, int], np.ndarray] = {}
         self.pending: dict[int, Prediction] = {}
@@ -315,6 +320,33 @@ def noise_level(prepared: "PreparedVolume", channel: int = 0, n_slices: int = 12
     if d.size < 100:
         return 0.01
     return max(1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0), 1e-3)
+
+
+def _clicks(model: Optional[ObjectModel], k: int, region: tuple) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(positive, negative)`` ``[h, w]`` bool masks of the object's point prompts on slice ``k`` inside the crop
+    ``region`` (a negative point with its 3x3 neighbourhood, so a click on a thin neck cuts it), or ``None``."""
+    points = model.points.get(k) if model is not None else None
+    if not points:
+        return None
+    (sj, si) = region
+    h, w = sj.stop - sj.start, si.stop - si.start
+    out = (np.zeros((h, w), dtype=bool), np.zeros((h, w), dtype=bool))
+    for j, i, positive in points:
+        y, x = j - sj.start, i - si.start
+        if 0 <= y < h and 0 <= x < w:
+            r = 0 if positive else 1
+            out[0 if positive else 1][max(y - r, 0):y + r + 1, max(x - r, 0):x + r + 1] = True
+    out[0][out[1]] = False
+    return out if out[0].any() or out[1].any() else None
+
+
+def _without_clicked(filled: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """``filled`` (2D or 3D bool: regions a mask encloses) less its connected regions holding a ``negative`` voxel
+    (a negative point says that cavity is not the object)."""
+    if not (filled & negative).any():
+        return filled
+    labels, _ = ndimage.label(filled)
+    return filled & ~np.isin(labels, np.unique(labels[filled & negative]))
 
 
 def _transform(crop: np.ndarray, sign: float, centre: float) -> np.ndarray:
@@ -376,6 +408,7 @@ class ClassicalEngine(SliceEngine):
     name = "classical"
     accepts_prior = True
     accepts_channels = True
+    accepts_points = True
     propagation = PropagationConfig(margin=0.1, min_margin=2, min_area=1, min_score=0.0, max_growth=1.5,
                                     max_area_ratio=1.5, consensus=True, extent="area+hull")
 
@@ -437,17 +470,26 @@ class ClassicalEngine(SliceEngine):
         votes = [self._box_polarity(prepared, b.k, b.xyxy) for b in boxes] if len(boxes) > 2 else []
         values, counts = np.unique(votes, return_counts=True) if votes else (np.zeros(0), np.zeros(0))
         polarity = float(values[np.argmax(counts)]) if counts.size and counts.max() > len(votes) / 2 else None
-        return ObjectModel(prepared.noises, self.params, polarity)
+        points: dict[int, list[tuple[int, int, bool]]] = {}
+        for q in prompt.points:
+            points.setdefault(q.k, []).append((q.j, q.i, q.positive))
+        return ObjectModel(prepared.noises, self.params, polarity, points)
 
     def segment(self, prepared: PreparedVolume, prompts, *, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelToken] = None) -> list[ObjectResult]:
         """Slice propagation (:mod:`.propagation`), then regions each object encloses in 3D are added to it."""
         results = super().segment(prepared, prompts, progress=progress, cancel=cancel)
         if self.params.fill_holes:
-            for r in results:
+            for r, prompt in zip(results, prompts):
                 if r.mask.any():
                     box = union_bbox([r.mask])
                     filled = enclosed(r.mask[box])
+                    negative = np.zeros(filled.shape, dtype=bool)
+                    for q in prompt.negative_points:
+                        at = (q.k - box[0].start, q.j - box[1].start, q.i - box[2].start)
+                        if all(0 <= a < n for a, n in zip(at, filled.shape)):
+                            negative[at] = True
+                    filled = _without_clicked(filled, negative)
                     if filled.any():
                         r.mask[box] |= filled
                         r.logits[box][filled] = FILL_LOGIT
@@ -510,10 +552,12 @@ class ClassicalEngine(SliceEngine):
         region = geometry[0]
         out = np.full((nj, ni), OUTSIDE_LOGIT, dtype=np.float32)
         anchor = k if prior is None else prior.anchor_k
+        clicks = _clicks(model, k, region)
         if prior is not None and model is not None and model.of(anchor).trained:
-            prob, features, gain, present = self._appearance_slice(prepared, k, geometry, prior, model, cancel)
+            prob, features, gain, present = self._appearance_slice(prepared, k, geometry, prior, model, cancel,
+                                                                   clicks)
         else:
-            prob, present = self._prompted_slice(prepared, k, geometry, model, cancel)
+            prob, present = self._prompted_slice(prepared, k, geometry, model, cancel, clicks)
             features, gain = None, np.ones(prepared.n_channels)
         if not present:
             out[region] = -MAX_LOGIT
@@ -522,6 +566,8 @@ class ClassicalEngine(SliceEngine):
         logits = np.clip(np.log(prob / (1.0 - prob)), -MAX_LOGIT, MAX_LOGIT)
         raw = prob > 0.5
         mask = fill_holes(raw) if self.params.fill_holes else raw
+        if clicks is not None:  # a hole holding a negative point stays a hole
+            mask = raw | _without_clicked(mask & ~raw, clicks[1])
         logits[mask & ~raw] = FILL_LOGIT
         out[region] = logits
         if model is not None:
@@ -537,9 +583,10 @@ class ClassicalEngine(SliceEngine):
         return out, (float(prob[raw].mean()) if raw.any() else 0.0)
 
     def _prompted_slice(self, prepared: PreparedVolume, k: int, geometry: tuple, model: Optional[ObjectModel],
-                        cancel: Optional[CancelToken]) -> tuple[np.ndarray, bool]:
+                        cancel: Optional[CancelToken], clicks: Optional[tuple] = None) -> tuple[np.ndarray, bool]:
         """Foreground probability of the crop on a prompted slice (channel 0, module docstring steps 1-3) and
-        whether the object is present."""
+        whether the object is present. ``clicks``: ``(positive, negative)`` point masks of the crop (seeds), or
+        ``None``."""
         p = self.params
         region, inbox, ring, core, stats = geometry
         crop = np.minimum(prepared.slice(k)[region], 1.0)  # the window's top: the brightest tissue alike
@@ -567,7 +614,7 @@ class ClassicalEngine(SliceEngine):
         # the object should span the box; lower the seed levels until it does (a box is drawn around its object)
         for scale in p.span_scales:
             check(cancel)
-            prob = self._walk_levels(contrast, inbox, ring, core, scale)
+            prob = self._walk_levels(contrast, inbox, ring, core, scale, clicks)
             mask = prob > 0.5
             if not mask.any() or _span(mask, inbox) >= p.min_span:
                 break
@@ -577,7 +624,7 @@ class ClassicalEngine(SliceEngine):
         return prob, True
 
     def _appearance_slice(self, prepared: PreparedVolume, k: int, geometry: tuple, prior: SlicePrior,
-                          model: ObjectModel, cancel: Optional[CancelToken]) -> tuple:
+                          model: ObjectModel, cancel: Optional[CancelToken], clicks: Optional[tuple] = None) -> tuple:
         """``(probability, features, gain, present)`` on a propagated slice: the crop's foreground probability
         from the object's appearance and the previous slice's footprint (module docstring), its gain-corrected
         channels ``[c, h, w]``, the slice's per-channel gain, and whether the object is present."""
@@ -593,14 +640,18 @@ class ClassicalEngine(SliceEngine):
             footprint = core
         bg_typical, fg_typical = appearance.typical_llr()
         fg_seed, bg_seed = min(p.seed_llr, fg_typical), max(-p.seed_llr, bg_typical)
-        if np.percentile(llr[footprint], p.peak_percentile) < max(fg_seed, p.min_relative_llr * fg_typical):
-            return llr, features, gain, False
-        fg = touching(inbox & (llr >= fg_seed), footprint)
+        positive = clicks[0] if clicks is not None else np.zeros(llr.shape, dtype=bool)
+        if not positive.any() and \
+                np.percentile(llr[footprint], p.peak_percentile) < max(fg_seed, p.min_relative_llr * fg_typical):
+            return llr, features, gain, False  # a positive click says the object is there
+        fg = touching(inbox & (llr >= fg_seed), footprint | positive) | positive
         if not fg.any():
             return llr, features, gain, False
         seeds = np.zeros(llr.shape, dtype=np.int32)
         seeds[ring | (inbox & (llr <= bg_seed))] = 1
         seeds[fg] = 2
+        if clicks is not None:
+            seeds[clicks[1]] = 1
         check(cancel)
         weights = appearance.edge_weights()
         data = np.moveaxis(features * weights[:, None, None], 0, -1) if weights.size > 1 else features[0]
@@ -608,32 +659,62 @@ class ClassicalEngine(SliceEngine):
         model.likeness[k] = llr > 0
         return prob, features, gain, True
 
-    @staticmethod
-    def _gain(prepared: PreparedVolume, k: int, k_prev: int, region: tuple, stats: np.ndarray) -> np.ndarray:
-        """Per-channel intensity ratio of slice ``k`` to slice ``k_prev`` in the surroundings ``stats`` of the
-        crop ``region``: the median voxel-wise ratio (anatomy changes little from one slice to the next, a drift
-        of the signal moves every voxel alike)."""
+    def _gain(self, prepared: PreparedVolume, k: int, k_prev: int, region: tuple, stats: np.ndarray) -> np.ndarray:
+        """Per-channel intensity ratio of slice ``k`` to slice ``k_prev``: a drift of the signal along ``k``.
+
+        Measured twice, as the median voxel-wise ratio of the tissue interior (:meth:`_interior_ratio`): in the
+        surroundings ``stats`` of the crop ``region`` and over the whole slice. A drift of the signal moves both
+        alike; a change of anatomy (the brain's surface curving through the slices, tissue pushed aside by the
+        object) moves one only or the other way. The step is the smaller of the two when they agree in sign, else
+        none: compounded over a walk, an anatomical change taken for a drift makes normal tissue look like the
+        object (a FLAIR walk leaking past a tumour's end towards the occipital pole in coronal slices)."""
+        local = np.log(self._interior_ratio(prepared, k, k_prev, region, stats))
+        whole = np.log(self._interior_ratio(prepared, k, k_prev, (slice(None), slice(None)), None))
+        agree = np.sign(local) == np.sign(whole)
+        return np.exp(np.where(agree, np.sign(local) * np.minimum(np.abs(local), np.abs(whole)), 0.0))
+
+    def _interior_ratio(self, prepared: PreparedVolume, k: int, k_prev: int, region: tuple,
+                        where: Optional[np.ndarray]) -> np.ndarray:
+        """Per-channel median voxel-wise ratio slice ``k`` / ``k_prev`` in ``region`` (``where``: a bool mask of the
+        region, or ``None``), over the body's interior: voxels inside the body on every slice from
+        ``gain_depth`` before to ``gain_depth`` after the pair and at least ``gain_depth`` voxels in-plane from
+        its edge (partial volume with the background, in-plane or through the slices, is not a drift)."""
+        d = self.params.gain_depth
+        lo, hi = max(min(k, k_prev) - d, 0), min(max(k, k_prev) + d, prepared.shape[0] - 1)
+        body = np.logical_and.reduce([prepared.body(z)[region] for z in range(lo, hi + 1)])
+        inner = ndimage.binary_erosion(body, iterations=d, border_value=1)
+        if where is not None:
+            inner &= where
         out = np.ones(prepared.n_channels)
         for c in range(prepared.n_channels):
-            a, b = prepared.slice(k, c)[region][stats], prepared.slice(k_prev, c)[region][stats]
+            a, b = prepared.slice(k, c)[region][inner], prepared.slice(k_prev, c)[region][inner]
             valid = (a > 0.02) & (b > 0.02)
             if valid.sum() >= 20:
                 out[c] = float(np.clip(np.median(a[valid] / b[valid]), 0.5, 2.0))
         return out
 
     def _walk_levels(self, contrast: np.ndarray, inbox: np.ndarray, ring: np.ndarray, core: np.ndarray,
-                     scale: float) -> np.ndarray:
+                     scale: float, clicks: Optional[tuple] = None) -> np.ndarray:
         """Seeds from the contrast (foreground ``>= scale * fg_level`` connected to the core, background the
-        ring and ``<= scale * bg_level`` in the box) and the random walker's foreground probability."""
+        ring and ``<= scale * bg_level`` in the box) and the random walker's foreground probability. ``clicks``:
+        ``(positive, negative)`` point masks: the candidate parts the positive points touch are the foreground
+        seeds (else the core's, as without points: a click alone in a box inside its object does not shrink the
+        object to the click), the negative points background seeds."""
         p = self.params
         fg = inbox & (contrast >= scale * p.fg_level)
-        if fg.any() and not (fg & core).any():  # none in the core: the part with the strongest contrast
-            core = np.zeros(fg.shape, dtype=bool)
-            core.flat[np.argmax(np.where(fg, contrast, -np.inf))] = True
-        fg = touching(fg, core)
+        clicked = touching(fg, clicks[0]) if clicks is not None else None
+        if clicked is not None and clicked.any():
+            fg = clicked
+        else:
+            if fg.any() and not (fg & core).any():  # none in the core: the part with the strongest contrast
+                core = np.zeros(fg.shape, dtype=bool)
+                core.flat[np.argmax(np.where(fg, contrast, -np.inf))] = True
+            fg = touching(fg, core)
         seeds = np.zeros(contrast.shape, dtype=np.int32)
         seeds[ring | (inbox & (contrast <= scale * p.bg_level))] = 1
         seeds[fg] = 2
+        if clicks is not None:
+            seeds[clicks[1]] = 1
         return self._random_walk(contrast, seeds)
 
     def _polarity(self, crop: np.ndarray, inbox: np.ndarray, ring: np.ndarray, noise: float,

@@ -45,11 +45,16 @@ def unused_sequences(given: Iterable[str], used: Sequence[str], who: str) -> lis
     return unused
 
 
-def clipped_boxes(prompts, shape: Sequence[int]) -> None:
-    """Warn for every box that reaches outside its slice (``shape`` ``(k, j, i)``): engines clip it to the volume.
-    Boxes wholly outside stay errors (:meth:`Box2D.validate <mrisegassist.prompt.base.Box2D.validate>`)."""
-    _, nj, ni = shape
+def clipped_boxes(prompts, geometry) -> None:
+    """Warn for every box that reaches outside its slice: engines clip it to the volume. Each object's boxes are
+    checked against the ``(k, j, i)`` shape of the grid of the view it was drawn in (``ObjectPrompt.view``,
+    :func:`~mrisegassist.service.views.view_grid` of the volume's ``geometry``). Boxes wholly outside stay errors
+    (:meth:`Box2D.validate <mrisegassist.prompt.base.Box2D.validate>`)."""
+    from .views import view_grid
+
     for prompt in prompts:
+        shape = view_grid(geometry, prompt.view).geometry.shape
+        _, nj, ni = shape
         for box in prompt.boxes:
             clipped = box.validate(shape)
             if clipped != box:
@@ -91,7 +96,7 @@ def check_request(request) -> None:
         check_device(request.device)
     elif isinstance(request, PromptRequest):
         check_engine_request(request.engine, request.device, request.extra)
-        clipped_boxes(request.objects, request.volume.array.shape)
+        clipped_boxes(request.objects, request.volume.geometry)
     elif isinstance(request, AutoRequest):
         if request.unet is not None:
             check_request(request.unet)

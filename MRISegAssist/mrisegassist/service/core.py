@@ -325,7 +325,8 @@ class Service:
                  cache: Optional[PreparedCache] = None, progress: Optional[ProgressFn] = None,
                  cancel: Optional[CancelToken] = None) -> SegmentationResult:
         """THE prompted pipeline: per view (:mod:`.views`: the volume reoriented so the view's slices are ``k``)
-        prepare (cached) -> segment (points: :mod:`.points` for engines without point support) -> cascade;
+        prepare (cached) -> segment (points: the rules of :mod:`.points`, with the engine's own seeds where it
+        reads them) -> cascade;
         results mapped back onto ``volume``'s grid -> fuse -> named label map."""
         from ..atlas.cascade import CASCADES, run_cascade
         from ..prompt import engine_spec, get_engine
@@ -373,7 +374,7 @@ class Service:
             tb = time.perf_counter()
             stop = base + (0.6 if cascade else 0.95) * share
             seg_progress = sub_progress(progress, base + 0.3 * share, stop)
-            if point_rules.needs_adapter(engine, group):
+            if point_rules.has_points(group):
                 results, group = point_rules.segment_with_points(engine, prepared, group, grid.geometry.shape,
                                                                  grid.geometry.spacing, seg_progress, cancel)
             else:

@@ -1,7 +1,10 @@
-"""Point prompts for engines without point support of their own (``PromptableEngine.accepts_points`` False).
+"""Point prompts: the rules every engine shares, and the fallback for engines that do not read points.
 
 Every engine takes boxes; these rules turn positive and negative points into boxes and a cut around them, using
-only the engine's box interface (so they hold for every engine until it reads points itself):
+only the engine's box interface. An engine that reads points itself (``PromptableEngine.accepts_points``, e.g. the
+weights-free engine: positive points are foreground and negative points background seeds of its walker on their
+slices) gets its prompts with their points, in every call below (box search included), so its masks already
+follow the clicks; the same rules then add what it still missed and cut in 3D:
 
 * **A slice with positive points and no box** gets a box found around them: square boxes centred on the
   points (half-sides :data:`SEARCH_HALF_MM`), each segmented on that slice alone; the first whose mask holds every
@@ -15,8 +18,8 @@ only the engine's box interface (so they hold for every engine until it reads po
   reads points.
 * **Negative points cut**: the object's mask is split by a marker watershed on its inner distance map between its
   positive markers (the positive points and, per box, the deepest voxel of the mask near the box's centre) and
-  the negative points; the voxels reached from a negative point are removed, in 3D: a leak into a neighbouring
-  structure goes, cut at the narrowest neck between the two.
+  the negative points (the mask voxels within :data:`NEGATIVE_REACH` of each); the voxels reached from a negative
+  point are removed, in 3D: a leak into a neighbouring structure goes, cut at the narrowest neck between the two.
 
 Arrays are ``[k, j, i]`` on the engine's (view) grid; points and boxes in its IJK.
 """
@@ -43,11 +46,18 @@ NEAR_MM = 3.0
 #: Margin of a found box around its mask: this fraction of the mask's size, at least MIN_MARGIN voxels.
 MARGIN = 0.1
 MIN_MARGIN = 2
+#: A negative point marks the mask voxels within this many voxels of it on its slice (an engine that reads points
+#: leaves the point itself and its 3x3 neighbourhood out of its mask).
+NEGATIVE_REACH = 2
 
 
-def needs_adapter(engine, prompts: Sequence[ObjectPrompt]) -> bool:
-    """True when some prompt has points and the engine does not read them itself."""
-    return not getattr(engine, "accepts_points", False) and any(p.points for p in prompts)
+def has_points(prompts: Sequence[ObjectPrompt]) -> bool:
+    """True when some prompt has points (then :func:`segment_with_points` runs the engine)."""
+    return any(p.points for p in prompts)
+
+
+def _reads_points(engine) -> bool:
+    return bool(getattr(engine, "accepts_points", False))
 
 
 def _touches_border(mask2d: np.ndarray, box: Box2D) -> bool:
@@ -83,9 +93,11 @@ def _around(mask2d: np.ndarray, k: int) -> Box2D:
 
 
 def box_around_points(engine, prepared, points: Sequence[Point2D], shape: Sequence[int],
-                      spacing_ij: Sequence[float], bounds=None, cancel: Optional[CancelToken] = None) -> Optional[Box2D]:
+                      spacing_ij: Sequence[float], bounds=None, cancel: Optional[CancelToken] = None,
+                      clicks: Sequence[Point2D] = ()) -> Optional[Box2D]:
     """The box for positive ``points`` on one slice (see the module docstring), or ``None`` when no box's mask
-    holds them. ``spacing_ij``: in-plane spacing (mm) along ``i`` and ``j``; ``bounds``: the object's bounds."""
+    holds them. ``spacing_ij``: in-plane spacing (mm) along ``i`` and ``j``; ``bounds``: the object's bounds;
+    ``clicks``: the points an engine that reads points is given with each box (its object's points)."""
     k = points[0].k
     nk, nj, ni = shape
     ci = (min(p.i for p in points) + max(p.i for p in points)) / 2.0
@@ -100,7 +112,7 @@ def box_around_points(engine, prepared, points: Sequence[Point2D], shape: Sequen
         box = Box2D(k, int(ci - hi), int(cj - hj), int(math.ceil(ci + hi)), int(math.ceil(cj + hj)))
         try:
             box = box.validate(shape)
-            prompt = ObjectPrompt(1, [box], (k, k), "", bounds).validate(shape)
+            prompt = ObjectPrompt(1, [box], (k, k), "", bounds, [q for q in clicks if q.k == k]).validate(shape)
         except InputError:
             continue
         (result,) = engine.segment(prepared, [prompt], cancel=cancel)
@@ -118,9 +130,9 @@ def box_around_points(engine, prepared, points: Sequence[Point2D], shape: Sequen
 
 def with_point_boxes(engine, prepared, prompt: ObjectPrompt, shape: Sequence[int], spacing_ij: Sequence[float],
                      cancel: Optional[CancelToken] = None) -> ObjectPrompt:
-    """``prompt`` with a found box on every slice that has positive points and no box; points dropped (the
-    engine reads boxes only). Raises :class:`InputError` when no box is found for a slice and the object has
-    no box at all."""
+    """``prompt`` with a found box on every slice that has positive points and no box; points dropped unless the
+    engine reads them. Raises :class:`InputError` when no box is found for a slice and the object has no box at
+    all."""
     boxed = {b.k for b in prompt.boxes}
     by_slice: dict[int, list[Point2D]] = {}
     for p in prompt.positive_points:
@@ -128,14 +140,20 @@ def with_point_boxes(engine, prepared, prompt: ObjectPrompt, shape: Sequence[int
             by_slice.setdefault(p.k, []).append(p)
     boxes = list(prompt.boxes)
     for k, points in sorted(by_slice.items()):
-        box = box_around_points(engine, prepared, points, shape, spacing_ij, prompt.bounds, cancel)
+        box = box_around_points(engine, prepared, points, shape, spacing_ij, prompt.bounds, cancel,
+                                _clicks(engine, prompt))
         if box is not None:
             boxes.append(box)
     if not boxes:
         where = ", ".join(f"(k={p.k}, i={p.i}, j={p.j})" for p in prompt.positive_points)
         raise InputError(f"object {prompt.object_id}{' (' + prompt.name + ')' if prompt.name else ''}: no object "
                          f"found at the positive point(s) {where}; place a box around it")
-    return dataclasses.replace(prompt, boxes=sorted(boxes, key=lambda b: b.k), points=[])
+    return dataclasses.replace(prompt, boxes=sorted(boxes, key=lambda b: b.k), points=_clicks(engine, prompt))
+
+
+def _clicks(engine, prompt: ObjectPrompt) -> list[Point2D]:
+    """The points ``engine`` is given with ``prompt``'s boxes: all of them if it reads points, else none."""
+    return list(prompt.points) if _reads_points(engine) else []
 
 
 def _union(result: ObjectResult, extra: ObjectResult) -> ObjectResult:
@@ -155,10 +173,11 @@ def add_missed_points(engine, prepared, prompt: ObjectPrompt, result: ObjectResu
         rj = int(math.ceil(NEAR_MM / spacing_ij[1]))
         if result.mask[p.k, max(p.j - rj, 0):p.j + rj + 1, max(p.i - ri, 0):p.i + ri + 1].any():
             continue
-        box = box_around_points(engine, prepared, [p], shape, spacing_ij, prompt.bounds, cancel)
+        box = box_around_points(engine, prepared, [p], shape, spacing_ij, prompt.bounds, cancel, [p])
         if box is None:
             continue
-        sub = ObjectPrompt(prompt.object_id, [box], prompt.z_range, prompt.name, prompt.bounds).validate(shape)
+        sub = ObjectPrompt(prompt.object_id, [box], prompt.z_range, prompt.name, prompt.bounds,
+                           [p] if _reads_points(engine) else []).validate(shape)
         (extra,) = engine.segment(prepared, [sub], cancel=cancel)
         result = _union(result, extra)
     return result
@@ -170,10 +189,15 @@ def cut_negative(result: ObjectResult, prompt: ObjectPrompt, spacing_kji: Sequen
     ``spacing_kji``: voxel spacing (mm) along ``k``, ``j``, ``i``."""
     from skimage.segmentation import watershed
 
-    negatives = [p for p in prompt.negative_points if result.mask[p.k, p.j, p.i]]
+    mask = result.mask
+    nj, ni = mask.shape[1:]
+    r = NEGATIVE_REACH
+    near = {p: [(p.k, j, i) for j in range(max(p.j - r, 0), min(p.j + r + 1, nj))
+                for i in range(max(p.i - r, 0), min(p.i + r + 1, ni)) if mask[p.k, j, i]]
+            for p in prompt.negative_points}  # on the mask or next to it (an engine that reads points left it out)
+    negatives = [p for p in prompt.negative_points if near[p]]
     if not negatives:
         return result
-    mask = result.mask
     kk, jj, ii = np.nonzero(mask)
     lo = np.array([kk.min(), jj.min(), ii.min()])
     hi = np.array([kk.max(), jj.max(), ii.max()]) + 1
@@ -183,13 +207,14 @@ def cut_negative(result: ObjectResult, prompt: ObjectPrompt, spacing_kji: Sequen
     markers = np.zeros(sub_mask.shape, dtype=np.int32)
     for voxel in _positive_markers(prompt, mask, depth, lo):
         markers[tuple(np.asarray(voxel) - lo)] = 1
-    for p in negatives:
-        markers[p.k - lo[0], p.j - lo[1], p.i - lo[2]] = 2
+    seeds = [tuple(np.asarray(v) - lo) for p in negatives for v in near[p]]
+    for v in seeds:
+        markers[v] = 2
     if (markers == 1).any():
         drop = watershed(-depth, markers, mask=sub_mask) == 2
     else:  # nothing says where the object is: the negative points' components go
         labels, _ = ndimage.label(sub_mask, structure=np.ones((3, 3, 3), bool))
-        drop = np.isin(labels, [labels[p.k - lo[0], p.j - lo[1], p.i - lo[2]] for p in negatives])
+        drop = np.isin(labels, [labels[v] for v in seeds])
     logits = result.logits.copy()
     logits[crop][drop] = OUTSIDE_LOGIT
     return dataclasses.replace(result, logits=logits, mask=logits > 0)
@@ -222,8 +247,8 @@ def _positive_markers(prompt: ObjectPrompt, mask: np.ndarray, depth: np.ndarray,
 def segment_with_points(engine, prepared, prompts: Sequence[ObjectPrompt], shape: Sequence[int],
                         spacing: Sequence[float], progress=None, cancel: Optional[CancelToken] = None
                         ) -> tuple[list[ObjectResult], list[ObjectPrompt]]:
-    """``engine.segment`` for prompts that may carry points, on an engine without point support (see the module
-    docstring), on a grid of ``shape`` ``(k, j, i)`` and ``spacing`` ``(i, j, k)`` (mm). Returns the results and
+    """``engine.segment`` for prompts that carry points (see the module docstring), on a grid of ``shape``
+    ``(k, j, i)`` and ``spacing`` ``(i, j, k)`` (mm). Returns the results and
     the prompts with the boxes found around positive points (their points kept)."""
     spacing_ij, spacing_kji = tuple(spacing[:2]), tuple(spacing[::-1])
     shape = tuple(shape)
