@@ -135,3 +135,22 @@ def test_fusion_of_overlapping_real_objects_equals_whole_volume_fusion(brats):
         expected = _whole_volume_fuse(results, keep)
         assert np.array_equal(fused, expected)
     assert len(np.unique(fused)) >= 4  # several objects win voxels
+
+
+def test_bench_memory_command_reports_peaks_and_the_whole_volume_baseline(capsys):
+    """``mrisegassist bench memory`` with small counts: one fresh process per row, figures for both modes; the
+    whole-volume emulation costs tens of MB per object (float32 logits alone are 36 MB on this volume)."""
+    import json
+
+    from conftest import DATA
+
+    from mrisegassist.cli import main
+
+    data_path("brats2013-deepmedic", "pat0001", "brainmask.nii.gz")
+    code = main(["bench", "memory", "--data", str(DATA), "--counts", "1,4", "--old-counts", "1,2", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    rows = doc["rows"]
+    assert [(r["objects"], r["full"]) for r in rows] == [(1, False), (4, False), (1, True), (2, True)]
+    assert all(r["shape"] == [155, 240, 240] and r["peak_rss_mb"] > 100 for r in rows)
+    assert rows[1]["segmented"] >= 1 and rows[1]["labelled_voxels"] > 0
+    assert doc["old_mb_per_object"] > 20 and code == (0 if doc["goal_met"] else 1)
