@@ -73,7 +73,8 @@ def test_propagation_walks_outward_and_stops_where_the_lesion_vanishes(lesions, 
     # every slice predicted once, plus one probe beyond each end where the lesion has vanished
     assert [c[0] for c in engine.calls] == result.slices[:km - k0 + 1] + [k0 - 1] + result.slices[km - k0 + 1:] + [k1 + 1]
     np.testing.assert_array_equal(result.full_mask(), obj)
-    assert np.all(result.full_logits()[~result.full_mask()] <= 0) and np.all(result.full_logits()[:k0] == OUTSIDE_LOGIT)
+    logits = result.full_logits()
+    assert np.all(logits[~result.full_mask()] <= 0) and np.all(logits[:k0] == OUTSIDE_LOGIT)
     # each propagated box is the previous slice's mask box enlarged by the margin
     k_next, box_next = engine.calls[1]
     jj, ii = np.nonzero(obj[km])
@@ -329,7 +330,8 @@ def test_bounds_clip_propagated_boxes_and_masks(components):
     bounded = propagate_objects(engine, volume, [bounded_prompt])[0]
     assert not bounded.full_mask()[:, :, i1 + 1:].any() and not (bounded.full_logits()[:, :, i1 + 1:] > 0).any()
     assert all(i0 <= b[0] and b[2] <= i1 and j0 <= b[1] and b[3] <= j1 for _, b in engine.calls)
-    assert not (bounded.full_mask() & ~obj).any() and bounded.full_mask().sum() >= 0.9 * obj.sum()  # the lesion, all of it
+    kept = bounded.full_mask()
+    assert not (kept & ~obj).any() and kept.sum() >= 0.9 * obj.sum()  # the lesion, all of it
     # validation clips the prompted boxes to the bounds
     wide = ObjectPrompt(1, [Box2D(int(ks.min()), i0 - 5, j0 - 5, i1 + 5, j1 + 5)], bounds=(i0, j0, i1, j1))
     assert wide.validate(obj.shape).boxes == [Box2D(int(ks.min()), i0, j0, i1, j1)]

@@ -146,8 +146,8 @@ def _union(result: ObjectResult, extra: ObjectResult) -> ObjectResult:
     box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
     logits = np.maximum(result.logits_in(box), extra.logits_in(box))
     slices = list(result.slices) + [k for k in extra.slices if k not in result.slices]
-    return dataclasses.replace(result, logits=logits, mask=logits > 0, slices=slices, origin=tuple(b.start for b in box),
-                               scores={**extra.scores, **result.scores}).compact()
+    return dataclasses.replace(result, logits=logits, mask=logits > 0, slices=slices,
+                               origin=tuple(b.start for b in box), scores={**extra.scores, **result.scores}).compact()
 
 
 def add_missed_points(engine, prepared, prompt: ObjectPrompt, result: ObjectResult, shape: Sequence[int],
