@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -56,8 +57,11 @@ def crop():
     return (read_volume(folder / "t1.gipl.gz"), read_volume(folder / "labels.gipl.gz", kind="label").array)
 
 
-def _result(oid: int, mask: np.ndarray, name: str = "") -> ObjectResult:
+def _result(oid: int, mask: np.ndarray, name: str = "", weak: Optional[np.ndarray] = None) -> ObjectResult:
+    """A result from a full-volume mask (logit 4 inside, -4 outside; 1 on ``weak`` voxels)."""
     logits = np.where(mask, 4.0, -4.0).astype(np.float32)
+    if weak is not None:
+        logits[weak] = 1.0
     return ObjectResult(oid, logits, mask.copy(), name=name)
 
 
@@ -90,7 +94,7 @@ def test_second_pass_refines_and_keeps_excluded_and_empty_objects(crop):
     assert [r.object_id for r in second] == [3, 2, 4, 9]
     assert second[1] is first[1] and second[3] is first[3]  # excluded / empty: first pass kept
     assert second[0] is not first[0]
-    m = second[0].mask
+    m = second[0].full_mask()
     assert m.any()
     # the second pass stays inside its enlarged z-range
     z = cascade_prompt(first[0], "D").z_range
@@ -120,8 +124,7 @@ def test_cascade_prompts_come_from_the_fused_first_pass(crop):
 
     _, labels = crop
     third, fourth = labels == 2, labels == 3
-    spill = _result(2, third | fourth, "third-ventricle")
-    spill.logits[fourth] = 1.0
+    spill = _result(2, third | fourth, "third-ventricle", weak=fourth)
     first = [spill, _result(3, fourth, "fourth-ventricle")]
     engine = _Recorder()
     run_cascade(engine, labels.shape, first, "C")

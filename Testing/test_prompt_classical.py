@@ -104,7 +104,7 @@ def test_box_on_normal_white_matter_finds_nothing(ms07):
     box = Box2D(80, 120, 80, 128, 88)
     assert not lesions[75:86, 75:94, 115:134].any()
     result = engine.segment(engine.prepare(flair.array), [ObjectPrompt(1, [box])])[0]
-    assert result.mask.sum() == 0 and result.slices == []
+    assert result.full_mask().sum() == 0 and result.slices == []
 
 
 def test_reprompting_reuses_the_prepared_volume(ms07):
@@ -124,7 +124,7 @@ def test_reprompting_reuses_the_prepared_volume(ms07):
     assert prepared.slice_hits > hits
     new_slices = set(second.slices) - set(first.slices)
     assert prepared.slice_misses - misses <= len(new_slices) + 2
-    assert _dice(first.mask, second.mask) > 0.7
+    assert _dice(first.full_mask(), second.full_mask()) > 0.7
 
 
 def test_prepare_rejects_bad_volumes():
@@ -184,7 +184,7 @@ def test_curved_dark_structure_over_a_bounded_z_range():
     assert (mask[box.k] & core).sum() < 0.2 * mask[box.k].sum()  # the crescent avoids the box centre
     engine = ClassicalEngine()
     (result,) = engine.segment(engine.prepare(t1.array), [ObjectPrompt(1, boxes, z_extent(mask))])
-    dice = _dice(result.mask, mask)
+    dice = _dice(result.full_mask(), mask)
     print(f"itksnap lateral ventricle (left), classical, reference box + z-range: Dice {dice:.3f}")
     assert dice > 0.6
 
@@ -214,10 +214,10 @@ def test_roi_bounds_keep_propagation_inside_the_roi(itksnap):
         (bounded,) = engine.segment(prepared, [ObjectPrompt(1, boxes, z, name, bounds)])
         outside = np.ones(mask.shape[1:], bool)
         outside[bounds[1]:bounds[3] + 1, bounds[0]:bounds[2] + 1] = False
-        assert not bounded.mask[:, outside].any() and not (bounded.logits[:, outside] > 0).any(), name
-        d_free, d_bounded = _dice(free.mask, mask), _dice(bounded.mask, mask)
+        assert not bounded.full_mask()[:, outside].any() and not (bounded.full_logits()[:, outside] > 0).any(), name
+        d_free, d_bounded = _dice(free.full_mask(), mask), _dice(bounded.full_mask(), mask)
         print(f"itksnap {name} (manual label): Dice {d_free:.3f} unbounded, {d_bounded:.3f} inside the ROI; "
-              f"{int(free.mask[:, outside].sum())} voxels outside it unbounded")
+              f"{int(free.full_mask()[:, outside].sum())} voxels outside it unbounded")
         assert d_bounded >= d_free - 0.02, name  # hippocampus-right: 0.576 inside the ROI, 0.587 without
         gains.append(d_bounded - d_free)
     assert np.mean(gains) > 0.1  # measured: +0.21 (e.g. right lateral ventricle 0.47 -> 0.80)
@@ -253,7 +253,7 @@ def test_propagated_slices_keep_the_prompted_slice_polarity(itksnap):
     jj, ii = np.nonzero(caudate[k])
     box = Box2D(k, int(ii.min()) - 4, int(jj.min()) - 4, int(ii.max()) + 4, int(jj.max()) + 4)
     (result,) = engine.segment(prepared, [ObjectPrompt(1, [box], z_extent(caudate), "caudate", mask_bounds(caudate))])
-    dice = _dice(result.mask, caudate)
+    dice = _dice(result.full_mask(), caudate)
     print(f"itksnap right caudate (manual label), loose box + z-range + bounds: Dice {dice:.3f} over "
           f"{len(result.slices)} slices")
     assert len(result.slices) >= 20 and dice > 0.6
@@ -286,12 +286,12 @@ def test_dark_core_inside_a_bright_rim_is_part_of_the_tumour(dark_core):
         for z in (False, True):
             prompts = prompts_from_mask(tumour, "A", min_voxels=100, with_z_range=z)
             (result,) = engine.segment(prepared, prompts)
-            dice, ratio = _dice(result.mask, tumour), result.mask.sum() / tumour.sum()
-            cyst_in = (result.mask & cyst).sum() / cyst.sum()
+            dice, ratio = _dice(result.full_mask(), tumour), result.full_mask().sum() / tumour.sum()
+            cyst_in = (result.full_mask() & cyst).sum() / cyst.sum()
             print(f"synthetic dark-core glioma, {name}, one box{' + z-range' if z else ''}: Dice {dice:.3f}, "
                   f"volume {ratio:.2f} x, cyst covered {cyst_in:.2f}")
             assert dice >= 0.9 and 0.9 <= ratio <= 1.1 and cyst_in >= 0.95, (name, z)
-            assert result.mask.shape == tumour.shape
+            assert result.full_mask().shape == tumour.shape
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_confluent_lesions_three_boxes_never_worse_than_one(confluent):
     for strategy in ("A", "B"):
         results = engine.segment(prepared, prompts_from_mask(case.target, strategy, min_voxels=10))
         fused[strategy] = _dice(fuse(results) > 0, case.target)
-        per_lesion[strategy] = {r.object_id: _dice(r.mask, objects[r.object_id]) for r in results}
+        per_lesion[strategy] = {r.object_id: _dice(r.full_mask(), objects[r.object_id]) for r in results}
     large = [i for i, m in objects.items() if m.sum() >= 1000]
     print(f"synthetic confluent MS ({case.description}): Dice A {fused['A']:.3f}, B {fused['B']:.3f}; lesions "
           f">= 1 ml with B: {[round(float(per_lesion['B'][i]), 2) for i in large]}")
@@ -332,8 +332,8 @@ def test_contrast_drift_along_z_neither_stops_nor_leaks():
     engine = ClassicalEngine()
     result = engine.segment(engine.prepare(case.images["flair"]), prompts_from_mask(case.target, "A", min_voxels=100))[0]
     ks, got = np.nonzero(case.target.any(axis=(1, 2)))[0], sorted(result.slices)
-    dice = _dice(result.mask, case.target)
-    outside = (result.mask & ~case.target).sum() / case.target.sum()
+    dice = _dice(result.full_mask(), case.target)
+    outside = (result.full_mask() & ~case.target).sum() / case.target.sum()
     print(f"synthetic drifting lesion: Dice {dice:.3f}, slices {got[0]}..{got[-1]} for {ks[0]}..{ks[-1]}, "
           f"{outside:.1%} of the volume outside the lesion")
     assert dice >= 0.9 and got[0] <= ks[0] + 2 and outside < 0.02
@@ -357,12 +357,12 @@ def test_prepare_takes_coregistered_sequences():
     prepared = engine.prepare(stack)
     assert prepared.n_channels == 2 and prepared.shape == flair.shape
     (multi,) = engine.segment(prepared, prompts)
-    assert multi.logits.shape == flair.shape and multi.mask.shape == flair.shape
+    assert multi.full_logits().shape == flair.shape and multi.full_mask().shape == flair.shape
     assert np.array_equal(stack, before)
     (single,) = engine.segment(engine.prepare(flair), prompts)
     (one,) = engine.segment(engine.prepare(flair[None]), prompts)
-    assert np.array_equal(one.mask, single.mask)
-    d_multi, d_single = _dice(multi.mask, tumour), _dice(single.mask, tumour)
+    assert np.array_equal(one.full_mask(), single.full_mask())
+    d_multi, d_single = _dice(multi.full_mask(), tumour), _dice(single.full_mask(), tumour)
     print(f"brats2013 pat0004 whole tumour (expert), one box: Dice {d_single:.3f} FLAIR, {d_multi:.3f} FLAIR+T1c")
     assert d_multi >= 0.85 and d_single >= 0.85
     bad = stack.copy()

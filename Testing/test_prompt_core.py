@@ -72,8 +72,9 @@ def test_propagation_walks_outward_and_stops_where_the_lesion_vanishes(lesions, 
     assert set(result.scores) == set(result.slices)
     # every slice predicted once, plus one probe beyond each end where the lesion has vanished
     assert [c[0] for c in engine.calls] == result.slices[:km - k0 + 1] + [k0 - 1] + result.slices[km - k0 + 1:] + [k1 + 1]
-    np.testing.assert_array_equal(result.mask, obj)
-    assert np.all(result.logits[~result.mask] <= 0) and np.all(result.logits[:k0] == OUTSIDE_LOGIT)
+    np.testing.assert_array_equal(result.full_mask(), obj)
+    logits = result.full_logits()
+    assert np.all(logits[~result.full_mask()] <= 0) and np.all(logits[:k0] == OUTSIDE_LOGIT)
     # each propagated box is the previous slice's mask box enlarged by the margin
     k_next, box_next = engine.calls[1]
     jj, ii = np.nonzero(obj[km])
@@ -88,7 +89,7 @@ def test_propagation_respects_a_given_z_range(components):
     engine, _, result = _walk_one(obj, obj, z_range=(km - 1, km + 2))
     assert sorted(result.slices) == [km - 1, km, km + 1, km + 2]
     assert all(km - 1 <= c[0] <= km + 2 for c in engine.calls)
-    assert not result.mask[:km - 1].any() and not result.mask[km + 3:].any()
+    assert not result.full_mask()[:km - 1].any() and not result.full_mask()[km + 3:].any()
 
 
 def test_strategy_b_fills_gaps_once_from_the_nearer_prompt(components):
@@ -322,14 +323,15 @@ def test_bounds_clip_propagated_boxes_and_masks(components):
     prompt = ObjectPrompt(1, boxes_for_object(obj, "A"), (int(ks.min()), int(ks.max())))
     volume = np.zeros(obj.shape, np.float32)
     free = propagate_objects(OracleEngine(reference), volume, [prompt])[0]
-    assert free.mask[:, :, i1 + 1:].any()  # the leak
+    assert free.full_mask()[:, :, i1 + 1:].any()  # the leak
 
     engine = OracleEngine(reference)
     bounded_prompt = ObjectPrompt(1, prompt.boxes, prompt.z_range, "lesion", (i0, j0, i1, j1))
     bounded = propagate_objects(engine, volume, [bounded_prompt])[0]
-    assert not bounded.mask[:, :, i1 + 1:].any() and not (bounded.logits[:, :, i1 + 1:] > 0).any()
+    assert not bounded.full_mask()[:, :, i1 + 1:].any() and not (bounded.full_logits()[:, :, i1 + 1:] > 0).any()
     assert all(i0 <= b[0] and b[2] <= i1 and j0 <= b[1] and b[3] <= j1 for _, b in engine.calls)
-    assert not (bounded.mask & ~obj).any() and bounded.mask.sum() >= 0.9 * obj.sum()  # the lesion, all of it
+    kept = bounded.full_mask()
+    assert not (kept & ~obj).any() and kept.sum() >= 0.9 * obj.sum()  # the lesion, all of it
     # validation clips the prompted boxes to the bounds
     wide = ObjectPrompt(1, [Box2D(int(ks.min()), i0 - 5, j0 - 5, i1 + 5, j1 + 5)], bounds=(i0, j0, i1, j1))
     assert wide.validate(obj.shape).boxes == [Box2D(int(ks.min()), i0, j0, i1, j1)]
@@ -366,10 +368,10 @@ def test_consensus_walks_each_gap_from_both_prompts_and_blends_them(components):
     assert all(calls.count(k) == 2 for k in range(ka + 1, kb))  # both walks, every gap slice
     assert band and all(band[k].any() for k in band)
     for k in band:
-        claimed = (result.mask[k] & band[k]).any()
+        claimed = (result.full_mask()[k] & band[k]).any()
         assert claimed == (k - ka > kb - k), k  # kept only nearer kb, the walk that claimed it
-        assert np.array_equal(result.mask[k] & ~band[k], obj[k])  # where both agree, the object
-    assert np.all(result.logits[~result.mask] <= 0)
+        assert np.array_equal(result.full_mask()[k] & ~band[k], obj[k])  # where both agree, the object
+    assert np.all(result.full_logits()[~result.full_mask()] <= 0)
 
 
 def test_growth_checks_on_area_and_outline():

@@ -155,10 +155,11 @@ def test_segment_3d_through_shared_propagation(brats):
     i0, j0, i1, j1 = (int(v) for v in box)
     prompt = ObjectPrompt(1, [Box2D(4, i0, j0, i1, j1)], z_range=(3, 5))
     (result,) = engine.segment(prepared, [prompt])
-    assert result.logits.shape == volume.shape and np.array_equal(result.mask, result.logits > 0)
+    logits = result.full_logits()
+    assert result.shape == volume.shape and np.array_equal(result.full_mask(), logits > 0)
     assert result.slices[0] == 4 and set(result.slices) <= set(range(3, 6))
     outside = [kk for kk in range(volume.shape[0]) if kk not in result.slices]
-    assert np.all(result.logits[outside] == OUTSIDE_LOGIT)
+    assert np.all(logits[outside] == OUTSIDE_LOGIT)
     assert set(result.slices) <= set(prepared.cache.computed) <= set(range(3, 6))  # encoded only in range
     assert np.array_equal(volume, before)  # the input is never modified
 

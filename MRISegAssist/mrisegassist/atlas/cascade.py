@@ -55,21 +55,25 @@ def enlarge_range(z_range: tuple[int, int], n_slices: int, height_factor: float 
     return _grow(int(z_range[0]), int(z_range[1]), height_factor, n_slices)
 
 
-def cascade_prompt(result: ObjectResult, mode: str = "D", strategy: str = "A",
-                   mask: Optional[np.ndarray] = None) -> Optional[ObjectPrompt]:
+def cascade_prompt(result: ObjectResult, mode: str = "D", strategy: str = "A", mask: Optional[np.ndarray] = None,
+                   origin: Optional[Sequence[int]] = None) -> Optional[ObjectPrompt]:
     """The second-pass prompt of one first-pass result, from ``mask`` (default: the result's own mask;
-    :func:`run_cascade` passes the object's part of the fused label map). ``None`` when that mask is empty."""
+    :func:`run_cascade` passes the object's part of the fused label map). ``mask`` is bool ``[k, j, i]`` on the
+    volume, or on a box of it starting at voxel ``origin`` ``(k, j, i)``. ``None`` when that mask is empty."""
     if mode not in CASCADES:
         raise InputError(f"unknown cascade {mode!r}; use C (boxes from the first pass) or D (enlarged)")
-    mask = result.mask if mask is None else mask
+    if mask is None:
+        mask, origin = result.mask, result.origin
     if not mask.any():
         return None
+    ok, oj, oi = (int(v) for v in (origin if origin is not None else (0, 0, 0)))
     z = z_extent(mask)
-    boxes = boxes_for_object(mask, strategy)
+    z = (z[0] + ok, z[1] + ok)
+    boxes = [Box2D(b.k + ok, b.i0 + oi, b.j0 + oj, b.i1 + oi, b.j1 + oj) for b in boxes_for_object(mask, strategy)]
     i0, j0, i1, j1 = mask_bounds(mask)
-    bounds = Box2D(z[0], i0, j0, i1, j1)
+    bounds = Box2D(z[0], i0 + oi, j0 + oj, i1 + oi, j1 + oj)
     if mode == "D":
-        shape = mask.shape
+        shape = result.shape
         boxes = [enlarge_box(b, shape) for b in boxes]
         bounds = enlarge_box(bounds, shape)
         z = enlarge_range(z, shape[0])
@@ -89,7 +93,8 @@ def run_cascade(engine: PromptableEngine, prepared, first: Sequence[ObjectResult
     fused = fuse(first) if first else None
     prompts = []
     for r in first:
-        p = None if r.object_id in excluded else cascade_prompt(r, mode, strategy, fused == r.object_id)
+        p = None if r.object_id in excluded else \
+            cascade_prompt(r, mode, strategy, fused[r.box] == r.object_id, r.origin)  # its fused part lies in its box
         if p is not None:
             prompts.append(p)
     second = {r.object_id: r for r in engine.segment(prepared, prompts, progress=progress, cancel=cancel)} \

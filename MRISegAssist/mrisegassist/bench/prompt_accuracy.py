@@ -230,7 +230,8 @@ def run_case(case: AccuracyCase, data: Path, engine, strategies: Sequence[str] =
         fused = fuse(results)
         seconds = time.perf_counter() - t0
         r = out.strategies[strategy] = StrategyResult(
-            _dice(fused > 0, prompted), _dice(fused > 0, expert), [_dice(x.mask, objects[x.object_id]) for x in results],
+            _dice(fused > 0, prompted), _dice(fused > 0, expert),
+            [_dice(x.full_mask(), objects[x.object_id]) for x in results],
             sum(len(p.boxes) for p in prompts), seconds, sum(len(x.slices) for x in results))
         if overlay_dir is not None:
             from ..viz import overlay_png

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import register_modules
 
-BENCH_MODULES = ("unet", "prompt", "prompt_accuracy", "atlas", "web", "metrics", "service", "batch")
+BENCH_MODULES = ("unet", "prompt", "prompt_accuracy", "atlas", "web", "metrics", "service", "batch", "memory")
 
 
 def register(sub) -> None:

@@ -16,6 +16,7 @@ Usage (encode once, prompt many times, as segment-anything's ``SamPredictor``)::
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -175,13 +176,42 @@ class ObjectPrompt:
         return ObjectPrompt(self.object_id, sorted(boxes, key=lambda b: b.k), z, self.name, bounds, points, view)
 
 
+#: Voxels of margin an :class:`ObjectResult` keeps around its object (the engine's logits there stay as they were).
+CROP_MARGIN = 2
+
+Box3D = tuple[slice, slice, slice]
+
+
+def _bbox(masks: Sequence[np.ndarray]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Inclusive ``(lo, hi)`` ``(k, j, i)`` corners holding every ``True`` voxel of ``masks``; ``None`` if all empty."""
+    lo = hi = None
+    for m in masks:
+        if m.size == 0:
+            continue
+        idx = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+        if idx[0].size == 0:
+            continue
+        mlo, mhi = np.array([i[0] for i in idx]), np.array([i[-1] for i in idx])
+        lo = mlo if lo is None else np.minimum(lo, mlo)
+        hi = mhi if hi is None else np.maximum(hi, mhi)
+    return None if lo is None else (lo, hi)
+
+
 @dataclass
 class ObjectResult:
-    """Per-object output on the full volume grid.
+    """Per-object output, kept on the object's bounding box (plus :data:`CROP_MARGIN` voxels) of the volume grid.
 
-    ``logits``: float32 ``[k, j, i]`` (``OUTSIDE_LOGIT`` where not segmented); ``mask``: bool ``[k, j, i]``
-    (``logits > 0``); ``slices``: the slice indices in the order they were segmented; ``scores``: per-slice
+    ``shape``: the volume's ``(k, j, i)``; ``origin``: the ``[k, j, i]`` index in the volume of the box's first
+    voxel; ``logits``: float32 ``[k, j, i]`` on the box (``OUTSIDE_LOGIT`` where not segmented); ``mask``: bool on
+    the box (``logits > 0``). Voxel ``(k, j, i)`` of the volume is ``mask[k - k0, j - j0, i - i0]`` inside
+    :attr:`box` (``volume[result.box]`` is the same region); outside it the logits are ``OUTSIDE_LOGIT`` and the mask
+    ``False``. ``slices``: the slice indices (volume ``k``) in the order they were segmented; ``scores``: per-slice
     engine confidence (predicted IoU for SAM/SAM2, mean probability for the classical engine).
+
+    Built from full-volume arrays (``origin`` not given) it crops itself to the voxels with a positive logit or in
+    the mask, plus the margin (an empty result keeps a zero-size box), so memory grows with the object, not with
+    the volume. With ``origin`` (and ``shape``) the arrays are taken as the box already. :meth:`blank` makes a
+    full-grid result an engine fills slice by slice; :meth:`compact` crops it afterwards.
     """
 
     object_id: int
@@ -190,10 +220,139 @@ class ObjectResult:
     slices: list[int] = field(default_factory=list)
     scores: dict[int, float] = field(default_factory=dict)
     name: str = ""
+    origin: Optional[tuple[int, int, int]] = None
+    shape: Optional[tuple[int, int, int]] = None
+
+    def __post_init__(self) -> None:
+        logits, mask = np.asarray(self.logits), np.asarray(self.mask, dtype=bool)
+        if logits.ndim != 3 or logits.shape != mask.shape:
+            raise InputError(f"object {self.object_id}: logits {logits.shape} and mask {mask.shape} must be the same "
+                             f"[k, j, i] shape")
+        if self.origin is None:
+            if self.shape is not None and tuple(self.shape) != logits.shape:
+                raise InputError(f"object {self.object_id}: full-volume arrays {logits.shape} differ from the shape "
+                                 f"{tuple(self.shape)}")
+            self.shape = tuple(int(n) for n in logits.shape)
+            self.origin, box = self._crop_box(logits, mask, (0, 0, 0), self.shape)
+            logits, mask = logits[box].copy(), mask[box].copy()  # copies: the full arrays can go
+        else:
+            self.origin = tuple(int(o) for o in self.origin)
+            if self.shape is None:
+                raise InputError(f"object {self.object_id}: a result on a box needs the volume's shape")
+            self.shape = tuple(int(n) for n in self.shape)
+            if any(o < 0 or o + n > s for o, n, s in zip(self.origin, logits.shape, self.shape)):
+                raise InputError(f"object {self.object_id}: box at {self.origin} of size {logits.shape} lies "
+                                 f"outside the volume {self.shape}")
+        self.logits = logits.astype(np.float32, copy=False)
+        self.mask = mask
+
+    @staticmethod
+    def _crop_box(logits: np.ndarray, mask: np.ndarray, origin: Sequence[int], shape: Sequence[int],
+                  margin: int = CROP_MARGIN) -> tuple[tuple[int, int, int], Box3D]:
+        """``(origin in the volume, box in the arrays)`` of the voxels with a positive logit or in the mask, plus
+        ``margin`` clipped to the arrays (zero-size at ``origin`` when there is none)."""
+        found = _bbox([mask, logits > 0])
+        if found is None:
+            return tuple(int(o) for o in origin), (slice(0, 0),) * 3
+        lo = np.maximum(found[0] - margin, 0)
+        hi = np.minimum(found[1] + margin + 1, logits.shape)
+        return (tuple(int(o + a) for o, a in zip(origin, lo)),
+                tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)))
+
+    @classmethod
+    def blank(cls, object_id: int, shape: Sequence[int], name: str = "") -> "ObjectResult":
+        """A result covering the whole ``(k, j, i)`` grid (all ``OUTSIDE_LOGIT``), for engines that write it slice
+        by slice (``result.logits[k] = ...``); :meth:`compact` it when done."""
+        shape = tuple(int(n) for n in shape)
+        return cls(object_id, np.full(shape, OUTSIDE_LOGIT, np.float32), np.zeros(shape, bool), name=name,
+                   origin=(0, 0, 0), shape=shape)
+
+    def compact(self, margin: int = CROP_MARGIN) -> "ObjectResult":
+        """This result cropped to its object plus ``margin`` (itself when its box is that already)."""
+        origin, box = self._crop_box(self.logits, self.mask, self.origin, self.shape, margin)
+        if all(b.start == 0 and b.stop == n for b, n in zip(box, self.logits.shape)):
+            return self
+        return dataclasses.replace(self, logits=self.logits[box].copy(), mask=self.mask[box].copy(), origin=origin)
+
+    @property
+    def box(self) -> Box3D:
+        """The box as ``[k, j, i]`` slices of the volume: ``volume[result.box]`` matches ``result.mask``."""
+        return tuple(slice(o, o + n) for o, n in zip(self.origin, self.mask.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the result's arrays."""
+        return int(self.logits.nbytes + self.mask.nbytes)
+
+    @property
+    def voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
 
     @property
     def probabilities(self) -> np.ndarray:
+        """Sigmoid of the logits, on the box."""
         return 1.0 / (1.0 + np.exp(-self.logits))
+
+    def _overlap(self, box: Box3D) -> Optional[tuple[Box3D, Box3D]]:
+        """``(part of box, part of our arrays)`` where ``box`` (volume slices) meets ours; ``None`` if they don't."""
+        ours, theirs = [], []
+        for s, o, n in zip(box, self.origin, self.mask.shape):
+            a, b = max(s.start, o), min(s.stop, o + n)
+            if b <= a:
+                return None
+            theirs.append(slice(a - s.start, b - s.start))
+            ours.append(slice(a - o, b - o))
+        return tuple(theirs), tuple(ours)
+
+    def logits_in(self, box: Box3D) -> np.ndarray:
+        """float32 logits on ``box`` (``[k, j, i]`` slices of the volume with explicit starts and stops)."""
+        out = np.full(tuple(s.stop - s.start for s in box), OUTSIDE_LOGIT, np.float32)
+        hit = self._overlap(box)
+        if hit is not None:
+            out[hit[0]] = self.logits[hit[1]]
+        return out
+
+    def mask_in(self, box: Box3D) -> np.ndarray:
+        """bool mask on ``box`` (``[k, j, i]`` slices of the volume with explicit starts and stops)."""
+        out = np.zeros(tuple(s.stop - s.start for s in box), bool)
+        hit = self._overlap(box)
+        if hit is not None:
+            out[hit[0]] = self.mask[hit[1]]
+        return out
+
+    def slice_mask(self, k: int) -> np.ndarray:
+        """bool ``[j, i]`` mask of volume slice ``k`` (whole slice)."""
+        return self.mask_in((slice(k, k + 1), slice(0, self.shape[1]), slice(0, self.shape[2])))[0]
+
+    def contains(self, k: int, j: int, i: int) -> bool:
+        """Whether volume voxel ``(k, j, i)`` is in the mask."""
+        idx = (k - self.origin[0], j - self.origin[1], i - self.origin[2])
+        return all(0 <= a < n for a, n in zip(idx, self.mask.shape)) and bool(self.mask[idx])
+
+    def paste_into(self, out: np.ndarray, value=True) -> np.ndarray:
+        """Write ``value`` into a volume-shaped array ``out`` where the mask is set; returns ``out``."""
+        if tuple(out.shape) != self.shape:
+            raise InputError(f"object {self.object_id}: array {out.shape} is not the volume's {self.shape}")
+        out[self.box][self.mask] = value
+        return out
+
+    def full_mask(self) -> np.ndarray:
+        """The mask on the whole volume (allocates one volume: for tests and one-off consumers)."""
+        return self.paste_into(np.zeros(self.shape, bool))
+
+    def full_logits(self) -> np.ndarray:
+        """The logits on the whole volume (allocates one volume: for tests and one-off consumers)."""
+        out = np.full(self.shape, OUTSIDE_LOGIT, np.float32)
+        out[self.box] = self.logits
+        return out
+
+    def transposed(self, axes: Sequence[int]) -> "ObjectResult":
+        """The result with its arrays, box and volume shape transposed as ``np.transpose(volume, axes)`` would be
+        (slices and scores unchanged)."""
+        axes = tuple(int(a) for a in axes)
+        return dataclasses.replace(self, logits=np.ascontiguousarray(np.transpose(self.logits, axes)),
+                                   mask=np.ascontiguousarray(np.transpose(self.mask, axes)),
+                                   origin=tuple(self.origin[a] for a in axes), shape=tuple(self.shape[a] for a in axes))
 
 
 class PromptableEngine(ABC):

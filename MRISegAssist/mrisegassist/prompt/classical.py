@@ -482,11 +482,11 @@ class ClassicalEngine(SliceEngine):
         if self.params.fill_holes:
             for r, prompt in zip(results, prompts):
                 if r.mask.any():
-                    box = union_bbox([r.mask])
+                    box = union_bbox([r.mask])  # on the result's own box (its first voxel: r.origin)
                     filled = enclosed(r.mask[box])
                     negative = np.zeros(filled.shape, dtype=bool)
                     for q in prompt.negative_points:
-                        at = (q.k - box[0].start, q.j - box[1].start, q.i - box[2].start)
+                        at = tuple(v - o - b.start for v, o, b in zip((q.k, q.j, q.i), r.origin, box))
                         if all(0 <= a < n for a, n in zip(at, filled.shape)):
                             negative[at] = True
                     filled = _without_clicked(filled, negative)

@@ -3,7 +3,8 @@
 Voxel by voxel: softmax over the objects' logits plus a background logit of 0 (so a voxel becomes an object
 only where that object's logit is positive), argmax; then, per object, only its largest 26-connected component
 is kept (islands and stray fragments go back to background). Work is done inside the union bounding box of
-the objects' masks only, so memory grows with the objects, not with the number of objects times the volume.
+the objects' positive logits, each object on its own box, so memory grows with the objects, not with the number
+of objects times the volume.
 """
 from __future__ import annotations
 
@@ -48,38 +49,53 @@ def fuse(results: Sequence[ObjectResult], keep_largest_component: bool = True) -
     """Fuse per-object results into a ``uint16`` label map ``[k, j, i]`` (0 = background, values = object ids).
 
     A voxel gets the object with the highest logit among those with a positive logit (softmax with a
-    background logit of 0, then argmax). ``keep_largest_component`` then keeps each object's largest
-    26-connected component only.
+    background logit of 0, then argmax; a tie goes to the earlier object). ``keep_largest_component`` then keeps
+    each object's largest 26-connected component only. Each object is read on its own box
+    (:attr:`ObjectResult.box`): no full-volume array per object.
     """
     results = list(results)
     if not results:
         raise InputError("nothing to fuse: no object result")
-    shape = results[0].logits.shape
+    shape = results[0].shape
     for r in results:
-        if r.logits.shape != shape:
-            raise InputError(f"object {r.object_id}: logits shape {r.logits.shape} differs from {shape}")
+        if r.shape != shape:
+            raise InputError(f"object {r.object_id}: volume shape {r.shape} differs from {shape}")
         if not 1 <= r.object_id <= np.iinfo(np.uint16).max:
             raise InputError(f"object id {r.object_id} does not fit a uint16 label map")
     ids = [r.object_id for r in results]
     if len(set(ids)) != len(ids):
         raise InputError(f"object ids are not unique: {ids}")
     out = np.zeros(shape, dtype=np.uint16)
-    box = union_bbox(r.logits > 0 for r in results)
-    if box is None:
+    positive = {}  # object id -> its positive-logit bounding box (volume slices)
+    for r in results:
+        local = union_bbox([r.logits > 0])
+        if local is not None:
+            positive[r.object_id] = tuple(slice(o + s.start, o + s.stop) for o, s in zip(r.origin, local))
+    if not positive:
         return out
+    box = tuple(slice(min(b[a].start for b in positive.values()), max(b[a].stop for b in positive.values()))
+                for a in range(3))
     # argmax of the softmax == argmax of the logits; background (0) wins unless some logit is positive
     best = np.zeros(out[box].shape, dtype=np.float32)
     label = np.zeros(out[box].shape, dtype=np.uint16)
     for r in results:
-        sub = r.logits[box]
-        win = sub > best
-        best[win] = sub[win]
-        label[win] = r.object_id
+        if r.object_id not in positive:
+            continue
+        own = _within(positive[r.object_id], box)
+        sub = r.logits_in(positive[r.object_id])
+        win = sub > best[own]
+        best[own][win] = sub[win]
+        label[own][win] = r.object_id
     if keep_largest_component:
-        for oid in ids:
-            m = label == oid
+        for oid, where in positive.items():  # an object's voxels lie inside its positive box
+            own = _within(where, box)
+            m = label[own] == oid
             if m.any():
-                label[m & ~largest_component(m)] = 0
+                label[own][m & ~largest_component(m)] = 0
     out[box] = label
     return out
 
+
+def _within(inner: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``inner`` (volume slices, inside ``outer``) as slices of an array on ``outer``."""
+    return tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(inner, outer))

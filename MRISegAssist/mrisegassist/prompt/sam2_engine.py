@@ -305,8 +305,7 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
         for p in prompts:
             z0, z1 = p.z_range if p.z_range is not None else (0, shape[0] - 1)
             groups.setdefault((z0, z1, p.z_range is None), []).append(p)
-        results = {p.object_id: ObjectResult(p.object_id, np.full(shape, OUTSIDE_LOGIT, np.float32),
-                                             np.zeros(shape, bool), name=p.name) for p in prompts}
+        results = {p.object_id: ObjectResult.blank(p.object_id, shape, p.name) for p in prompts}  # full grid
         total = sum(z1 - z0 + 2 for z0, z1, _ in groups)
         done = [0]
 

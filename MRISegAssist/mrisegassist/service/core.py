@@ -63,14 +63,17 @@ def available_devices() -> list[str]:
 
 
 def _on_source_grid(result, grid: ViewGrid):
-    """An engine's :class:`ObjectResult` on a view grid, on the volume's grid (logits mapped back; exact for an
-    exact view grid, linear otherwise; slices and scores stay the view's)."""
+    """An engine's :class:`ObjectResult` on a view grid, on the volume's grid, cropped to its object (an exact view
+    grid transposes the box; a resampled one maps the logits back linearly, one volume at a time; slices and
+    scores stay the view's)."""
     if grid.order == (0, 1, 2):
-        return result
-    from ..prompt.base import OUTSIDE_LOGIT
+        return result.compact()
+    if grid.exact:
+        return result.compact().transposed(grid.back_axes)
+    from ..prompt.base import OUTSIDE_LOGIT, ObjectResult
 
-    logits = grid.from_view(result.logits, "linear", OUTSIDE_LOGIT)
-    return dataclasses.replace(result, logits=logits, mask=logits > 0)
+    logits = grid.from_view(result.full_logits(), "linear", OUTSIDE_LOGIT)
+    return ObjectResult(result.object_id, logits, logits > 0, result.slices, result.scores, result.name)
 
 
 # ------------------------------------------------------------------------------------------ ROI -> prompt
@@ -379,6 +382,7 @@ class Service:
                                                                  grid.geometry.spacing, seg_progress, cancel)
             else:
                 results = engine.segment(prepared, group, progress=seg_progress, cancel=cancel)
+            results = [r.compact() for r in results]  # an engine may hand back full-grid results (SAM 2)
             tc = time.perf_counter()
             second = results
             if cascade:

@@ -116,7 +116,7 @@ def box_around_points(engine, prepared, points: Sequence[Point2D], shape: Sequen
         except InputError:
             continue
         (result,) = engine.segment(prepared, [prompt], cancel=cancel)
-        mask2d = np.asarray(result.mask[k], dtype=bool)
+        mask2d = result.slice_mask(k)
         if not mask2d.any() or not _holds(mask2d, points):
             continue
         best = _around(mask2d, k)
@@ -157,10 +157,15 @@ def _clicks(engine, prompt: ObjectPrompt) -> list[Point2D]:
 
 
 def _union(result: ObjectResult, extra: ObjectResult) -> ObjectResult:
-    logits = np.maximum(result.logits, extra.logits)
+    """Both results as one: the larger logit per voxel, on the box holding both."""
+    boxes = [r.box for r in (result, extra) if r.mask.size]
+    if not boxes:
+        return result
+    box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
+    logits = np.maximum(result.logits_in(box), extra.logits_in(box))
     slices = list(result.slices) + [k for k in extra.slices if k not in result.slices]
     return dataclasses.replace(result, logits=logits, mask=logits > 0, slices=slices,
-                               scores={**extra.scores, **result.scores})
+                               origin=tuple(b.start for b in box), scores={**extra.scores, **result.scores}).compact()
 
 
 def add_missed_points(engine, prepared, prompt: ObjectPrompt, result: ObjectResult, shape: Sequence[int],
@@ -171,7 +176,8 @@ def add_missed_points(engine, prepared, prompt: ObjectPrompt, result: ObjectResu
         check(cancel)
         ri = int(math.ceil(NEAR_MM / spacing_ij[0]))
         rj = int(math.ceil(NEAR_MM / spacing_ij[1]))
-        if result.mask[p.k, max(p.j - rj, 0):p.j + rj + 1, max(p.i - ri, 0):p.i + ri + 1].any():
+        if result.mask_in((slice(p.k, p.k + 1), slice(max(p.j - rj, 0), p.j + rj + 1),
+                           slice(max(p.i - ri, 0), p.i + ri + 1))).any():
             continue
         box = box_around_points(engine, prepared, [p], shape, spacing_ij, prompt.bounds, cancel, [p])
         if box is None:
@@ -189,23 +195,22 @@ def cut_negative(result: ObjectResult, prompt: ObjectPrompt, spacing_kji: Sequen
     ``spacing_kji``: voxel spacing (mm) along ``k``, ``j``, ``i``."""
     from skimage.segmentation import watershed
 
-    mask = result.mask
-    nj, ni = mask.shape[1:]
+    nk, nj, ni = result.shape
     r = NEGATIVE_REACH
     near = {p: [(p.k, j, i) for j in range(max(p.j - r, 0), min(p.j + r + 1, nj))
-                for i in range(max(p.i - r, 0), min(p.i + r + 1, ni)) if mask[p.k, j, i]]
+                for i in range(max(p.i - r, 0), min(p.i + r + 1, ni)) if result.contains(p.k, j, i)]
             for p in prompt.negative_points}  # on the mask or next to it (an engine that reads points left it out)
     negatives = [p for p in prompt.negative_points if near[p]]
     if not negatives:
         return result
-    kk, jj, ii = np.nonzero(mask)
-    lo = np.array([kk.min(), jj.min(), ii.min()])
-    hi = np.array([kk.max(), jj.max(), ii.max()]) + 1
-    crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    sub_mask = mask[crop]
+    kk, jj, ii = np.nonzero(result.mask)  # on the result's box
+    lo_box = np.array([kk.min(), jj.min(), ii.min()])
+    crop = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo_box, (kk.max(), jj.max(), ii.max())))
+    lo = lo_box + np.asarray(result.origin)  # the crop's first voxel in the volume
+    sub_mask = result.mask[crop]
     depth = ndimage.distance_transform_edt(np.pad(sub_mask, 1), sampling=spacing_kji)[1:-1, 1:-1, 1:-1]
     markers = np.zeros(sub_mask.shape, dtype=np.int32)
-    for voxel in _positive_markers(prompt, mask, depth, lo):
+    for voxel in _positive_markers(prompt, result, depth, lo):
         markers[tuple(np.asarray(voxel) - lo)] = 1
     seeds = [tuple(np.asarray(v) - lo) for p in negatives for v in near[p]]
     for v in seeds:
@@ -217,18 +222,18 @@ def cut_negative(result: ObjectResult, prompt: ObjectPrompt, spacing_kji: Sequen
         drop = np.isin(labels, [labels[v] for v in seeds])
     logits = result.logits.copy()
     logits[crop][drop] = OUTSIDE_LOGIT
-    return dataclasses.replace(result, logits=logits, mask=logits > 0)
+    return dataclasses.replace(result, logits=logits, mask=logits > 0).compact()
 
 
-def _positive_markers(prompt: ObjectPrompt, mask: np.ndarray, depth: np.ndarray,
+def _positive_markers(prompt: ObjectPrompt, result: ObjectResult, depth: np.ndarray,
                       lo: np.ndarray) -> list[tuple[int, int, int]]:
     """``(k, j, i)`` voxels that certainly belong to the object: its positive points in the mask and, per box, the
     deepest voxel (``depth``: inner distance on the crop starting at ``lo``) of the mask's part on the box's slice
     nearest to the box's centre."""
-    out = [(p.k, p.j, p.i) for p in prompt.positive_points if mask[p.k, p.j, p.i]]
+    out = [(p.k, p.j, p.i) for p in prompt.positive_points if result.contains(p.k, p.j, p.i)]
     negatives = {(p.k, p.j, p.i) for p in prompt.negative_points}
     for b in prompt.boxes:
-        inside = mask[b.k, b.j0:b.j1 + 1, b.i0:b.i1 + 1]
+        inside = result.mask_in((slice(b.k, b.k + 1), slice(b.j0, b.j1 + 1), slice(b.i0, b.i1 + 1)))[0]
         if not inside.any():
             continue
         parts, _ = ndimage.label(inside, structure=np.ones((3, 3), bool))

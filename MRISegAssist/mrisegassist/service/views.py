@@ -101,6 +101,12 @@ class ViewGrid:
         o = self.order
         return (2 - o[2], 2 - o[1], 2 - o[0])
 
+    @property
+    def back_axes(self) -> tuple[int, int, int]:
+        """``np.transpose`` axes taking a view ``[k, j, i]`` array (or a box of it) back to the volume's (exact
+        view grids only)."""
+        return tuple(int(a) for a in np.argsort(self._axes))
+
     def to_view(self, array: np.ndarray, interpolation: str = "linear", default: float = 0.0) -> np.ndarray:
         """A ``[k, j, i]`` (or ``[c, k, j, i]``) array on the volume's grid, on the view grid (a contiguous copy;
         the input is never modified)."""
@@ -118,7 +124,7 @@ class ViewGrid:
         if tuple(array.shape) != src.shape:
             raise InputError(f"array shape {array.shape} does not match the grid {src.shape}")
         if self.order is not None:
-            axes = self._axes if forward else tuple(int(a) for a in np.argsort(self._axes))
+            axes = self._axes if forward else self.back_axes
             return np.ascontiguousarray(np.transpose(array, axes))
         return resample_to(Volume(array, src), dst, interpolation, default).array
 
