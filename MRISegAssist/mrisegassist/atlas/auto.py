@@ -25,6 +25,7 @@ from ..volume import PathLike, Volume, resample_to
 from .boxes import AtlasBoxes, boxes_from_scores, fuse_scores, score_maps
 from .cascade import CASCADES, run_cascade
 from .references import ReferenceSet
+from .refine import Refinement, learn_refinement, refine_result
 from .registration import FAST, RegistrationSettings
 from .space import CommonSpace
 
@@ -144,17 +145,25 @@ def auto_from_atlas(target: Volume, refset: ReferenceSet, engine: Union[str, Pro
                     cascade: Optional[str] = None, *, strategy: str = "A",
                     settings: RegistrationSettings = FAST, thresholds: Optional[dict[str, float]] = None,
                     workers: Optional[int] = None, cache=None, device: str = "cpu",
+                    refinement: Union[str, Refinement, None] = "learn",
                     progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> AutoResult:
-    """Atlas boxes -> engine -> cascade (structures with ``cascade=False`` excluded) -> label map.
+    """Atlas boxes -> engine -> cascade (structures with ``cascade=False`` excluded) -> refinement -> label map.
 
     ``engine="atlas"`` skips the promptable engine: the label map is the thresholded score maps themselves
-    (multi-atlas label fusion, :func:`.boxes.fuse_scores`).
+    (multi-atlas label fusion, :func:`.boxes.fuse_scores`). ``refinement``: ``"learn"`` combines the engine's
+    masks with the score maps per structure by rules learnt on the references (:mod:`.refine`, cached),
+    a :class:`~.refine.Refinement` applies given rules, ``None`` keeps the engine's (or fusion's) label map.
     """
+    if refinement == "learn":
+        refinement = learn_refinement(refset, None if engine == ATLAS_ENGINE else engine, settings=settings,
+                                      strategy=strategy, workers=workers, cache=cache, device=device,
+                                      progress=_sub(progress, 0.0, 0.2), cancel=cancel)
     boxes = atlas_boxes(target, refset, strategy, settings=settings, thresholds=thresholds, workers=workers,
                         cache=cache, progress=_sub(progress, 0.0, 0.9 if engine == ATLAS_ENGINE else 0.5),
                         cancel=cancel)
     if engine == ATLAS_ENGINE:
-        return atlas_result(target, boxes)
+        result = atlas_result(target, boxes)
+        return result if refinement is None else refine_result(result, refinement)
     if not boxes.found():
         raise InputError("no structure was found on the target: " +
                          "; ".join(f"{s.name}: {s.reason}" for s in boxes.structures))
@@ -165,7 +174,7 @@ def auto_from_atlas(target: Volume, refset: ReferenceSet, engine: Union[str, Pro
                              progress=_sub(progress, 0.5, 1.0), cancel=cancel)
     result.boxes = boxes
     result.timings.update({f"atlas_{k}": v for k, v in boxes.timings.items()})
-    return result
+    return result if refinement is None else refine_result(result, refinement)
 
 
 def atlas_result(target: Volume, boxes: AtlasBoxes) -> AutoResult:
