@@ -1,8 +1,11 @@
 """Accuracy of automatic prompts per structure (the seed's Table 2.2, adapted to brain MRI).
 
-For each structure of a target with reference labels: Dice of the promptable engine's result with boxes from
+For each structure of a target with reference labels: Dice of the direct-warp baseline (each original atlas
+registered straight onto the target, affine + B-spline, :func:`direct_warps`), of the label fusion at the
+thresholds learnt on the references and of the prompted pipeline (atlas boxes -> engine -> per-structure rules
+learnt on the references, :mod:`.refine`); Dice of the promptable engine's result with boxes from
 the reference mask, with the automatic (atlas) boxes, and after the cascade (C, D); the Dice of the atlas
-alone (thresholded score map); and box quality: IoU of the automatic box rectangle vs the reference one (strategy
+alone (score map thresholded at 0.5); and box quality: IoU of the automatic box rectangle vs the reference one (strategy
 A, slices may differ: ``box_dk``), IoU of the 3D bounding boxes, fraction of the reference z-range covered.
 
 Datasets (:func:`dataset`):

@@ -124,9 +124,11 @@ def run_speed(args) -> int:
     result = {"target": target.label, "target_size": list(target.geometry.size), "references": n_refs,
               "reference_names": [r.name for r in refset.references], "cpus": cpu_count(),
               "settings_ours": {"resolution_mm": FAST.resolution_mm, "levels": list(FAST.levels),
-                                "deformable": FAST.deformable, "sampling": FAST.sampling},
+                                "deformable": FAST.deformable, "sampling": FAST.sampling, "refine": FAST.refine,
+                                "refine_resolution_mm": FAST.refine_resolution_mm},
               "settings_baseline": {"resolution_mm": "native", "levels": list(FULL.levels),
-                                    "deformable": FULL.deformable, "sampling": FULL.sampling}}
+                                    "deformable": FULL.deformable, "sampling": FULL.sampling,
+                                    "refine": FULL.refine}}
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mrisegassist-bench-atlas-") as cache:
         for name in ("ours_cold", "ours_warm"):
@@ -139,6 +141,7 @@ def run_speed(args) -> int:
             finally:
                 close()
             runs[name]["seconds"] = round(runs[name]["seconds"], 2)
+            runs[name]["cpu_seconds"] = round(runs[name]["cpu_seconds"], 2)
             runs[name]["phases_s"] = {k: round(v, 2) for k, v in boxes.timings.items()}
             runs[name]["found"] = len(boxes.found())
             result[f"_{name}"] = boxes
@@ -172,12 +175,13 @@ def run_speed(args) -> int:
 
 def _speed_text(r: dict) -> str:
     lines = [f"atlas boxes: {r['references']} references -> {r['target']} {tuple(r['target_size'])}, "
-             f"{r['cpus']} CPU(s)", f"{'run':28s} {'wall s':>8s} {'peak MB':>8s} {'found':>6s}"]
+             f"{r['cpus']} CPU(s)", f"{'run':28s} {'wall s':>8s} {'CPU s':>8s} {'peak MB':>8s} {'found':>6s}"]
     labels = {"ours_cold": "ours, cold cache", "ours_warm": "ours, warm cache",
               "baseline": f"baseline serial full-res ({r['runs']['baseline']['references']} refs)"}
     for k, v in r["runs"].items():
         peak = "n/a" if v.get("peak_extra_mb") is None else f"{v['peak_extra_mb']:.0f}"
-        lines.append(f"{labels[k]:28s} {v['seconds']:8.1f} {peak:>8s} {v['found']:6d}")
+        cpu = v.get("cpu_seconds", 0.0)
+        lines.append(f"{labels[k]:28s} {v['seconds']:8.1f} {cpu:8.1f} {peak:>8s} {v['found']:6d}")
     extra = r["runs"]["baseline"].get("seconds_extrapolated_to_all")
     if extra is not None:
         lines.append(f"baseline extrapolated to {r['references']} references: {extra:.1f} s")
