@@ -126,7 +126,8 @@ class CommonSpace:
                 out.append(ref)
         return out
 
-    def prepare(self, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> list[sitk.Transform]:
+    def prepare(self, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> list[sitk.Transform]:
         """Register every reference into the common space (in parallel; cached ones are only read)."""
         t0 = time.perf_counter()
         todo = self.missing()

@@ -200,7 +200,8 @@ COLUMNS = [("ref_ml", "ref ml", "{:.2f}"), ("dice_direct", "direct", "{:.3f}"), 
            ("dice_prompted", "prompted", "{:.3f}"), ("dice_ref_boxes", "ref box", "{:.3f}"),
            ("dice_auto_boxes", "auto box", "{:.3f}"), ("dice_cascade_C", "casc C", "{:.3f}"),
            ("dice_cascade_D", "casc D", "{:.3f}"), ("dice_atlas_only", "atlas .5", "{:.3f}"),
-           ("fusion_threshold", "fus t", "{:.1f}"), ("box_iou", "box IoU", "{:.2f}"), ("bbox_iou_3d", "bbox3D", "{:.2f}")]
+           ("fusion_threshold", "fus t", "{:.1f}"), ("box_iou", "box IoU", "{:.2f}"),
+           ("bbox_iou_3d", "bbox3D", "{:.2f}")]
 RULE_WIDTH = 18
 
 
