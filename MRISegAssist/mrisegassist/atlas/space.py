@@ -69,7 +69,7 @@ class CommonSpace:
             self.cache = Path(cache) if cache else cache_dir() / "registrations"
         self._transforms: dict[str, sitk.Transform] = {}
         self._fields: dict[str, sitk.Transform] = {}
-        self._anchor_work: Optional[sitk.Image] = None
+        self._anchor_work: dict[float, sitk.Image] = {}
         self._lock = threading.Lock()
         self.timings: dict[str, float] = {}
 
@@ -79,12 +79,19 @@ class CommonSpace:
             return None
         return self.cache / self.settings.key() / self.anchor.key / f"{ref.key}.h5"
 
-    def anchor_image(self) -> sitk.Image:
-        """The anchor image at the working resolution (computed once)."""
+    def anchor_image(self, resolution_mm: Optional[float] = None) -> sitk.Image:
+        """The anchor image at the working resolution (default) or at ``resolution_mm`` (computed once each)."""
+        res = self.settings.resolution_mm if resolution_mm is None else resolution_mm
         with self._lock:
-            if self._anchor_work is None:
-                self._anchor_work = working_image(self.anchor.image, self.settings.resolution_mm)
-            return self._anchor_work
+            if res not in self._anchor_work:
+                self._anchor_work[res] = working_image(self.anchor.image, res)
+            return self._anchor_work[res]
+
+    def _fine_anchor(self) -> Optional[sitk.Image]:
+        """The anchor at the demons refinement's spacing (``None`` without refinement)."""
+        if self.settings.refine == "none" or self.settings.deformable != "bspline":
+            return None
+        return self.anchor_image(self.settings.refine_resolution_mm)
 
     def _job_settings(self, jobs: int) -> RegistrationSettings:
         threads = self.settings.threads or max(1, cpu_count() // max(1, min(jobs, self.workers)))
@@ -103,7 +110,7 @@ class CommonSpace:
                 t = load_transform(path)
             else:
                 t = register(self.anchor_image(), ref.image, settings or self.settings, cancel=cancel,
-                             names=(self.anchor.name, ref.name))
+                             names=(self.anchor.name, ref.name), fine=(self._fine_anchor(), None))
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save_transform(t, path)
@@ -119,12 +126,14 @@ class CommonSpace:
                 out.append(ref)
         return out
 
-    def prepare(self, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> list[sitk.Transform]:
+    def prepare(self, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> list[sitk.Transform]:
         """Register every reference into the common space (in parallel; cached ones are only read)."""
         t0 = time.perf_counter()
         todo = self.missing()
         if todo:
             self.anchor_image()
+            self._fine_anchor()
         settings = self._job_settings(len(todo))
         done = [0]
 
@@ -165,7 +174,7 @@ class CommonSpace:
         """``S``: target -> common space (the only registration that depends on the patient)."""
         settings = self.settings if self.settings.threads else replace(self.settings, threads=cpu_count())
         return register(target, self.anchor_image(), settings, progress=progress, cancel=cancel,
-                        names=(target.label, self.anchor.name))
+                        names=(target.label, self.anchor.name), fine=(None, self._fine_anchor()))
 
     def warp(self, target: Volume, progress: Optional[ProgressFn] = None,
              cancel: Optional[CancelToken] = None) -> WarpedReferences:

@@ -17,8 +17,11 @@ Time: wall seconds. Memory: peak resident memory during the run minus the reside
 ``VmHWM`` reset through ``/proc/self/clear_refs``). Box agreement: per structure, IoU of our strategy-A box
 rectangle with the baseline's and the difference of z-ranges.
 
-**atlas-eval**: see :mod:`mrisegassist.atlas.evaluation` (Dice per structure with reference-mask boxes,
-automatic boxes, cascades C and D; box quality), printed as a table, ``--json`` and ``--png``.
+**atlas-eval**: see :mod:`mrisegassist.atlas.evaluation`: Dice per structure of the direct affine + B-spline warp
+of each atlas (baseline, same run), the label fusion and the prompted pipeline (atlas boxes -> engine ->
+refinement learnt on the references), with the goals "fusion >= direct warp" and "prompted >= fusion" printed
+as met / NOT met; also reference-mask boxes, automatic boxes, cascades C and D and box quality. Printed as a
+table, ``--json`` and ``--png``.
 """
 from __future__ import annotations
 
@@ -49,8 +52,8 @@ def register(sub) -> None:
     add_json_flag(p)
     p.set_defaults(func=run_speed)
 
-    p = sub.add_parser("atlas-eval", help="automatic prompts accuracy per structure (Dice with reference-mask "
-                                          "boxes vs atlas boxes vs cascade; box quality)")
+    p = sub.add_parser("atlas-eval", help="accuracy per structure: direct affine + B-spline warp vs label fusion vs "
+                                          "prompted pipeline (goals met / NOT met), engine conditions, box quality")
     add_data_flag(p)
     p.add_argument("--dataset", default="itksnap,colin27-loo,mni152-loo",
                    help="comma-separated: itksnap, colin27-loo, mni152-loo")
@@ -121,9 +124,11 @@ def run_speed(args) -> int:
     result = {"target": target.label, "target_size": list(target.geometry.size), "references": n_refs,
               "reference_names": [r.name for r in refset.references], "cpus": cpu_count(),
               "settings_ours": {"resolution_mm": FAST.resolution_mm, "levels": list(FAST.levels),
-                                "deformable": FAST.deformable, "sampling": FAST.sampling},
+                                "deformable": FAST.deformable, "sampling": FAST.sampling, "refine": FAST.refine,
+                                "refine_resolution_mm": FAST.refine_resolution_mm},
               "settings_baseline": {"resolution_mm": "native", "levels": list(FULL.levels),
-                                    "deformable": FULL.deformable, "sampling": FULL.sampling}}
+                                    "deformable": FULL.deformable, "sampling": FULL.sampling,
+                                    "refine": FULL.refine}}
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mrisegassist-bench-atlas-") as cache:
         for name in ("ours_cold", "ours_warm"):
@@ -136,6 +141,7 @@ def run_speed(args) -> int:
             finally:
                 close()
             runs[name]["seconds"] = round(runs[name]["seconds"], 2)
+            runs[name]["cpu_seconds"] = round(runs[name]["cpu_seconds"], 2)
             runs[name]["phases_s"] = {k: round(v, 2) for k, v in boxes.timings.items()}
             runs[name]["found"] = len(boxes.found())
             result[f"_{name}"] = boxes
@@ -169,12 +175,13 @@ def run_speed(args) -> int:
 
 def _speed_text(r: dict) -> str:
     lines = [f"atlas boxes: {r['references']} references -> {r['target']} {tuple(r['target_size'])}, "
-             f"{r['cpus']} CPU(s)", f"{'run':28s} {'wall s':>8s} {'peak MB':>8s} {'found':>6s}"]
+             f"{r['cpus']} CPU(s)", f"{'run':28s} {'wall s':>8s} {'CPU s':>8s} {'peak MB':>8s} {'found':>6s}"]
     labels = {"ours_cold": "ours, cold cache", "ours_warm": "ours, warm cache",
               "baseline": f"baseline serial full-res ({r['runs']['baseline']['references']} refs)"}
     for k, v in r["runs"].items():
         peak = "n/a" if v.get("peak_extra_mb") is None else f"{v['peak_extra_mb']:.0f}"
-        lines.append(f"{labels[k]:28s} {v['seconds']:8.1f} {peak:>8s} {v['found']:6d}")
+        cpu = v.get("cpu_seconds", 0.0)
+        lines.append(f"{labels[k]:28s} {v['seconds']:8.1f} {cpu:8.1f} {peak:>8s} {v['found']:6d}")
     extra = r["runs"]["baseline"].get("seconds_extrapolated_to_all")
     if extra is not None:
         lines.append(f"baseline extrapolated to {r['references']} references: {extra:.1f} s")
@@ -189,29 +196,44 @@ def _speed_text(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-COLUMNS = [("ref_ml", "ref ml", "{:.2f}"), ("dice_ref_boxes", "ref box", "{:.3f}"),
+COLUMNS = [("ref_ml", "ref ml", "{:.2f}"), ("dice_direct", "direct", "{:.3f}"), ("dice_fusion", "fusion", "{:.3f}"),
+           ("dice_prompted", "prompted", "{:.3f}"), ("dice_ref_boxes", "ref box", "{:.3f}"),
            ("dice_auto_boxes", "auto box", "{:.3f}"), ("dice_cascade_C", "casc C", "{:.3f}"),
-           ("dice_cascade_D", "casc D", "{:.3f}"), ("dice_atlas_only", "atlas", "{:.3f}"),
-           ("box_iou", "box IoU", "{:.2f}"), ("box_dk", "dk", "{}"), ("bbox_iou_3d", "bbox3D", "{:.2f}"),
-           ("z_coverage", "z cov", "{:.2f}")]
+           ("dice_cascade_D", "casc D", "{:.3f}"), ("dice_atlas_only", "atlas .5", "{:.3f}"),
+           ("fusion_threshold", "fus t", "{:.1f}"), ("box_iou", "box IoU", "{:.2f}"),
+           ("bbox_iou_3d", "bbox3D", "{:.2f}")]
+RULE_WIDTH = 18
 
 
 def format_table(result: dict) -> str:
     lines = [f"{result['dataset']}: target {result['target']} | labels: {result['labels']} | "
              f"{result['references']} references | engine {result['engine']} | strategy {result['strategy']}",
              f"  {result['note']}",
-             f"  {'structure':26s}" + "".join(f"{h:>9s}" for _, h, _ in COLUMNS)]
+             f"  {'structure':26s}" + "".join(f"{h:>9s}" for _, h, _ in COLUMNS) + f"  {'prompted rule':{RULE_WIDTH}s}"]
     for row in result["rows"]:
         cells = []
         for key, _, fmt in COLUMNS:
             v = row.get(key)
             cells.append(f"{'-' if v is None else fmt.format(v):>9s}")
         flag = "" if row["found"] else "  (not found)"
-        lines.append(f"  {row['structure']:26s}" + "".join(cells) + flag)
+        lines.append(f"  {row['structure']:26s}" + "".join(cells) + f"  {row.get('rule', ''):{RULE_WIDTH}s}" + flag)
     mean = result["mean"]
     lines.append(f"  {'mean':26s}" + "".join(f"{'' if k not in mean else fmt.format(mean[k]):>9s}"
                                               for k, _, fmt in COLUMNS))
-    lines.append(f"  time: boxes {result['timings_s']['boxes']} s, total {result['timings_s']['total']} s")
+    direct = result.get("direct")
+    if direct:
+        per_atlas = ", ".join(f"{k} {v['mean']:.3f} ({v['seconds']:.0f} s)" for k, v in direct["atlases"].items())
+        lines.append(f"  direct warp ({direct['settings']}): {per_atlas}; column 'direct' = {direct['best']}")
+    lines.append(f"  fusion/prompted rules learnt on the references only: {result['refinement']['evidence']}")
+    goals = result["goals"]
+    if "fusion_ge_direct" in goals:
+        lines.append(f"  goal fusion >= direct warp: {'met' if goals['fusion_ge_direct'] else 'NOT met'} "
+                     f"({mean['dice_fusion']:.3f} vs {mean['dice_direct']:.3f})")
+    lines.append(f"  goal prompted >= fusion: {'met' if goals['prompted_ge_fusion'] else 'NOT met'} "
+                 f"({mean['dice_prompted']:.3f} vs {mean['dice_fusion']:.3f})")
+    t = result["timings_s"]
+    lines.append(f"  time: direct warps {t.get('direct', 0)} s, learning {t.get('learn', 0)} s, boxes {t['boxes']} s, "
+                 f"total {t['total']} s")
     return "\n".join(lines)
 
 
@@ -223,8 +245,9 @@ def write_png(results: list[dict], path) -> Path:
 
     from ..viz import save_figure
 
-    keys = [("dice_ref_boxes", "reference-mask boxes"), ("dice_auto_boxes", "atlas boxes"),
-            ("dice_cascade_C", "cascade C"), ("dice_cascade_D", "cascade D"), ("dice_atlas_only", "atlas alone")]
+    keys = [("dice_direct", "direct warp"), ("dice_fusion", "label fusion"), ("dice_prompted", "prompted"),
+            ("dice_ref_boxes", "reference-mask boxes"), ("dice_auto_boxes", "atlas boxes -> engine"),
+            ("dice_cascade_C", "cascade C"), ("dice_cascade_D", "cascade D")]
     fig, axes = plt.subplots(len(results), 1, figsize=(11, 3.6 * len(results)), squeeze=False)
     for ax, res in zip(axes[:, 0], results):
         rows = res["rows"]
