@@ -45,12 +45,19 @@ def test_dice_table_matches_a_direct_computation():
     s = Structure("x", (1,))
     score = _score(np.round(rng.random((6, 7, 8)) * 4) / 4, s)
     engine, truth = rng.random((6, 7, 8)) > 0.6, rng.random((6, 7, 8)) > 0.5
-    table = refine._dice_table(refine._counts(score, engine, truth))
-    for a, t_in in enumerate(refine.GRID):
-        for b, t_out in enumerate(refine.GRID):
-            pred = refine.StructureRule("x", 0.5, t_in, t_out).mask(score, engine)
-            d = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
-            assert table[a, b] == pytest.approx(d)
+    # a score map over part of the volume (counted over its box, the engine's and the truth's): same result
+    box = (slice(1, 4), slice(2, 6), slice(0, 5))
+    part = ScoreMap(s, 1, score.array[box].copy(), box, score.shape, 4)
+    small_engine = np.zeros_like(engine)
+    small_engine[2:5, 1:3, 3:7] = engine[2:5, 1:3, 3:7]
+    inner = truth & (score.array > 0.3)
+    for sc, eng, tru in ((score, engine, truth), (part, engine, truth), (part, small_engine, inner), (part, None, truth)):
+        table = refine._dice_table(refine._counts(sc, eng, tru))
+        for a, t_in in enumerate(refine.GRID):
+            for b, t_out in enumerate(refine.GRID):
+                pred = refine.StructureRule("x", 0.5, t_in, t_out).mask(sc, np.zeros_like(tru) if eng is None else eng)
+                d = 2 * (pred & tru).sum() / (pred.sum() + tru.sum())
+                assert table[a, b] == pytest.approx(d)
 
 
 def test_rule_choice_keeps_the_atlas_on_ties_and_takes_a_clearly_better_engine():
@@ -67,6 +74,18 @@ def test_rule_choice_keeps_the_atlas_on_ties_and_takes_a_clearly_better_engine()
     assert rule.dice_engine == pytest.approx(0.75) and rule.dice_refined == pytest.approx(0.75)
     # learning fusion thresholds only: the engine's cells are ignored
     assert refine.choose_rule(s, [better, flat], with_engine=False).kind == "fusion"
+
+
+def test_a_users_threshold_replaces_the_learnt_rule():
+    s = Structure("x", (1,), threshold=0.5)
+    score = _score(np.array([[[0.0, 0.25, 0.5, 0.75, 1.0]]]), s)
+    engine = np.array([[[True, True, False, False, True]]])
+    learnt = refine.Refinement("classical", {"x": refine.StructureRule("x", 0.5, 0.5, 0.5)}, ["a", "b"], "folds")
+    given = learnt.with_thresholds({"x": 0.75})
+    assert learnt.rule(s).kind == "fusion" and given.rule(s).kind == "engine"
+    np.testing.assert_array_equal(given.rule(s).mask(score, None)[0, 0], [False, False, False, True, True])
+    np.testing.assert_array_equal(given.rule(s).mask(score, engine)[0, 0], engine[0, 0])
+    assert learnt.with_thresholds({}) is learnt
 
 
 def _ref(name: str, value: float, source: str = "") -> Reference:
@@ -135,3 +154,49 @@ def test_prompted_pipeline_beats_a_direct_warp_on_the_itksnap_crop(crop):
     assert mean["dice_fusion"] >= mean["dice_direct"], mean
     assert mean["dice_prompted"] >= mean["dice_direct"] and mean["dice_prompted"] >= mean["dice_fusion"], mean
     assert mean["dice_prompted"] > 0.6, mean
+
+
+@pytest.fixture(scope="module")
+def brain():
+    if not (mricron_dir() / "aal.nii.gz").is_file():
+        pytest.skip("Colin27/AAL not installed (apt-get install mricron-data)")
+    from mrisegassist.atlas.builtin import builtin_reference_set
+
+    return builtin_reference_set("brain")
+
+
+def test_shipped_rules_are_found_and_a_stale_file_is_detected(brain, tmp_path, monkeypatch):
+    """The package ships the rules of builtin:brain (learnt leave-one-source-out: Colin27 <-> MNI152), stamped
+    with what they depend on; a stamp that differs from the installed atlases, the registration settings or the
+    learning procedure makes the file stale (named), and a damaged file is reported."""
+    import json
+    from dataclasses import replace
+
+    from mrisegassist.atlas.registration import FAST
+
+    rules, how = refine.shipped_rules("brain", brain, "classical", strategy="A")
+    assert rules is not None and how == "shipped (brain.classical.A.json)", how
+    assert rules.folds == ["colin27", "mni152"] and set(rules.rules) == set(brain.structure_names)
+    fusion, _ = refine.shipped_rules("brain", brain, None, strategy="B")  # label fusion: no strategy
+    assert fusion is not None and fusion.engine == "" and {r.kind for r in fusion.rules.values()} == {"fusion"}
+    # a selection of structures takes its rules from the whole set's file
+    one, _ = refine.shipped_rules("brain", brain.select(["caudate-left"]), "classical")
+    assert list(one.rules) == ["caudate-left"] and one.rules["caudate-left"] == rules.rules["caudate-left"]
+    # other registration settings than those the rules were learnt with
+    none, why = refine.shipped_rules("brain", brain, "classical", settings=replace(FAST, refine_iterations=(10, 5)))
+    assert none is None and why == "brain.classical.A.json is stale: learnt for other settings"
+    # no file for an engine with downloaded weights: learnt on first use
+    assert refine.shipped_rules("brain", brain, "sam2")[0] is None
+    doc = json.loads(refine.shipped_path("brain", "classical", "A").read_text())
+    monkeypatch.setattr(refine, "SHIPPED_DIR", tmp_path)
+    target = tmp_path / "brain.classical.A.json"
+    for change, field in (({"version": refine.VERSION - 1}, "version"), ({"references": ["other"]}, "references")):
+        target.write_text(json.dumps({**doc, "made_for": {**doc["made_for"], **change}}))
+        none, why = refine.shipped_rules("brain", brain, "classical")
+        assert none is None and why == f"brain.classical.A.json is stale: learnt for other {field}"
+        found, why = refine.find_rules(brain, "classical", builtin="brain", cache=False)
+        assert found is None and "stale" in why and "not learnt yet" in why
+    target.write_text(json.dumps(doc))
+    assert refine.shipped_rules("brain", brain, "classical")[0] is not None
+    target.write_text("{not json")
+    assert "damaged" in refine.shipped_rules("brain", brain, "classical")[1]

@@ -5,15 +5,16 @@ table of automatic prompts per structure).
 boxes for one real target (default ``ms-lesjak/patient07/t1.nii.gz``; ``--quick``: the ITK-SNAP T1 crop and 3
 references). Three runs in this process, same target and references:
 
-* ``ours, cold``: empty registration cache: references registered into the common space (3 mm, in parallel),
-  target registered once, references warped by composed transforms, score maps, boxes;
-* ``ours, warm``: the same with the reference registrations read from the cache (the usual case: that work
-  does not depend on the patient);
+* ``ours, cold``: empty cache: references registered into the common space (in parallel), their labels warped
+  into it and the score maps computed there; target registered once, score maps resampled onto it, boxes;
+* ``ours, warm``: the same with the common-space score maps read from the cache (the usual case: that work
+  does not depend on the patient): one target registration, the score maps resampled, boxes;
 * ``baseline``: serial, full resolution: each reference registered directly onto the target at its native
   spacing (rigid, affine, B-spline; 3 levels; the optimisation on all CPU threads, not single-threaded for
   repeatability as ours), warped, score maps, boxes.
 
-Time: wall seconds. Memory: peak resident memory during the run minus the resident memory before it (Linux
+Time: wall seconds and CPU seconds of the process (all threads); the 20 s goal is printed for both, since on a
+shared machine the wall time also counts other jobs (the load average before the runs is printed). Memory: peak resident memory during the run minus the resident memory before it (Linux
 ``VmHWM`` reset through ``/proc/self/clear_refs``). Box agreement: per structure, IoU of our strategy-A box
 rectangle with the baseline's and the difference of z-ranges.
 
@@ -25,6 +26,7 @@ table, ``--json`` and ``--png``.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -122,6 +124,7 @@ def run_speed(args) -> int:
     finally:
         close()
     result = {"target": target.label, "target_size": list(target.geometry.size), "references": n_refs,
+              "load_average": [round(v, 1) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
               "reference_names": [r.name for r in refset.references], "cpus": cpu_count(),
               "settings_ours": {"resolution_mm": FAST.resolution_mm, "levels": list(FAST.levels),
                                 "deformable": FAST.deformable, "sampling": FAST.sampling, "refine": FAST.refine,
@@ -166,6 +169,7 @@ def run_speed(args) -> int:
     for name in ("cold", "warm"):
         result[f"speedup_{name}"] = round(base_s / runs[f"ours_{name}"]["seconds"], 2)
         result[f"goal_20s_{name}_met"] = runs[f"ours_{name}"]["seconds"] <= 20.0
+        result[f"goal_20s_{name}_met_cpu"] = runs[f"ours_{name}"]["cpu_seconds"] <= 20.0
     result["speedup_basis"] = "measured" if nb == n_refs else f"baseline extrapolated from {nb} of {n_refs} references"
     result["agreement_warm_vs_baseline"] = _agreement(result.pop("_ours_warm"), base)
     result.pop("_ours_cold")
@@ -186,8 +190,11 @@ def _speed_text(r: dict) -> str:
     if extra is not None:
         lines.append(f"baseline extrapolated to {r['references']} references: {extra:.1f} s")
     lines.append(f"speed-up vs baseline ({r['speedup_basis']}): cold {r['speedup_cold']}x, warm {r['speedup_warm']}x")
-    lines.append("goal <= 20 s for the boxes: cold cache " + ("met" if r["goal_20s_cold_met"] else "NOT met")
-                 + ", warm cache " + ("met" if r["goal_20s_warm_met"] else "NOT met"))
+    met = (lambda key: "met" if r[key] else "NOT met")  # noqa: E731
+    lines.append(f"goal <= 20 s for the boxes: wall time cold cache {met('goal_20s_cold_met')}, warm cache "
+                 f"{met('goal_20s_warm_met')}; CPU time cold cache {met('goal_20s_cold_met_cpu')}, warm cache "
+                 f"{met('goal_20s_warm_met_cpu')}" + (f" (load average {r['load_average'][0]} before the runs)"
+                                                      if r.get("load_average") else ""))
     a = r["agreement_warm_vs_baseline"]
     lines.append(f"boxes (warm) vs baseline: mean box IoU {a['mean_box_iou']}, mean z-range difference "
                  f"{a['mean_z_range_diff_slices']} slices over {a['structures_both_found']} structures")

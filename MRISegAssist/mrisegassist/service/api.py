@@ -93,7 +93,9 @@ class AutoRequest:
     * ``mask``: one object per 26-connected component of a mask / label map (any grid);
     * ``unet``: one object per component of a U-Net's output (an :class:`AutoSegmentRequest`).
 
-    ``extra``: other co-registered sequences for the engine, as in :class:`PromptRequest`.
+    ``extra``: other co-registered sequences for the engine, as in :class:`PromptRequest`. ``refine`` (atlas
+    only): each structure's label follows the rule learnt on the references (fusion, engine or both; see
+    ``Service.auto``); ``False`` keeps the engine's label map (or fusion at the defined thresholds).
     """
 
     volume: Volume
@@ -107,6 +109,7 @@ class AutoRequest:
     min_voxels: int = 3
     extra: dict[str, Volume] = field(default_factory=dict)
     device: Optional[str] = None
+    refine: bool = True
 
 
 @dataclass
@@ -120,8 +123,10 @@ class DownloadWeightsRequest:
 @dataclass
 class ObjectSummary:
     """One label of a result. For prompted objects: its boxes, z-range, the slices the engine segmented, the
-    mean engine score, the first-pass volume and whether the cascade re-prompted it. For a U-Net label only
-    ``label``, ``name``, ``voxels`` and ``volume_ml`` are filled."""
+    mean engine score, the first-pass volume and whether the cascade re-prompted it; for atlas structures
+    ``rule``: what the label came from (``fusion``, ``engine``, ``engine AND fusion``, ``engine OR fusion``,
+    ``combined``; empty without rules). For a U-Net label only ``label``, ``name``, ``voxels`` and ``volume_ml``
+    are filled."""
 
     label: int
     name: str
@@ -133,6 +138,7 @@ class ObjectSummary:
     mean_score: Optional[float] = None
     first_pass_ml: Optional[float] = None
     cascaded: bool = False
+    rule: str = ""
 
 
 @dataclass
@@ -147,7 +153,8 @@ class NotFound:
 class SegmentationResult:
     """A label map (``labels.volume`` on the input's grid, ``labels.labels`` = names, colours, terminology) with
     a summary per label. ``workflow``: ``"auto-segment"``, ``"prompt"`` or ``"auto"``; ``timings`` in
-    seconds; ``boxes``: the atlas boxes an ``auto`` run used (without score maps)."""
+    seconds; ``boxes``: the atlas boxes an ``auto`` run used (without score maps); ``rules``: where the atlas
+    rules came from (shipped, cached or learnt, with their evidence), empty without."""
 
     workflow: str
     labels: LabelMap
@@ -158,6 +165,7 @@ class SegmentationResult:
     not_found: list[NotFound] = field(default_factory=list)
     boxes: object = None  # AtlasBoxes
     timings: dict[str, float] = field(default_factory=dict)
+    rules: str = ""
 
     @property
     def array(self) -> np.ndarray:
