@@ -74,6 +74,16 @@ def test_rule_choice_keeps_the_atlas_on_ties_and_takes_a_clearly_better_engine()
     assert rule.dice_engine == pytest.approx(0.75) and rule.dice_refined == pytest.approx(0.75)
     # learning fusion thresholds only: the engine's cells are ignored
     assert refine.choose_rule(s, [better, flat], with_engine=False).kind == "fusion"
+    # a candidate worse than fusion on one fold is not taken, however good on the mean
+    worse = flat.copy()
+    worse[0, -1] = 0.55
+    assert refine.choose_rule(s, [better, worse], with_engine=True).kind == "fusion"
+    # graded threshold pairs are not candidates (two folds would fit their noise): engine AND fusion is
+    graded = flat.copy()
+    graded[2, 8] = 0.95
+    graded[5, -1] = 0.7
+    rule = refine.choose_rule(s, [graded, graded], with_engine=True)
+    assert (rule.kind, rule.t_in, rule.t_out) == ("engine AND fusion", 0.5, refine.NEVER)
 
 
 def test_a_users_threshold_replaces_the_learnt_rule():

@@ -7,8 +7,8 @@ engine's mask ``e`` (its part of the engine's fused label map), the refined mask
 
 so one rule covers label fusion at threshold ``t`` (``t_in = t_out = t``: the engine ignored), the engine
 alone (``t_in = 0``, ``t_out = NEVER``), engine AND fusion (``t_in = t``, ``t_out = NEVER``), engine OR fusion
-(``t_in = 0``, ``t_out = t``) and the graded cases between. Overlaps between structures go to the highest score
-(as :func:`.boxes.fuse_scores`).
+(``t_in = 0``, ``t_out = t``) and the graded cases between (``combined``; never learnt). Overlaps between
+structures go to the highest score (as :func:`.boxes.fuse_scores`).
 
 **Learning** (:func:`learn_refinement`): leave-one-source-out over the reference set. References are grouped
 by the subject they show (:attr:`.references.Reference.source`: deformed copies share their original's). With
@@ -16,10 +16,12 @@ two or more sources, each fold holds out one source's first reference: the other
 registered onto it exactly as onto a patient (:class:`.space.CommonSpace`), its score maps are computed, the
 engine is run on its image with the atlas boxes, and every threshold pair of :data:`GRID` is scored against
 its own labels. With a single source, up to ``max_folds`` deformed copies are held out in turn (weaker
-evidence: the original stays among the references). Per structure, the fusion threshold and the
-``(t_in, t_out)`` pair with the best mean Dice over the folds are kept; a candidate replaces plain fusion at the
-structure's own threshold only when it gains more than :data:`MIN_GAIN` (ties keep the atlas). Without any
-fold (one reference), every structure keeps plain fusion at its defined threshold.
+evidence: the original stays among the references). Per structure, the fusion threshold with the best mean
+Dice over the folds is kept, then the best of engine alone, engine AND fusion and engine OR fusion at that
+threshold (three candidates only: with two folds, every threshold pair would fit the folds' noise); a candidate
+replaces the defined threshold, or plain fusion, only when its mean Dice gains at least :data:`MIN_GAIN` and
+it is worse on no fold (ties keep the atlas). Without any fold (one reference), every structure keeps plain
+fusion at its defined threshold.
 
 The engine's first pass is what rules are learnt on (no cascade). Results are cached on disk
 (``cache_dir()/refine``), keyed by :func:`made_for` (the references, structures, registration settings, engine,
@@ -56,8 +58,9 @@ GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, NEVER)
 #: a learnt rule replaces plain fusion at the structure's threshold only above this mean Dice gain
 MIN_GAIN = 0.01
 #: bump when the learning procedure or the score maps change, so cached and shipped rules are redone
-#: (2: score maps resampled from the common space, :meth:`.space.CommonSpace.target_scores`)
-VERSION = 2
+#: (2: score maps resampled from the common space, :meth:`.space.CommonSpace.target_scores`; 3: three named
+#: engine combinations instead of every threshold pair, none worse than fusion on any fold)
+VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -254,25 +257,29 @@ def _dice_table(c: dict) -> np.ndarray:
 
 
 def choose_rule(structure: Structure, tables: Sequence[np.ndarray], with_engine: bool) -> StructureRule:
-    """The rule with the best mean Dice over the folds' ``[t_in, t_out]`` tables (see the module docstring)."""
-    mean = np.mean(np.stack(tables), axis=0)
+    """The rule chosen on the folds' ``[t_in, t_out]`` tables (see the module docstring): the fusion level with
+    the best mean Dice, then engine alone, engine AND fusion or engine OR fusion at that level. A candidate
+    replaces the structure's defined threshold (then plain fusion) only when its mean Dice gains at least
+    :data:`MIN_GAIN` and it is worse on no fold."""
+    folds_ = np.stack(tables)
+    mean = folds_.mean(axis=0)
     grid = np.asarray(GRID)
     diag = np.diag(mean).copy()
     diag[grid > 1] = -1  # fusion with no voxel is no rule
     own = int(np.argmin(np.abs(grid - structure.threshold)))
     f = int(np.argmax(diag))
-    if diag[f] < diag[own] + MIN_GAIN:
+    if diag[f] < diag[own] + MIN_GAIN or (folds_[:, f, f] < folds_[:, own, own]).any():
         f = own
     t_f = float(grid[f])
-    dice_engine = float(mean[0, -1]) if with_engine else None
+    never = len(grid) - 1
+    dice_engine = float(mean[0, never]) if with_engine else None
     t_in = t_out = t_f
     refined = float(diag[f])
     if with_engine:
-        masked = mean.copy()
-        masked[:, 0] = -1  # t_out = 0 would take the whole volume
-        i, o = np.unravel_index(int(np.argmax(masked)), masked.shape)
-        if masked[i, o] >= diag[f] + MIN_GAIN:
-            t_in, t_out, refined = float(grid[i]), float(grid[o]), float(masked[i, o])
+        best = diag[f] + MIN_GAIN
+        for i, o in ((0, never), (f, never), (0, f)):  # engine, engine AND fusion, engine OR fusion
+            if mean[i, o] >= best and (folds_[:, i, o] >= folds_[:, f, f]).all():
+                best, t_in, t_out, refined = mean[i, o], float(grid[i]), float(grid[o]), float(mean[i, o])
     return StructureRule(structure.name, t_f, t_in, t_out, round(float(diag[own]), 4), round(float(diag[f]), 4),
                          None if dice_engine is None else round(dice_engine, 4), round(refined, 4))
 
@@ -322,28 +329,17 @@ def _cache_path(refset: ReferenceSet, engine_name: str, settings: RegistrationSe
     return cache_dir() / "refine" / f"{_key(refset, engine_name, settings, strategy, max_folds)}.json"
 
 
-def learn_refinement(refset: ReferenceSet, engine=None, *, settings: RegistrationSettings = FAST,
-                     strategy: str = "A", max_folds: int = 2, workers: Optional[int] = None, cache=None,
-                     device: str = "cpu", progress: Optional[ProgressFn] = None,
-                     cancel: Optional[CancelToken] = None) -> Refinement:
-    """Learn every structure's rule on ``refset`` alone (leave-one-source-out; see the module docstring), or
-    return them from the cache (:func:`cached_rules`).
-
-    ``engine``: a name or a :class:`~..prompt.base.PromptableEngine`, or ``None`` (or ``"atlas"``) to learn
-    fusion thresholds only. ``cache``: folder of registrations (as :class:`.space.CommonSpace`; ``False``: no
-    caching of registrations nor of the result). Returns a fusion-only :class:`Refinement` when no fold
-    exists. Progress: one share per fold; ``cancel`` is checked between steps and inside registrations."""
+def fold_tables(refset: ReferenceSet, engine=None, *, settings: RegistrationSettings = FAST, strategy: str = "A",
+                max_folds: int = 2, workers: Optional[int] = None, cache=None, device: str = "cpu",
+                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None
+                ) -> tuple[dict[str, list[np.ndarray]], list[str]]:
+    """Per structure, one ``[t_in, t_out]`` Dice table (:func:`_dice_table`) per fold of :func:`folds`, and the
+    held-out references' names: the other references' score maps on the held-out image (cached), the engine
+    with the atlas boxes on it (``engine=None``: fusion only), compared with its own labels."""
     from ..prompt import get_engine
     from ..prompt.fusion import fuse
 
-    engine_name = engine_label(engine)
-    engine = None if engine_name == "" else engine
-    known = cached_rules(refset, engine, settings=settings, strategy=strategy, max_folds=max_folds, cache=cache)
-    if known is not None:
-        return known
     plan = folds(refset, max_folds)
-    path = _cache_path(refset, engine_name, settings, strategy, max_folds, cache)
-    t0 = time.perf_counter()
     eng = None if engine is None else (get_engine(engine, device) if isinstance(engine, str) else engine)
     tables: dict[str, list[np.ndarray]] = {s.name: [] for s in refset.structures}
     names = []
@@ -371,9 +367,32 @@ def learn_refinement(refset: ReferenceSet, engine=None, *, settings: Registratio
             truth = np.isin(ref.labels.array, score.structure.labels)
             engine_mask = None if engine_labels is None else engine_labels == score.value
             tables[score.structure.name].append(_dice_table(_counts(score, engine_mask, truth)))
-    rules = {s.name: choose_rule(s, tables[s.name], eng is not None) for s in refset.structures}
+    return tables, names
+
+
+def learn_refinement(refset: ReferenceSet, engine=None, *, settings: RegistrationSettings = FAST,
+                     strategy: str = "A", max_folds: int = 2, workers: Optional[int] = None, cache=None,
+                     device: str = "cpu", progress: Optional[ProgressFn] = None,
+                     cancel: Optional[CancelToken] = None) -> Refinement:
+    """Learn every structure's rule on ``refset`` alone (leave-one-source-out; see the module docstring), or
+    return them from the cache (:func:`cached_rules`).
+
+    ``engine``: a name or a :class:`~..prompt.base.PromptableEngine`, or ``None`` (or ``"atlas"``) to learn
+    fusion thresholds only. ``cache``: folder of registrations (as :class:`.space.CommonSpace`; ``False``: no
+    caching of registrations nor of the result). Returns a fusion-only :class:`Refinement` when no fold
+    exists. Progress: one share per fold; ``cancel`` is checked between steps and inside registrations."""
+    engine_name = engine_label(engine)
+    engine = None if engine_name == "" else engine
+    known = cached_rules(refset, engine, settings=settings, strategy=strategy, max_folds=max_folds, cache=cache)
+    if known is not None:
+        return known
+    path = _cache_path(refset, engine_name, settings, strategy, max_folds, cache)
+    t0 = time.perf_counter()
+    tables, names = fold_tables(refset, engine, settings=settings, strategy=strategy, max_folds=max_folds,
+                                workers=workers, cache=cache, device=device, progress=progress, cancel=cancel)
+    rules = {s.name: choose_rule(s, tables[s.name], engine is not None) for s in refset.structures}
     how = ("leave-one-source-out" if len(_sources(refset)) >= 2 else "held-out deformed copies (one source)")
-    result = Refinement(engine_name, rules, names, f"{how}: {len(plan)} fold(s), held out {', '.join(names)}",
+    result = Refinement(engine_name, rules, names, f"{how}: {len(names)} fold(s), held out {', '.join(names)}",
                         time.perf_counter() - t0)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -480,6 +480,10 @@ class Service:
         if request.engine == ATLAS_ENGINE and request.atlas is None:
             raise InputError("engine 'atlas' labels from the atlas score maps: it needs atlas boxes computed now "
                              "(--references), not boxes read from a file")
+        if request.engine != ATLAS_ENGINE:
+            from ..prompt import engine_spec
+
+            engine_spec(request.engine)  # an unknown engine fails before any registration or learning
         target = request.volume
         t0 = time.perf_counter()
         boxes, prompts, split, rules = None, None, 0.5, None
