@@ -410,7 +410,6 @@ def test_train_resume_refuses_a_pickle_payload(work):
     assert snapshot(work) == before
 
 
-@pytest.mark.xfail(strict=True, reason="bundle rule lands with the unet branch")
 def test_bundle_with_code_is_refused(work):
     """A MONAI bundle whose config holds a ``$`` expression: refused without --trust-model-code; nothing runs."""
     import json

@@ -333,3 +333,64 @@ def test_bounds_clip_propagated_boxes_and_masks(components):
     # validation clips the prompted boxes to the bounds
     wide = ObjectPrompt(1, [Box2D(int(ks.min()), i0 - 5, j0 - 5, i1 + 5, j1 + 5)], bounds=(i0, j0, i1, j1))
     assert wide.validate(obj.shape).boxes == [Box2D(int(ks.min()), i0, j0, i1, j1)]
+
+
+def test_consensus_walks_each_gap_from_both_prompts_and_blends_them(components):
+    """``PropagationConfig(consensus=True)``: every gap slice is predicted by the walks from both prompts; where
+    they disagree, the walk from the nearer prompt wins (distance-weighted mean logits), neither overrides."""
+    # the largest lesion whose three boxes leave a gap of at least two slices between two of them
+    obj = next(o for _, o in components if np.diff([b.k for b in boxes_for_object(o, "B")]).max(initial=0) >= 3)
+    prompt = ObjectPrompt(1, boxes_for_object(obj, "B"))
+    ks = [b.k for b in prompt.boxes]
+    ka, kb = max(zip(ks, ks[1:]), key=lambda pair: pair[1] - pair[0])
+    engine = OracleEngine(obj)
+    original = engine.predict_slice
+    band = {}
+
+    def predict(prepared, k, box, *, cancel=None):  # the walk down from kb (second call) claims a 1-voxel band
+        logits, score = original(prepared, k, box, cancel=cancel)
+        if ka < k < kb and [c[0] for c in engine.calls].count(k) == 2:
+            x0, y0, x1, y1 = (int(v) for v in box)
+            inside = np.zeros(obj.shape[1:], bool)
+            inside[y0:y1 + 1, x0:x1 + 1] = True
+            band[k] = ndimage.binary_dilation(obj[k]) & ~obj[k] & inside
+            logits = np.where(band[k], 4.0, logits).astype(np.float32)
+        return logits, score
+
+    engine.predict_slice = predict
+    result = propagate_objects(engine, np.zeros(obj.shape, np.float32), [prompt],
+                               config=PropagationConfig(consensus=True))[0]
+    k0, k1 = z_extent(obj)
+    assert sorted(result.slices) == list(range(k0, k1 + 1)) and len(set(result.slices)) == len(result.slices)
+    calls = [c[0] for c in engine.calls]
+    assert all(calls.count(k) == 2 for k in range(ka + 1, kb))  # both walks, every gap slice
+    assert band and all(band[k].any() for k in band)
+    for k in band:
+        claimed = (result.mask[k] & band[k]).any()
+        assert claimed == (k - ka > kb - k), k  # kept only nearer kb, the walk that claimed it
+        assert np.array_equal(result.mask[k] & ~band[k], obj[k])  # where both agree, the object
+    assert np.all(result.logits[~result.mask] <= 0)
+
+
+def test_growth_checks_on_area_and_outline():
+    """``extent="area+hull"``: a leak grows both the mask and its outline; a ring closing over its core grows in
+    area only, a thin structure turning a corner in outline only; the prompted box's inscribed ellipse is its
+    extent."""
+    cfg = PropagationConfig(max_growth=1.5, max_area_ratio=1.5, extent="area+hull")
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    ring, disc = (r >= 12) & (r < 15), r < 15
+    bar, bent = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    bar[30:33, 10:40] = True
+    bent[30:33, 10:30] = True
+    bent[12:33, 27:30] = True  # the same thin structure turning a corner
+    big = r < 25
+    ring_e, disc_e = cfg.extents(ring), cfg.extents(disc)
+    assert disc_e[0] > 2 * ring_e[0] and disc_e[1] <= 1.1 * ring_e[1]  # area jumps, outline does not
+    assert not cfg.leaks(disc_e, ring_e, disc_e, bounded=False)
+    bar_e, bent_e = cfg.extents(bar), cfg.extents(bent)
+    assert bent_e[1] > 1.5 * bar_e[1] + 9 and not cfg.leaks(bent_e, bar_e, bent_e, bounded=False)
+    assert cfg.leaks(cfg.extents(big), disc_e, cfg.extents(big), bounded=False)  # both grew: a leak
+    assert PropagationConfig(max_growth=1.5).leaks((int(disc.sum()),), (int(ring.sum()),), (0,), bounded=True)
+    box = Box2D(0, 10, 10, 29, 49)  # 20 x 40: ellipse ~628 voxels
+    assert cfg.extents(np.zeros((64, 64), bool) | (r < 2), box)[1] == int(np.pi / 4 * 20 * 40)

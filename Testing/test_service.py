@@ -71,6 +71,7 @@ def test_extra_sequences_reach_engines_that_accept_channels(study, monkeypatch):
 def test_engines_without_channels_get_the_prompted_volume(study, monkeypatch):
     flair, t1, prompt = study
     engine = get_engine("classical")
+    monkeypatch.setattr(engine, "accepts_channels", False)  # an engine that reads one sequence
     seen = []
     original = engine.prepare
     monkeypatch.setattr(engine, "prepare", lambda volume, **k: seen.append(volume.shape) or original(volume, **k))

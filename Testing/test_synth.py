@@ -212,3 +212,42 @@ def test_overlay_png_of_synthetic_case(cases, artifacts, tmp_path):
                            baseline="MONAI sliding window", title="inference")
     assert mpimg.imread(bars).size and mpimg.imread(bench).size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bars.png", "bench.png", "plain.png"]
+
+
+@pytest.fixture(scope="module")
+def failure_kinds():
+    """The kinds built for the U-Nets' known failures: low-grade glioma without enhancement, confluent MS."""
+    return {kind: [make_case(kind, seed=s) for s in (0, 1)] for kind in ("lgg", "ms-confluent")}
+
+
+def test_low_grade_glioma_has_no_enhancement(failure_kinds):
+    for case in failure_kinds["lgg"]:
+        lab = case.labels.array
+        vols = {int(v): float((lab == v).sum()) / 1000 for v in np.unique(lab) if v}
+        assert 4 not in vols and {2, 3} <= set(vols) <= {1, 2, 3}  # no enhancing label
+        assert 30 < vols[3] < 250  # a large non-enhancing mass (ml)
+        brain = case.brainmask.array > 0
+        normal = brain & (lab == 0)
+        flair, t1, t1c = (case.images[s].array for s in ("flair", "t1", "t1c"))
+        core = ndimage.binary_erosion(lab == 3, iterations=2)
+        assert np.median(flair[core]) > 1.4 * np.median(flair[normal])  # FLAIR-bright
+        # no enhancement: T1c / T1 in the mass is what it is in normal tissue (only the per-sequence gain)
+        ratio_mass = np.median(t1c[core] / np.maximum(t1[core], 1))
+        ratio_normal = np.median(t1c[normal] / np.maximum(t1[normal], 1))
+        assert 0.85 < ratio_mass / ratio_normal < 1.15
+        assert np.median(t1c[core]) < np.median(t1c[normal])  # darker than brain on T1c, not brighter
+
+
+def test_confluent_ms_lesion_load(failure_kinds):
+    for case in failure_kinds["ms-confluent"]:
+        lab = case.labels.array == 1
+        total = float(lab.sum()) / 1000
+        sizes = np.bincount(ndimage.label(lab, structure=np.ones((3, 3, 3)))[0].ravel())[1:]
+        assert 15 < total < 75 and sizes.max() / 1000 > 5  # a large confluent lesion, plus scattered ones
+        assert len(sizes) >= 5
+        flair = case.images["flair"].array
+        normal = (case.brainmask.array > 0) & ~ndimage.binary_dilation(lab, iterations=2)
+        assert np.median(flair[ndimage.binary_erosion(lab)]) > 1.3 * np.median(flair[normal])
+    first, second = failure_kinds["ms-confluent"]
+    assert not np.array_equal(first.labels.array, second.labels.array)
+    assert np.array_equal(make_case("ms-confluent", seed=0).labels.array, first.labels.array)  # deterministic

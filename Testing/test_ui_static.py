@@ -20,7 +20,7 @@ CMAKE = REPO / "MRISegAssist" / "CMakeLists.txt"
 # a combo box from a spin box. Each class: (base class, attributes, signals).
 QT_API: dict[str, tuple[str | None, set[str], set[str]]] = {
     "QWidget": (None, {"enabled", "visible", "toolTip", "setEnabled", "setVisible", "setToolTip", "show", "hide",
-                       "connect", "disconnect", "setMRMLScene"}, set()),
+                       "connect", "disconnect", "setMRMLScene", "blockSignals"}, set()),
     "qMRMLWidget": ("QWidget", {"mrmlScene", "setMRMLScene"}, {"mrmlSceneChanged(vtkMRMLScene*)"}),
     "QAbstractButton": ("QWidget", {"text", "setText", "checked", "setChecked", "checkable", "click"},
                         {"clicked()", "clicked(bool)", "toggled(bool)", "pressed()", "released()"}),
@@ -34,7 +34,7 @@ QT_API: dict[str, tuple[str | None, set[str], set[str]]] = {
                   {"textChanged(QString)", "editingFinished()", "returnPressed()"}),
     "QComboBox": ("QWidget", {"addItem", "addItems", "clear", "count", "currentIndex", "setCurrentIndex",
                               "currentText", "setCurrentText", "currentData", "itemData", "setItemData", "findData",
-                              "findText", "itemText", "insertItem", "removeItem"},
+                              "findText", "itemText", "insertItem", "removeItem", "model"},
                   {"currentIndexChanged(int)", "currentTextChanged(QString)", "activated(int)"}),
     "QSpinBox": ("QWidget", {"value", "setValue", "minimum", "maximum", "setMinimum", "setMaximum", "setRange"},
                  {"valueChanged(int)"}),
@@ -179,22 +179,41 @@ def test_dependency_pins_match_pyproject():
         assert re.search(rf"--no-deps\s+\"?{re.escape(pin)}", setup), f"{pin} differs from scripts/setup.sh"
 
 
-def test_dependency_plan_and_engine_extras():
+def test_dependency_plan_per_workflow():
+    """Each workflow asks only for what it needs: the weights-free engine numpy, scipy, scikit-image and SimpleITK
+    (no torch, monai or matplotlib); the worker aiohttp; sam2 is refused with a reason on Python 3.9."""
     from MRISegAssistLib import deps
 
     assert deps.extras_for_engine("classical") == ()
     assert deps.extras_for_engine("sam-vit-b") == ("sam",)
     assert deps.extras_for_engine("medsam2") == ("sam", "sam2")
+    names = lambda workflows: {deps._requirement(r).name.lower() for r in deps.workflow_requirements(workflows)}  # noqa
+    assert names(["classical"]) == {"numpy", "scipy", "scikit-image", "simpleitk"}
+    assert names(["worker"]) == {"aiohttp"}
+    assert not names(["classical", "worker", "atlas"]) & {"torch", "monai", "matplotlib", "torchvision"}
+    assert {"torch", "monai"} <= names(["unet"])
+    assert deps.workflows_for("prompt", "classical", "local") == ("classical", "worker")
+    assert deps.workflows_for("prompt", "medsam2", "in-process") == ("sam2",)
+    assert deps.workflows_for("auto-segment", mode="remote") == ()  # the server has its own packages
     assert deps.missing_requirements(["numpy>=1", "pytest>=1"]) == []
     assert deps.missing_requirements(["numpy<1", "no-such-package-mrisegassist==1.0"]) == [
         "numpy<1", "no-such-package-mrisegassist==1.0"]
-    todo = deps.plan(("sam", "sam2"))  # this environment has every dependency installed
-    assert todo == {"torch": [], "pip": [], "no_deps": [], "skipped": []}
+    every = tuple(deps.WORKFLOWS)
+    assert deps.plan(every) == {"torch": [], "pip": [], "no_deps": [], "skipped": [], "unavailable": []}
+    reason = deps.unavailable_reason("sam2", (3, 9))
+    assert reason and "3.10" in reason and "3.9" in reason
+    assert deps.engine_unavailable_reason("medsam2", (3, 9)) == reason
+    assert deps.engine_unavailable_reason("classical", (3, 9)) is None
+    assert deps.engine_unavailable_reason("sam2.1-hiera-tiny", (3, 12)) is None
+    with pytest.raises(ValueError, match="unknown workflow"):
+        deps.workflow_requirements(["nope"])
 
 
 def test_ensure_dependencies_asks_then_installs(monkeypatch):
     """The in-Slicer install flow with Slicer's dialogs and pip replaced by recorders: nothing happens without
-    consent; PyTorch goes through PyTorchUtils with the pinned range, the rest through pip."""
+    consent; PyTorch goes through PyTorchUtils with the pinned range, the rest through pip; sam2 without build
+    isolation or CUDA build, after its runtime dependencies; every failure raises DependencyError."""
+    import os
     import sys
     import types
 
@@ -203,22 +222,33 @@ def test_ensure_dependencies_asks_then_installs(monkeypatch):
 
     calls = []
     monkeypatch.setattr(deps, "REQUIREMENTS", ["numpy>=1", "torch>=99", "no-such-package-mrisegassist==1.0"])
-    monkeypatch.setattr(slicer.util, "pip_install", lambda reqs: calls.append(("pip", reqs)), raising=False)
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: calls.append(("error", text)),
-                        raising=False)
+    monkeypatch.setattr(deps, "OPTIONAL", {"sam2": ["no-such-sam2-dependency==2.0"]})
+    monkeypatch.setattr(deps, "WORKFLOWS", {"test": ("numpy", "torch", "no-such-package-mrisegassist"),
+                                            "sam2": ("no-such-sam2-dependency",)})
+    monkeypatch.setattr(deps, "NO_DEPS", ["no-such-sam2-mrisegassist==1.1.0"])
+    monkeypatch.setattr(deps, "MIN_PYTHON", {})
+
+    def pip_install(reqs):
+        if "fail-here" in reqs:
+            raise RuntimeError("pip exited with 1")
+        calls.append(("pip", list(reqs), os.environ.get("SAM2_BUILD_CUDA")))
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install, raising=False)
     answer = {"ok": False}
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
                         lambda text, *a, **k: calls.append(("ask", text)) or answer["ok"], raising=False)
-    assert deps.plan() == {"torch": ["torch>=99"], "pip": ["no-such-package-mrisegassist==1.0"], "no_deps": [],
-                           "skipped": []}
-    assert deps.ensure_dependencies() is False  # declined
+    assert deps.plan(["test"]) == {"torch": ["torch>=99"], "pip": ["no-such-package-mrisegassist==1.0"],
+                                   "no_deps": [], "skipped": [], "unavailable": []}
+    with pytest.raises(deps.DependencyError, match="declined"):
+        deps.ensure_dependencies(["test"])
     assert [c[0] for c in calls] == ["ask"] and "torch>=99" in calls[0][1] and "no-such-package" in calls[0][1]
 
     calls.clear()
     answer["ok"] = True
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
-    assert deps.ensure_dependencies() is False
-    assert [c[0] for c in calls] == ["ask", "error"] and "PyTorch" in calls[1][1]
+    with pytest.raises(deps.DependencyError, match="PyTorch"):
+        deps.ensure_dependencies(["test"])
+    assert [c[0] for c in calls] == ["ask"]
 
     calls.clear()
 
@@ -228,5 +258,69 @@ def test_ensure_dependencies_asks_then_installs(monkeypatch):
             return object()
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=FakeTorchLogic))
-    assert deps.ensure_dependencies() is False  # the recorders installed nothing, so still missing
-    assert calls[1:] == [("torch", False, ">=99"), ("pip", ["no-such-package-mrisegassist==1.0"])]
+    with pytest.raises(deps.DependencyError, match="still missing"):  # the recorders installed nothing
+        deps.ensure_dependencies(["test"])
+    assert calls[1:] == [("torch", False, ">=99"), ("pip", ["no-such-package-mrisegassist==1.0"], None)]
+
+    calls.clear()
+    with pytest.raises(deps.DependencyError, match="still missing"):
+        deps.ensure_dependencies(["sam2"], ask=False)
+    assert calls == [("pip", ["no-such-sam2-dependency==2.0"], None),
+                     ("pip", ["--no-deps", "--no-build-isolation", "no-such-sam2-mrisegassist==1.1.0"], "0")]
+    assert os.environ.get("SAM2_BUILD_CUDA") != "0"  # set for that pip call only
+
+    monkeypatch.setattr(deps, "NO_DEPS", ["fail-here"])
+    monkeypatch.setattr(deps, "missing_requirements", lambda reqs: list(reqs))
+    with pytest.raises(deps.DependencyError, match="pip could not install"):
+        deps.ensure_dependencies(["sam2"], ask=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(deps, "MIN_PYTHON", {"sam2": (99, 0)})
+    with pytest.raises(deps.DependencyError, match="needs Python 99.0 or later"):
+        deps.ensure_dependencies(["sam2"], ask=False)
+
+
+def test_extension_metadata_for_the_extensions_index():
+    """The Extensions Index entry (JSON, schema v1.0.2) agrees with CMakeLists.txt; contributors are "Name
+    (Affiliation)"; the help text links the documentation."""
+    import json
+
+    entry = json.loads((REPO / "MRISegAssist.json").read_text())
+    schema_keys = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                   "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= schema_keys and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in top
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', top).group(1).split()
+    assert entry["build_dependencies"] == depends
+    repo_name = entry["scm_url"].rstrip("/").split("/")[-1]
+    assert repo_name == "SlicerMRISegAssist" and entry["scm_url"].startswith("https://github.com/")
+    assert repo_name in re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', top).group(1)
+    person = r"[^,()]+ \([^()]+\)"
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', top).group(1)
+    assert re.fullmatch(rf"{person}(, {person})*", contributors)
+    code = MODULE.read_text()
+    module_contributors = re.search(r"self\.parent\.contributors = \[([^\]]+)\]", code).group(1)
+    for name in re.findall(r'"([^"]+)"', module_contributors):
+        assert re.fullmatch(person, name), name
+    assert re.search(r'href="\{DOCUMENTATION\}"', code) and f"{repo_name}#" in code
+
+
+def test_module_registers_sample_data_and_self_test_checks(code):
+    """The module adds its synthetic case to Sample Data at startup, and its self-test compares every required
+    result with the stored expectations (a missing workflow fails)."""
+    tree = ast.parse(code)
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert {"registerSampleData", "loadSyntheticCase"} <= functions
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in code
+    assert "registerCustomSampleDataSource(" in code and "customDownloader=loadSyntheticCase" in code
+    test = code.split("class MRISegAssistTest")[1]
+    assert "selftest.run_synthetic(" in test and "selftest.compare(results, selftest.load_expected(), required)" in test
+    assert "self.assertEqual(failures, []" in test and "return" not in test.split("def test_workflows")[1].split(
+        "selftest.run_synthetic(")[0]  # nothing returns before the workflows run
+    # observers of new nodes only while the module is shown
+    widget = code.split("class MRISegAssistWidget")[1].split("class MRISegAssistTest")[0]
+    setup = widget.split("def setup(self)")[1].split("def cleanup(self)")[0]
+    assert "NodeAddedEvent" not in setup
+    assert "NodeAddedEvent, self.onNodeAdded" in widget.split("def enter(self)")[1].split("def exit(self)")[0]
+    assert "removeObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent" in widget.split("def exit(self)")[1]

@@ -91,7 +91,7 @@ def test_sha256_mismatch_is_a_clear_error(tmp_path, network):
 def test_wrong_architecture_names_the_mismatch(tmp_path, network):
     wider = dict(SPEC, channels=[8, 16, 16, 16, 16])
     folder = _checkpoint_folder(tmp_path / "w", network, spec=wider)
-    with pytest.raises(CheckpointError, match=r"does not fit the U-Net architecture: .*shape mismatches.*checkpoint \(4"):
+    with pytest.raises(CheckpointError, match=r"does not fit the UNet architecture: .*shape mismatches.*checkpoint \(4"):
         UNetSegmenter(folder)
     deeper = dict(SPEC, channels=[4, 8, 8, 8, 8, 8], strides=[2, 2, 2, 2, 2])
     folder = _checkpoint_folder(tmp_path / "d", network, spec=deeper)

@@ -121,3 +121,86 @@ def test_case_discovery_and_manifest(tmp_path):
     with pytest.raises(InputError, match="validation case"):
         train(TrainConfig(out=str(tmp_path / "x"), cases=str(data_path("brats2013-deepmedic")),
                           val_cases=["nope"]), log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def glioma_crop():
+    """pat0002 on the model grid, cut to 24 slices through the tumour (a small real crop)."""
+    files = [f for f in discover_cases(data_path("brats2013-deepmedic")) if f.name == "pat0002"][0]
+    case = load_training_case(files, ["flair", "t1c"], [1.0, 1.0, None], {"flair": "zscore", "t1c": "zscore"},
+                              [1, 2, 3, 4])
+    k = int(np.argmax((case.label == 4).sum(axis=(1, 2))))
+    sub = slice(k - 12, k + 12)
+    return type(case)(case.name, case.image[:, sub].copy(), case.label[sub].copy(), case.fg[sub].copy())
+
+
+def test_25d_training_crops_match_inference_slices(glioma_crop):
+    """The neighbouring-slice channels a 2.5D model is trained on are laid out exactly as inference builds them
+    (sequence-major: channel c * 3 + (d + 1) = sequence c at slice offset d)."""
+    from mrisegassist.unet.inference import _slices
+
+    patch = max(glioma_crop.label.shape[1:])
+    case = pad_case(glioma_crop, patch, "2d")
+    case.indices = class_indices(case, 5)
+    transforms = make_transforms("2d", patch, 5, [0, 0, 0, 0, 1], context=1, augment="none", n_sequences=2)
+    transforms.set_random_state(seed=4)
+    for _ in range(4):
+        sample = transforms({"image": case.image, "label": case.label[None], "indices": case.indices})[0]
+        image, label = sample["image"].numpy(), sample["label"].numpy()
+        assert image.shape == (6, patch, patch) and label.shape == (1, patch, patch)
+        k = [k for k in range(1, case.label.shape[0] - 1) if np.array_equal(case.label[k], label[0])
+             and np.array_equal(case.image[:, k], image[[1, 4]])]
+        assert len(k) == 1 and (label == 4).any()
+        np.testing.assert_array_equal(image, _slices(case.image, k[0], k[0] + 1, 1)[0])
+
+
+def test_strong_augmentation_treats_each_sequence_alike_across_its_slices(glioma_crop):
+    """Strong augmentation: shapes and labels stay valid; a sequence's neighbouring slices get the same intensity
+    transform (identical slices stay identical unless noise was drawn); the two sequences get independent ones."""
+    slice_ = glioma_crop.image[:, 12:13]
+    same = np.repeat(slice_[:1], 2, axis=0)  # both sequences = the FLAIR slice ...
+    image = np.repeat(same, 9, axis=1)  # ... repeated on 9 identical slices
+    label = np.repeat(glioma_crop.label[12:13], 9, axis=0)
+    case = pad_case(type(glioma_crop)("x", image, label, np.ones(label.shape, bool)), 96, "2d")
+    case.indices = class_indices(case, 5)
+    transforms = make_transforms("2d", 96, 5, None, context=1, augment="strong", n_sequences=2)
+    transforms.set_random_state(seed=0)
+    identical_slices = different_sequences = 0
+    for _ in range(20):
+        s = transforms({"image": case.image, "label": case.label[None], "indices": case.indices})[0]
+        x, y = s["image"].numpy(), s["label"].numpy()
+        assert x.shape == (6, 96, 96) and np.isfinite(x).all() and set(np.unique(y)) <= {0, 1, 2, 3, 4}
+        identical_slices += np.abs(x[0] - x[1]).max() < 1e-5 and np.abs(x[3] - x[5]).max() < 1e-5
+        different_sequences += np.abs(x[1] - x[4]).max() > 1e-3
+    assert identical_slices >= 8  # Gaussian noise (p = 0.25) is the only per-voxel change
+    assert different_sequences >= 10
+
+
+def test_cross_validation_folds_restart_and_table(tmp_path):
+    """Leave-one-case-out: every labelled case is held out once and never trained on; finished folds are not
+    trained again; the summary is the mean and sample sd of the folds."""
+    from mrisegassist.unet.crossval import cross_validate, existing_fold, load_results
+
+    cfg = _config(tmp_path, out="", val_cases=[], epochs=1, steps_per_epoch=2, context=1, augment="strong",
+                  tta_flips=[[1]])
+    out = tmp_path / "cv"
+    result = cross_validate(cfg, out, recipe="tiny.json", log=lambda m: None)
+    assert [f.held_out for f in result.folds] == ["patient07", "patient26"]
+    for fold in result.folds:
+        assert fold.held_out not in fold.training_cases and fold.training_cases
+        entry = get_model(out / f"fold-{fold.held_out}")
+        assert entry.context == 1 and entry.tta_flips == [[1]] and entry.network["in_channels"] == 3
+        assert 0.0 <= fold.scores["Dice MS lesion"] <= 1.0 and fold.scores["ml reference"] > 1.0
+    dice = [f.scores["Dice MS lesion"] for f in result.folds]
+    mean, sd = result.summary()["Dice MS lesion"]
+    assert mean == pytest.approx(np.mean(dice)) and sd == pytest.approx(np.std(dice, ddof=1))
+    stamp = (out / "fold-patient07" / "model.pt").stat().st_mtime_ns
+    logs = []
+    again = cross_validate(cfg, out, recipe="tiny.json", log=logs.append)
+    assert (out / "fold-patient07" / "model.pt").stat().st_mtime_ns == stamp
+    assert not any("training on" in m for m in logs) and again.to_dict() == result.to_dict()
+    table = load_results(out).table()
+    assert "| patient07 |" in table and "| patient26 |" in table and "mean ± sd" in table
+    files = [f for f in discover_cases(data_path("ms-lesjak")) if f.name == "patient26"][0]
+    with pytest.raises(InputError, match="was trained on patient26"):
+        existing_fold(get_model(out / "fold-patient07"), files, tmp_path / "x", "note")

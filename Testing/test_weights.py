@@ -1,10 +1,12 @@
 """Checkpoint catalog, resolution and resumable verified downloads against a local HTTP server (127.0.0.1)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
 import threading
+import zipfile
 
 import pytest
 import torch
@@ -206,8 +208,64 @@ def test_prefix_and_unverified_entries(server, tmp_path):
         "sha256-prefix",)
     with pytest.raises(CheckpointError, match="sha256 prefix"):
         weights.verify_file(path, _catalog(server, sha256=None, prefix="ffffffff")["test-model"])
-    unverified = _catalog(server, sha256=None, size=None)["test-model"]
-    assert weights.verify_file(path, unverified) == "unverified"
+    unpublished = _catalog(server, sha256=None, size=None)["test-model"]  # nothing published: trust on first use
+    assert weights.verify_file(path, unpublished) == "pinned-now"
+    pin = tmp_path / "test_model.pt.sha256-pin"
+    assert pin.read_text().strip() == digest
+    assert weights.verify_file(path, unpublished) == "pinned"
+    changed = bytearray(path.read_bytes())
+    changed[100] ^= 0xFF
+    path.write_bytes(bytes(changed))
+    with pytest.raises(CheckpointError, match="differs from .* recorded when it was first used"):
+        weights.verify_file(path, unpublished)
+
+
+def test_md5_published_entry(server, tmp_path):
+    """MONAI Model Zoo publishes an md5 only: it is checked, and the sha256 is pinned for later runs."""
+    md5 = hashlib.md5(server.payload).hexdigest()
+    catalog = _catalog(server, sha256=None, size=None)
+    catalog = {"test-model": dataclasses.replace(catalog["test-model"], md5=md5)}
+    path = resolve_checkpoint("test-model", cache_dir=tmp_path, download=True, catalog=catalog)
+    assert path.read_bytes() == server.payload
+    assert (tmp_path / "test_model.pt.sha256-pin").read_text().strip() == hashlib.sha256(server.payload).hexdigest()
+    assert weights.verify_file(path, catalog["test-model"]) == "md5"
+    wrong = {"test-model": dataclasses.replace(catalog["test-model"], md5="0" * 32)}
+    with pytest.raises(CheckpointError, match="md5 .* does not match the published md5"):
+        weights.verify_file(path, wrong["test-model"])
+    for p in tmp_path.iterdir():
+        p.unlink()
+    with pytest.raises(CheckpointError, match="failed verification and was deleted"):
+        resolve_checkpoint("test-model", cache_dir=tmp_path, download=True, catalog=wrong)
+    assert not (tmp_path / "test_model.pt").exists()
+
+
+def _zip(members: dict) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_zip_member_is_extracted_by_name_only(server, tmp_path):
+    """A zip download (Swin UNETR fold weights): only the member named model.pt is read, by its file name, into
+    <zip stem>-model.pt beside the archive; the archive's own paths are never used (no path traversal)."""
+    inner = server.payload
+    server.payload = _zip({"../../escape/model.pt": inner, "fold1/readme.txt": b"x"})
+    spec = WeightsSpec("zipped", "fold1.zip", f"http://127.0.0.1:{server.server_port}/fold1.zip",
+                       len(server.payload), hashlib.sha256(server.payload).hexdigest(), "test-only", member="model.pt")
+    path = resolve_checkpoint("zipped", cache_dir=tmp_path / "cache", download=True, catalog={"zipped": spec})
+    assert path == tmp_path / "cache" / "fold1-model.pt" and path.read_bytes() == inner
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+    assert set(load_state_dict(path)) == {"weight", "bias"}
+    # the second resolution reuses the extracted file without a request
+    assert resolve_checkpoint("zipped", cache_dir=tmp_path / "cache", catalog={"zipped": spec}) == path
+    assert server.requests == [None]
+    server.payload = _zip({"a/model.pt": inner, "b/model.pt": inner})
+    two = dataclasses.replace(spec, filename="two.zip", url=spec.url.replace("fold1", "two"),
+                              size=len(server.payload), sha256=hashlib.sha256(server.payload).hexdigest())
+    with pytest.raises(CheckpointError, match="expected exactly one 'model.pt'.*found 2"):
+        resolve_checkpoint("two", cache_dir=tmp_path / "cache", download=True, catalog={"two": two})
 
 
 def test_wrong_architecture_names_mismatches():
@@ -227,7 +285,14 @@ def test_catalog_entries_are_consistent():
     for name, spec in CATALOG.items():
         assert spec.name == name and spec.url.startswith("https://") and spec.url.endswith("/" + spec.filename)
         assert spec.sha256 is None or (len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0)
-        assert spec.licence
+        assert spec.md5 is None or (len(spec.md5) == 32 and int(spec.md5, 16) >= 0)
+        assert spec.licence and spec.source
+    # pretrained brain-MRI segmentation models (MONAI Model Zoo bundle; Swin UNETR BraTS 2021 fold weights)
+    brats = CATALOG["monai-brats-mri-segmentation"]
+    assert brats.md5 == "870e677b782a5184cbc48db1456b78e8" and "Apache-2.0" in brats.licence
+    assert brats.url.startswith("https://developer.download.nvidia.com/")
+    swin = CATALOG["swinunetr-brats21-fold1"]
+    assert swin.member == "model.pt" and swin.url.startswith("https://github.com/Project-MONAI/")
     assert {"sam-vit-b", "sam-vit-l", "sam-vit-h", "sam2.1-hiera-tiny", "sam2.1-hiera-small",
             "sam2.1-hiera-base-plus", "sam2.1-hiera-large", "medsam2"} <= set(CATALOG)
     # SAM file names carry 6 hex digits that are not the sha256 prefix (documented in the catalog)

@@ -3,6 +3,7 @@
 # Usage: bash scripts/setup.sh [--no-browser]
 #   torch + torchvision: the pair segment-anything needs (torchvision imports beside this torch build).
 #   sam2 is installed with --no-deps (its own requirement list would pull a CUDA torch upgrade).
+#   The batch extra brings Ray, pyarrow and CodeCarbon (mrisegassist batch / report; about 500 MB, 40 s).
 #   The test extra brings pytest and import-linter (the layer contracts in pyproject.toml, Testing/test_layers.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ VENV=${VENV:-.venv}
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 $PIP install -q "torch==2.14.1" "torchvision==0.29.1"
-$PIP install -q -e ".[sam,sam2,atlas,web,test]"
+$PIP install -q -e ".[sam,sam2,atlas,web,batch,test]"
 SAM2_BUILD_CUDA=0 $PIP install -q --no-deps "sam2==1.1.0"
 if [ "${1:-}" != "--no-browser" ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   # Browser tests drive Debian's chromium through Playwright (no browser download).

@@ -47,6 +47,30 @@ class HeadlessScene:
             slicer.vtkSlicerTerminologiesModuleLogic(), "Terminologies",
             share / "terminologies" if share is not None else None)
         self.segmentations_logic = self._register(slicer.vtkSlicerSegmentationsModuleLogic(), "Segmentations")
+        # Markups: its storage nodes (ROIs and point lists saved with a scene) are registered by its logic
+        self.markups_logic = self._register(slicer.vtkSlicerMarkupsLogic(), "Markups")
+
+    def save_scene(self, folder) -> Path:
+        """Save the scene and every node's data into ``folder`` as Slicer's *Save* does: nodes without a storage
+        node get their default one, then ``SaveSceneToSlicerDataBundleDirectory``. Returns the ``.mrml`` path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        nodes = self.scene.GetNodesByClass("vtkMRMLStorableNode")
+        for n in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(n)
+            if node.GetHideFromEditors() or not node.GetSaveWithScene():
+                continue
+            if node.GetStorageNode() is None:
+                node.AddDefaultStorageNode()
+        if not self.app_logic.SaveSceneToSlicerDataBundleDirectory(str(folder), None):
+            raise InputError(f"could not save the scene into {folder}")
+        return next(folder.glob("*.mrml"))
+
+    def load_scene(self, mrml) -> None:
+        """Add the nodes of a saved scene (``.mrml`` and its data files) to this scene."""
+        self.scene.SetURL(str(mrml))
+        if not self.scene.Import():
+            raise InputError(f"{mrml}: Slicer cannot load this scene")
 
     def _register(self, logic, name: str, share: Optional[Path] = None):
         if share is not None and share.exists() and hasattr(logic, "SetModuleShareDirectory"):

@@ -29,6 +29,7 @@ from mrisegassist.service import (AtlasBoxesRequest, AutoSegmentRequest, Downloa
                                   available_devices)
 
 from . import nodes
+from .params import Parameters
 from .tasks import Job
 
 DEFAULT_ENGINE = "classical"
@@ -232,20 +233,78 @@ class MRISegAssistLogic:
 
         return Job(f"auto-segmentation with {name}", request, apply, self.client)
 
+    # ---------------------------------------------------------------------------------- module state
+    def parameters(self) -> Parameters:
+        """The module's parameter node in this scene (created on first use; saved with the scene)."""
+        return Parameters.of_scene(self.scene)
+
+    def slice_planes(self) -> list:
+        """``[(normal_ras, point_ras)]`` of the scene's slice views (none headless)."""
+        planes = []
+        found = self.scene.GetNodesByClass("vtkMRMLSliceNode")
+        for n in range(found.GetNumberOfItems()):
+            matrix = nodes.matrix_to_numpy(found.GetItemAsObject(n).GetSliceToRAS())
+            planes.append((matrix[:3, 2], matrix[:3, 3]))
+        return planes
+
+    def new_box(self, name: str = "Box"):
+        """A Markups ROI to place in a slice view (``finish_placement`` once the user is done)."""
+        roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", self.scene.GenerateUniqueName(name))
+        roi.CreateDefaultDisplayNodes()
+        return roi
+
+    def new_point_list(self, positive: bool = True, name: str = ""):
+        """A Markups point list of positive (green) or negative (red) point prompts."""
+        name = name or ("Positive points" if positive else "Negative points")
+        points = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", self.scene.GenerateUniqueName(name))
+        points.CreateDefaultDisplayNodes()
+        points.SetAttribute(nodes.POINT_POLARITY, "positive" if positive else "negative")
+        display = points.GetDisplayNode()
+        if display is not None:
+            display.SetSelectedColor(*((0.2, 0.85, 0.2) if positive else (0.9, 0.15, 0.15)))
+        return points
+
+    def finish_placement(self, prompt_node, slice_planes=None) -> bool:
+        """Call when placing a box or points ends (placed or cancelled). A node with nothing placed is removed
+        from the scene and from the module's objects (a cancelled placement leaves nothing behind); a placed
+        one gets the view it was drawn in recorded (:func:`nodes.record_placement`, :func:`nodes.point_view`).
+        ``slice_planes``: the slice views' planes (default: :meth:`slice_planes`). True when it was placed."""
+        if prompt_node is None or prompt_node.GetScene() is not self.scene:
+            return False
+        if not nodes.is_placed(prompt_node):
+            self.parameters().forget_node(prompt_node)
+            self.scene.RemoveNode(prompt_node)
+            return False
+        planes = self.slice_planes() if slice_planes is None else slice_planes
+        if prompt_node.IsA("vtkMRMLMarkupsROINode"):
+            if not prompt_node.GetAttribute(nodes.ROI_VIEW):
+                normal = nodes.placement_view(prompt_node, planes)
+                if normal is not None:
+                    nodes.record_placement(prompt_node, normal)
+        else:
+            normal = nodes.point_view(prompt_node, planes)
+            if normal is not None:
+                prompt_node.SetAttribute(nodes.ROI_VIEW, ",".join(f"{v:.6f}" for v in normal))
+        return True
+
     # ---------------------------------------------------------------------------------- box prompts
     def segment_from_rois(self, volume_node, rois: Sequence[RoiGroup], engine: str = DEFAULT_ENGINE,
                           segmentation_node=None, strategy: str = "A", z_range: Optional[tuple[int, int]] = None,
                           names: Optional[Sequence[str]] = None, cascade: Optional[str] = None,
                           checkpoint: Optional[str] = None, device: Optional[str] = None,
                           extra_nodes: Optional[Mapping[str, object]] = None, progress=None, cancel=None):
-        """Segment objects in 3D from Markups ROIs on ``volume_node``; returns the segmentation node.
+        """Segment objects in 3D from Markups ROIs and point lists on ``volume_node``; returns the segmentation
+        node.
 
-        ``rois``: one entry per object, either a ROI node or a list of ROI nodes (boxes on several slices of
-        one object). A ROI spanning several slices also bounds the object (its slices and its rectangle on each
-        slice); ``strategy`` ``"A"`` prompts its middle slice, ``"B"`` its quartile slices (the rule of
-        ``mrisegassist.prompt.strategies.box_slices``); a flat ROI prompts its slice and the engine propagates
-        until the object vanishes. ``z_range`` (inclusive slice indices ``k``) overrides the slice bounds of
-        every object. Segments are named after the ROIs (or ``names``) and replaced on re-run; ROIs from
+        ``rois``: one entry per object, either a node or a list of nodes: ROIs (boxes on one or several slices of
+        the object) and point lists (positive or negative points, ``nodes.POINT_POLARITY``). Each object is
+        propagated across the slices of the view it was drawn in (axial, coronal or sagittal, whatever the
+        volume's storage order; ``nodes.roi_view``). A flat ROI (a box drawn with two clicks and not thickened
+        since, or thinner than a voxel) prompts its slice and the engine propagates until the object vanishes; a
+        ROI spanning several slices also bounds the object (its slices and its rectangle on each slice), with
+        ``strategy`` ``"A"`` prompting its middle slice, ``"B"`` its quartile slices (the rule of
+        ``mrisegassist.prompt.strategies.box_slices``). ``z_range`` (inclusive slice indices along the view's
+        normal, the volume's own numbering of that axis) overrides the slice bounds of every object. Segments are named after the ROIs (or ``names``) and replaced on re-run; ROIs from
         :meth:`atlas_boxes` give their structure's colour. ``cascade`` (``"C"`` or ``"D"``) adds a second pass
         prompted from each first-pass mask (``D``: boxes enlarged 10 % in area, slices 20 %), skipping atlas
         structures marked as not cascading. ``extra_nodes``: other co-registered sequences
@@ -289,7 +348,7 @@ class MRISegAssistLogic:
             return self._write(f"box prompts ({engine})", volume_node, segmentation_node, result.array,
                                result.labels.labels)
 
-        return Job(f"box-prompted segmentation with {engine}", request, apply, self.client)
+        return Job(f"prompted segmentation with {engine}", request, apply, self.client)
 
     # ------------------------------------------------------------------------------------------- atlas
     @staticmethod

@@ -32,6 +32,13 @@ Labels (uint8, exact: the masks the images were generated from):
   2 oedema. Two to five small lesions at the grey/white-matter junction.
 * ``ms``: 1 MS lesion. Periventricular ovoid lesions oriented perpendicular to the ventricles and
   juxtacortical lesions, in white matter.
+* ``lgg`` (BraTS 2013 convention): a low-grade glioma WITHOUT enhancement: 3 non-enhancing tumour (a large,
+  irregular, FLAIR/T2-bright, T1-dark mass that may reach the cortex; T1c equals T1, no enhancing rim),
+  2 a thin infiltrative FLAIR-bright rim around it, and in about a third of the cases 1 a small cystic or
+  necrotic part. No label 4: a model that paints enhancing tumour here is wrong.
+* ``ms-confluent``: 1 MS lesion, a large confluent periventricular lesion load (a band of irregular
+  thickness around the lateral ventricles with finger-like extensions, 15-60 ml) plus scattered ovoid
+  lesions as in ``ms``.
 * ``healthy``: no lesion.
 
 Grids: ``"mni"`` is the template grid (197x233x189, 1 mm, LPS origin (98, 134, -72), direction
@@ -57,7 +64,8 @@ from .labels import BRATS_LABELS, BRATS2023_LABELS, LabelInfo, LabelMap, METASTA
 from .progress import CancelToken, ProgressFn, check, report
 from .volume import Geometry, Volume, write_volume
 
-SYNTH_KINDS = ("glioma", "metastases", "ms", "healthy")
+SYNTH_KINDS = ("glioma", "metastases", "ms", "healthy", "lgg", "ms-confluent")  # new kinds appended: the seeds of
+# the older kinds (rng seeded with the kind's index) stay the same
 SEQUENCES = ("t1", "t1c", "t2", "flair")
 BRATS_GEOMETRY = Geometry((240, 240, 155), (1.0, 1.0, 1.0), (0.0, -239.0, 0.0))
 #: BraTS-like placement of the brain centre on the 240x240x155 grid, ``(i, j, k)``.
@@ -339,6 +347,67 @@ def _ms(rng, tissue, labels, lesions, small_fraction: float = 0.0,
                         "radius_mm": float(long_axis)})
 
 
+def _lgg(rng, tissue, labels, lesions) -> None:
+    """Low-grade glioma without enhancement: non-enhancing mass (3), thin infiltrative rim (2), sometimes a
+    small cyst / necrosis (1). Larger and less round than the high-grade ``_glioma``; may involve cortex."""
+    stride = 2
+    brain = tissue["brain"]
+    wm = tissue["wm"][::stride, ::stride, ::stride]
+    depth = _strided_distance(brain, stride)
+    radius = rng.uniform(15.0, 28.0)
+    centre = _pick(rng, (wm > 0.5) & (depth > radius * 0.6 + 6), [], radius, stride)
+    if centre is None:
+        centre = _pick(rng, (wm > 0.3) & (depth > 8), [], radius, stride)
+    if centre is None:
+        raise MRISegAssistError("no room for a low-grade glioma on this grid")
+    box = _box(centre, int(radius * 1.9) + 8, labels.shape)
+    shape = tuple(s.stop - s.start for s in box)
+    axes = radius * rng.uniform(0.65, 1.3, size=3)
+    rot = _rotation(*rng.uniform(-np.pi, np.pi, size=3))
+    r = _radius_field(box, centre, axes, rot) + 0.35 * _smooth_noise(rng, shape, 5.0)
+    allowed = brain[box] & (tissue["csf"][box] < 0.55)
+    core = (r < 1.0) & allowed
+    rim = (r < 1.0 + rng.uniform(2.0, 5.0) / radius) & allowed & ~core
+    sub = labels[box]
+    sub[rim] = 2
+    sub[core] = 3
+    if rng.random() < 0.35:  # a small cystic / necrotic part inside the mass
+        cyst = core & (_radius_field(box, centre, axes * rng.uniform(0.2, 0.35), rot) +
+                       0.15 * _smooth_noise(rng, shape, 2.0) < 1.0)
+        sub[cyst] = 1
+    lesions.append({"kind": "low-grade glioma", "centre_ijk": [int(c) for c in centre[::-1]],
+                    "radius_mm": float(radius)})
+
+
+def _ms_confluent(rng, tissue, labels, lesions, strength: Optional[np.ndarray] = None,
+                  contrast: Sequence[float] = (1.0, 1.0)) -> None:
+    """Confluent periventricular MS lesions (label 1): white matter whose distance to the ventricles, minus a
+    smooth random field (irregular thickness, finger-like extensions), is below the threshold that gives a
+    drawn total volume of 15-60 ml."""
+    brain, csf, wm = tissue["brain"], tissue["csf"], tissue["wm"]
+    crop = _union_box([brain], brain.shape, margin=2)
+    depth = ndimage.distance_transform_edt(brain[crop])
+    ventricles = (csf[crop] > 0.6) & (depth > 15)
+    if not ventricles.any():
+        raise MRISegAssistError("no ventricles found for confluent MS lesions")
+    to_vent = ndimage.distance_transform_edt(~ventricles)
+    shape = to_vent.shape
+    field_ = rng.uniform(3.0, 6.0) * _smooth_noise(rng, shape, 5.0) + 1.5 * _smooth_noise(rng, shape, 2.0)
+    score = to_vent - field_
+    candidates = (wm[crop] > 0.35) & (to_vent > 0.5) & (depth > 6)
+    target = int(rng.uniform(15.0, 60.0) * 1000)  # voxels (1 mm grids)
+    values = np.sort(score[candidates])
+    if values.size == 0:
+        raise MRISegAssistError("no white matter around the ventricles for confluent MS lesions")
+    threshold = values[min(target, values.size - 1)]
+    lesion = candidates & (score <= threshold)
+    lesion = ndimage.binary_opening(lesion, iterations=1)
+    labels[crop][lesion] = 1
+    if strength is not None:
+        strength[crop][lesion] = rng.uniform(*contrast) if contrast[0] < contrast[1] else contrast[0]
+    lesions.append({"kind": "MS (confluent periventricular)", "volume_ml": float(lesion.sum()) / 1000.0})
+
+
 # --------------------------------------------------------------------------------------------- images
 def _smooth_field(rng: np.random.Generator, shape: Sequence[int], terms: int = 6) -> np.ndarray:
     """Smooth random field in [-1, 1]: a sum of separable products of low-frequency cosines."""
@@ -400,8 +469,8 @@ def make_case(kind: str = "glioma", seed: int = 0, grid: str = "brats", noise: f
 
     ``noise``: Rician noise sigma relative to the white-matter T1 signal; ``bias_field``: amplitude of
     the log bias field (0 disables); ``jitter``: seeded random brain scale/rotation on the BraTS grid.
-    ``ms_small_fraction`` (``ms`` only): share of tiny lesions (1-3 mm long semi-axis); ``ms_contrast``
-    (``ms`` only): ``(low, high)`` range of each lesion's signal as a fraction of the full MS-lesion contrast
+    ``ms_small_fraction`` (``ms``, ``ms-confluent``): share of tiny lesions (1-3 mm long semi-axis); ``ms_contrast``
+    (``ms``, ``ms-confluent``): ``(low, high)`` range of each lesion's signal as a fraction of the full MS-lesion contrast
     (partial, fainter lesions as in real FLAIR); the defaults reproduce the plain cases exactly.
     Deterministic for a given ``(kind, seed, grid, noise, bias_field, jitter)`` and options. Takes a few
     seconds; ``progress``/``cancel`` as every long step.
@@ -433,9 +502,17 @@ def make_case(kind: str = "glioma", seed: int = 0, grid: str = "brats", noise: f
         _metastases(rng, tissue, labels, lesions, soft)
         info = list(METASTASIS_LABELS)
         classes = {"oedema": labels == 2, **soft}
-    elif kind == "ms":
+    elif kind == "lgg":
+        _lgg(rng, tissue, labels, lesions)
+        info = list(BRATS_LABELS)
+        for name, value in (("oedema", 2), ("nonenhancing", 3), ("necrosis", 1)):
+            classes[name] = labels == value
+    elif kind in ("ms", "ms-confluent"):
         strength = np.zeros(labels.shape, np.float32) if ms_contrast is not None else None
-        _ms(rng, tissue, labels, lesions, ms_small_fraction, strength, tuple(ms_contrast or (1.0, 1.0)))
+        contrast = tuple(ms_contrast or (1.0, 1.0))
+        if kind == "ms-confluent":
+            _ms_confluent(rng, tissue, labels, lesions, strength, contrast)
+        _ms(rng, tissue, labels, lesions, ms_small_fraction, strength, contrast)
         info = list(MS_LABELS)
         classes["ms"] = strength if strength is not None else labels == 1
     else:

@@ -29,7 +29,7 @@ EXIT_CODES = {
 }
 
 # Command modules, in the order they appear in --help. A module registers its sub-commands.
-COMMAND_MODULES = ("unet", "evaluate", "prompt", "atlas", "bench", "serve", "server")
+COMMAND_MODULES = ("unet", "evaluate", "prompt", "atlas", "batch", "report", "bench", "serve", "server")
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import register_modules
 
-BENCH_MODULES = ("unet", "prompt", "prompt_accuracy", "atlas", "web", "metrics", "service")
+BENCH_MODULES = ("unet", "prompt", "prompt_accuracy", "atlas", "web", "metrics", "service", "batch")
 
 
 def register(sub) -> None:

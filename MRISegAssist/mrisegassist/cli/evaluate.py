@@ -146,7 +146,7 @@ def register(sub) -> None:
     p.set_defaults(func=_evaluate)
 
     s = sub.add_parser("synth", help="write synthetic MRI cases with exact labels (from the MNI152 template)")
-    s.add_argument("--kind", choices=("glioma", "metastases", "ms", "healthy"), default="glioma")
+    s.add_argument("--kind", choices=("glioma", "metastases", "ms", "healthy", "lgg", "ms-confluent"), default="glioma")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--count", type=int, default=1, help="number of cases (seeds SEED, SEED+1, ...; one "
                                                         "sub-folder each when > 1)")

@@ -22,6 +22,11 @@ def register(sub) -> None:
     p.add_argument("--ref-mask", help="reference label map: print Dice / volume metrics against it")
     p.add_argument("--min-component", type=float, default=None, metavar="MM3",
                    help="remove connected components smaller than this (default: the model's setting)")
+    p.add_argument("--download", action="store_true",
+                   help="download a catalog model's official weights into the cache if they are missing")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="let a MONAI bundle folder's config run its own Python ($ expressions, any _target_); "
+                        "without it bundles are read as data and such constructs are refused")
     add_service_flags(p)
     add_json_flag(p)
     p.set_defaults(func=cmd.cmd_segment)
@@ -54,6 +59,8 @@ def register(sub) -> None:
     p.add_argument("--out", help="output folder (model.json, model.pt, last.pt)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
     p.add_argument("--device", help="cpu, cuda or mps")
+    p.add_argument("--nproc", type=int, help="train in N processes (torch.distributed: gloo on CPU, NCCL on "
+                                             "GPU; --batch-size is the global batch); torchrun also works")
     add_json_flag(p)
     p.set_defaults(func=cmd.cmd_train)
 

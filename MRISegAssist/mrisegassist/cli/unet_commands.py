@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("cases", "manifest", "dims", "epochs", "steps_per_epoch",
                                                 "batch_size", "patch", "lr", "val_fraction", "val_every",
                                                 "synthetic", "name", "max_minutes", "threads", "seed", "out",
-                                                "resume", "device", "labels")}
+                                                "resume", "device", "labels", "nproc")}
     if args.inputs:
         overrides["inputs"] = [s.strip().lower() for s in args.inputs.split(",") if s.strip()]
     if args.val_cases:
@@ -51,8 +51,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, progress=progress, log=(lambda m: None) if args.json else print)
     finally:
         close()
-    emit(args, result, lambda r: f"model written to {r['model']} (best validation score {r['best_score']:.3f} "
-                                 f"after {r['epochs']} epochs)")
+    emit(args, result, lambda r: f"model written to {r['model']} (" + (
+        f"best validation score {r['best_score']:.3f}" if r["best_score"] >= 0 else "no validation case: last epoch"
+    ) + f" after {r['epochs']} epochs)")
     return 0
 
 
@@ -166,7 +167,8 @@ def _model_inputs(model, client) -> Optional[list[str]]:
 
 
 def _run(model, inputs: dict, reference, output: Path, device: str, quiet: bool,
-         min_component=None, ref_mask=None, client=None) -> tuple[dict, object, object]:
+         min_component=None, ref_mask=None, client=None, download: bool = False,
+         trust_code: bool = False) -> tuple[dict, object, object]:
     """Read the model's sequences, segment through the service (in-process unless ``client``), write."""
     import time
 
@@ -191,7 +193,8 @@ def _run(model, inputs: dict, reference, output: Path, device: str, quiet: bool,
                read_volume(inputs[n], name=f"{n} ({Path(inputs[n]).name})") for n in wanted}
     ref = _reference(ref_mask, volumes[reference].geometry) if ref_mask is not None else None
     remote = not isinstance(client, InProcessClient)
-    request = AutoSegmentRequest(volumes, str(model), reference, min_component, None if remote else device)
+    request = AutoSegmentRequest(volumes, str(model), reference, min_component, None if remote else device,
+                                 download=download, trust_code=trust_code)
     progress, close = tqdm_progress("segment", disable=quiet)
     t0 = time.perf_counter()
     try:
@@ -224,7 +227,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     client = service_client(args)
     try:
         result, _, _ = _run(args.model, inputs, args.reference, Path(args.output), args.device, bool(args.json),
-                            args.min_component, ref, client)
+                            args.min_component, ref, client, args.download, args.trust_model_code)
     finally:
         client.close()
     emit(args, result, _text)
@@ -237,9 +240,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for e in list_models():
         size = e.weights_size()
-        rows.append({"name": e.name, "title": e.title_or_name, "kind": e.kind, "dims": e.dims, "inputs": e.inputs,
-                     "labels": {int(lab["value"]): lab["name"] for lab in e.labels}, "licence": e.licence,
-                     "installed": size > 0, "size_mb": round(size / 1e6, 2), "folder": str(e.folder)})
+        row = {"name": e.name, "title": e.title_or_name, "kind": e.kind, "dims": e.dims, "inputs": e.inputs,
+               "labels": {int(lab["value"]): lab["name"] for lab in e.labels}, "licence": e.licence,
+               "installed": size > 0, "size_mb": round(size / 1e6, 2), "folder": str(e.folder)}
+        if e.weights_catalog:
+            from ..prompt.weights import catalog_entry
+
+            spec = catalog_entry(e.weights_catalog).as_dict()
+            row["download"] = {k: spec[k] for k in ("url", "approx_mb", "md5", "sha256", "source")}
+        rows.append(row)
 
     def text(models: list) -> str:
         if not models:
@@ -248,6 +257,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         for m in models:
             labels = ", ".join(f"{v}={n}" for v, n in m["labels"].items())
             state = f"installed, {m['size_mb']} MB" if m["installed"] else "weights missing"
+            if not m["installed"] and m.get("download"):
+                d = m["download"]
+                state = (f"not downloaded ({d['approx_mb'] or '?'} MB from {d['url']}; "
+                         f"`mrisegassist segment --model {m['name']} --download ...`)")
             out.append(f"{m['name']}: {m['title']}\n  inputs {', '.join(m['inputs'])} ({m['dims']}); labels {labels}"
                        f"\n  licence: {m['licence'] or 'unknown'}; {state}; {m['folder']}")
         return "\n".join(out)

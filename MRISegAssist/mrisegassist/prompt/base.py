@@ -1,7 +1,11 @@
 """The one protocol every promptable engine implements (SAM, SAM2.1, MedSAM2, the weights-free engine).
 
 Coordinates: prompts are in the volume's IJK voxel indices. The volume array is ``[k, j, i]``; slices are
-axial (constant ``k``). A :class:`Box2D` is an inclusive rectangle ``i0..i1`` x ``j0..j1`` on slice ``k``.
+constant ``k`` (axial for an axially stored volume). A :class:`Box2D` is an inclusive rectangle ``i0..i1`` x
+``j0..j1`` on slice ``k``; a :class:`Point2D` a positive (object) or negative (not the object) voxel on slice ``k``.
+An :class:`ObjectPrompt` drawn in another view (``view``: the plane's RAS normal) has its boxes and points in the
+IJK of the volume as seen from that view (``mrisegassist.service.views.view_grid``); the service reorients the
+volume so that engines always see the view's slices as constant ``k``.
 
 Usage (encode once, prompt many times, as segment-anything's ``SamPredictor``)::
 
@@ -55,14 +59,40 @@ class Box2D:
         return np.array([self.i0, self.j0, self.i1, self.j1], dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class Point2D:
+    """A point prompt: voxel ``(i, j)`` on slice ``k``; ``positive`` = part of the object, else not."""
+
+    k: int
+    i: int
+    j: int
+    positive: bool = True
+
+    def validate(self, shape: Sequence[int]) -> "Point2D":
+        """Check against a ``(k, j, i)`` volume shape; raise :class:`InputError` if outside."""
+        nk, nj, ni = shape
+        if not (0 <= self.k < nk and 0 <= self.j < nj and 0 <= self.i < ni):
+            raise InputError(f"{'positive' if self.positive else 'negative'} point (k={self.k}, i={self.i}, "
+                             f"j={self.j}) lies outside the volume (k 0..{nk - 1}, i 0..{ni - 1}, j 0..{nj - 1})")
+        return Point2D(int(self.k), int(self.i), int(self.j), bool(self.positive))
+
+    @property
+    def xy(self) -> np.ndarray:
+        """``[x, y]`` float pixel coordinates as SAM takes them (x = i, y = j)."""
+        return np.array([self.i, self.j], dtype=np.float32)
+
+
 @dataclass
 class ObjectPrompt:
-    """One object: one or more boxes (each on its own slice), an optional inclusive ``z_range`` and optional
-    in-plane ``bounds``.
+    """One object: boxes (each on its own slice) and/or point prompts, an optional inclusive ``z_range`` and
+    optional in-plane ``bounds``.
 
     Without ``z_range`` the engine propagates from the prompted slices until the object vanishes. ``bounds`` =
     ``(i0, j0, i1, j1)`` (inclusive voxel rectangle, the same on every slice) says the object lies inside it, as
     inside a 3D ROI drawn around it: propagated boxes are clipped to it and nothing outside it is kept.
+    ``points``: positive and negative :class:`Point2D` (an object needs a box or a positive point). ``view``:
+    RAS normal of the slice view the prompt was drawn in (``None``: the volume's own ``k`` slices); the
+    coordinates are then those of that view's grid (see the module docstring).
     """
 
     object_id: int
@@ -70,6 +100,16 @@ class ObjectPrompt:
     z_range: Optional[tuple[int, int]] = None
     name: str = ""
     bounds: Optional[tuple[int, int, int, int]] = None
+    points: list[Point2D] = field(default_factory=list)
+    view: Optional[tuple[float, float, float]] = None
+
+    @property
+    def positive_points(self) -> list[Point2D]:
+        return [p for p in self.points if p.positive]
+
+    @property
+    def negative_points(self) -> list[Point2D]:
+        return [p for p in self.points if not p.positive]
 
     def clip_box(self, xyxy: np.ndarray) -> np.ndarray:
         """``[x0, y0, x1, y1]`` clipped to ``bounds`` (unchanged without bounds)."""
@@ -92,8 +132,10 @@ class ObjectPrompt:
     def validate(self, shape: Sequence[int]) -> "ObjectPrompt":
         if self.object_id < 1:
             raise InputError(f"object id must be >= 1, got {self.object_id}")
-        if not self.boxes:
-            raise InputError(f"object {self.object_id}: no box given")
+        points = [p.validate(shape) for p in self.points]
+        if not self.boxes and not any(p.positive for p in points):
+            raise InputError(f"object {self.object_id}: no box given" if not points else
+                             f"object {self.object_id}: only negative points given; add a box or a positive point")
         boxes = [b.validate(shape) for b in self.boxes]
         if len({b.k for b in boxes}) != len(boxes):
             raise InputError(f"object {self.object_id}: two boxes on the same slice")
@@ -108,6 +150,9 @@ class ObjectPrompt:
             outside = [b.k for b in boxes if not z[0] <= b.k <= z[1]]
             if outside:
                 raise InputError(f"object {self.object_id}: box slice(s) {outside} outside z-range {z}")
+            outside = [p.k for p in points if p.positive and not z[0] <= p.k <= z[1]]
+            if outside:
+                raise InputError(f"object {self.object_id}: positive point slice(s) {outside} outside z-range {z}")
         bounds = self.bounds
         if bounds is not None:
             bi0, bj0, bi1, bj1 = (int(v) for v in bounds)
@@ -122,7 +167,12 @@ class ObjectPrompt:
                                  f"{bounds}")
             boxes = [Box2D(b.k, max(b.i0, bounds[0]), max(b.j0, bounds[1]), min(b.i1, bounds[2]), min(b.j1, bounds[3]))
                      for b in boxes]
-        return ObjectPrompt(self.object_id, sorted(boxes, key=lambda b: b.k), z, self.name, bounds)
+            apart = [(p.k, p.i, p.j) for p in points if p.positive and not (bounds[0] <= p.i <= bounds[2]
+                                                                             and bounds[1] <= p.j <= bounds[3])]
+            if apart:
+                raise InputError(f"object {self.object_id}: positive point(s) {apart} lie outside its bounds {bounds}")
+        view = tuple(float(v) for v in self.view) if self.view is not None else None
+        return ObjectPrompt(self.object_id, sorted(boxes, key=lambda b: b.k), z, self.name, bounds, points, view)
 
 
 @dataclass
@@ -154,6 +204,9 @@ class PromptableEngine(ABC):
     #: when True, :meth:`prepare` takes ``[c, k, j, i]`` float32 (channel 0 = the prompted sequence, then the other
     #: co-registered sequences on its grid) whenever the request carries other sequences
     accepts_channels: bool = False
+    #: when True, :meth:`segment` handles ``ObjectPrompt.points`` itself; otherwise the service turns points
+    #: into boxes and a negative-point cut (``mrisegassist.service.points``) around the engine's box prompts
+    accepts_points: bool = False
 
     @abstractmethod
     def prepare(self, volume: np.ndarray, *, progress: Optional[ProgressFn] = None,

@@ -12,7 +12,15 @@ prompt, the exact middle from the lower one). A side that stops early leaves the
 side, which then walks on until it meets an already segmented slice. A slice is never kept twice and no gap
 is left while the object is visible; the only slice ever predicted twice is one where a walk stopped, which
 the opposite walk may retry with its own box. Below the lowest and above the highest prompt the walks run
-to the ends of the z-range.
+to the ends of the z-range. With ``PropagationConfig(consensus=True)`` each gap is instead walked from both
+sides to the other prompt, and a slice both walks reached gets their distance-weighted mean logits (the
+walk from the nearer prompt weighs more; where only one walk looked, its logits): one prompt's walk never
+simply overrides the other's.
+
+An engine may keep a per-object model (e.g. the object's appearance learnt from the slices segmented so far):
+when it defines ``begin_object(prepared, prompt)``, the returned model is passed as ``model=`` to every
+:meth:`predict_slice` call of that object (prompted slices first, then the walks), and ``model.kept(k, mask)``
+is called for each slice a walk keeps (``mask``: ``[j, i]`` bool, what the walk keeps of that prediction).
 
 Only the connected components of a slice's mask that touch its prompt box are kept (SAM sometimes returns
 far-away fragments); the logits of discarded pixels are set to :data:`OUTSIDE_LOGIT`, so ``mask == logits > 0``.
@@ -30,7 +38,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, check, report
-from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, SliceEngine
+from .base import OUTSIDE_LOGIT, Box2D, ObjectPrompt, ObjectResult, SliceEngine
 
 
 @dataclass(frozen=True)
@@ -49,14 +57,11 @@ class SlicePrior:
 class PropagationConfig:
     """Parameters of the slice-to-slice walk.
 
-    ``margin``: fraction of the previous mask's bounding-box size added on each side of the next box, at least
-    ``min_margin`` voxels. ``min_area``: a slice mask with fewer pixels means the object vanished.
-    ``min_score``: a lower engine score stops the walk. ``max_growth``: stop when the mask area jumps by more than
-    this factor from one slice to the next (and by more than ``area_slack`` pixels); ``max_area_ratio``: stop
-    when a propagated mask is larger than this factor times the largest prompted-slice mask of the object
-    (gradual leaks into neighbouring tissue; again ``area_slack`` pixels more are tolerated), applied only when
-    the prompt gives no ``z_range`` (a bounded object, e.g. an atlas structure or a ROI spanning its slices,
-    may be much larger on other slices than on the prompted one). ``None`` disables either check.
+    ``consensus``: several prompted slices: walk each gap from both sides and blend the walks (module docstring)
+    instead of splitting it at its middle. ``extent``: what the growth checks measure, ``"area"`` (voxels of the
+    kept mask) or ``"area+hull"`` (voxels and the voxels of its 2D convex hull: a leak grows both; a ring that
+    closes over a cavity from one slice to the next grows in area only, a crescent that bends in outline only;
+    a prompted slice's hull is at least the ellipse inscribed in its box, the extent the box says).
     """
 
     margin: float = 0.1
@@ -66,6 +71,36 @@ class PropagationConfig:
     max_growth: Optional[float] = None
     max_area_ratio: Optional[float] = None
     area_slack: int = 9
+    consensus: bool = False
+    extent: str = "area"
+
+    def extents(self, mask2d: np.ndarray, box: Optional[Box2D] = None) -> tuple[int, ...]:
+        """The measures of a ``[j, i]`` mask the growth checks compare (see ``extent``); ``box``: the prompt's
+        box on a prompted slice."""
+        area = int(mask2d.sum())
+        if self.extent == "area":
+            return (area,)
+        hull = area
+        if area:
+            from skimage.morphology import convex_hull_image
+
+            jj, ii = np.nonzero(mask2d)
+            hull = int(convex_hull_image(mask2d[jj.min():jj.max() + 1, ii.min():ii.max() + 1]).sum())
+        if box is not None:
+            hull = max(hull, int(math.pi / 4.0 * (box.i1 - box.i0 + 1) * (box.j1 - box.j0 + 1)))
+        return area, hull
+
+    def leaks(self, new: tuple[int, ...], previous: tuple[int, ...], anchor: tuple[int, ...],
+              bounded: bool) -> bool:
+        """Whether a propagated mask with measures ``new`` is a leak: every measure grew more than ``max_growth``
+        times (and ``area_slack``) from ``previous``, or (unbounded objects) every measure exceeds
+        ``max_area_ratio`` times (plus ``area_slack``) the prompted slices' ``anchor``."""
+        slack = self.area_slack
+        if self.max_growth is not None and all(n > self.max_growth * p and n - p > slack
+                                               for n, p in zip(new, previous)):
+            return True
+        return self.max_area_ratio is not None and not bounded and all(
+            n > self.max_area_ratio * a + slack for n, a in zip(new, anchor))
 
     def next_box(self, mask2d: np.ndarray) -> np.ndarray:
         """``[x0, y0, x1, y1]`` of ``mask2d`` (``[j, i]`` bool) enlarged by the margin, clipped to the slice."""
@@ -77,7 +112,6 @@ class PropagationConfig:
         return np.array([max(i0 - mi, 0), max(j0 - mj, 0), min(i1 + mi, ni - 1), min(j1 + mj, nj - 1)],
                         dtype=np.float32)
 
-
 def volume_shape(engine: SliceEngine, prepared) -> tuple[int, int, int]:
     """``(k, j, i)`` shape of a prepared volume (``engine.volume_shape`` if defined, else ``prepared.shape``)."""
     getter = getattr(engine, "volume_shape", None)
@@ -85,6 +119,16 @@ def volume_shape(engine: SliceEngine, prepared) -> tuple[int, int, int]:
     if shape is None or len(shape) != 3:
         raise InputError("the prepared handle does not describe a 3D volume (no shape)")
     return tuple(int(s) for s in shape)
+
+
+def touching(mask: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The connected components of a 2D ``mask`` (8-connected) that have a pixel in ``where`` (bool, same shape)."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    keep = np.bincount(labels[where & mask], minlength=n + 1) > 0
+    keep[0] = False
+    return keep[labels]
 
 
 def _components_in_box(mask2d: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -95,11 +139,20 @@ def _components_in_box(mask2d: np.ndarray, box: np.ndarray) -> np.ndarray:
     inside = mask2d[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1]
     if inside.all() and mask2d.sum() == inside.size:
         return mask2d
-    labels, n = ndimage.label(mask2d, structure=np.ones((3, 3), bool))
-    if n <= 1:
-        return mask2d if inside.any() else np.zeros_like(mask2d)
-    keep = np.unique(labels[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1])
-    return np.isin(labels, keep[keep > 0])
+    where = np.zeros(mask2d.shape, dtype=bool)
+    where[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+    return touching(mask2d, where)
+
+
+@dataclass
+class _Slice:
+    """One prediction a walk keeps: logits ``[j, i]`` (discarded components at ``OUTSIDE_LOGIT``), kept mask, score
+    and the mask's measures for the growth checks (:meth:`PropagationConfig.extents`)."""
+
+    logits: np.ndarray
+    mask: np.ndarray
+    score: float
+    extent: tuple[int, ...] = (0,)
 
 
 class _ObjectWalk:
@@ -115,16 +168,21 @@ class _ObjectWalk:
         self.slices: list[int] = []
         self.scores: dict[int, float] = {}
         self.predicted = 0
-        self.anchor_area = 0
+        self.anchor_extent: tuple[int, ...] = (0,)
         self.anchor_of: dict[int, tuple] = {}  # kept slice -> (prompted slice, its mask, its box)
         self._prior = bool(getattr(engine, "accepts_prior", False))
+        begin = getattr(engine, "begin_object", None)
+        self.model = begin(prepared, prompt) if callable(begin) else None
         self._outside = prompt.outside_bounds(shape[1:])  # [j, i] pixels outside the prompt's bounds, or None
 
     def predict(self, k: int, box: np.ndarray, prior: Optional[SlicePrior],
-                prev_area: Optional[int]) -> bool:
-        """Segment slice ``k`` in ``box``; keep it (and return True) unless the object vanished there."""
+                previous: Optional[tuple[int, ...]]) -> Optional[_Slice]:
+        """Segment slice ``k`` in ``box``; the prediction to keep, or ``None`` where the object vanished (or a
+        leak check failed). The engine's model (if any) is told about a kept prediction."""
         check(self.cancel)
         kwargs = {"prior": prior} if self._prior else {}
+        if self.model is not None:
+            kwargs["model"] = self.model
         logits2d, score = self.engine.predict_slice(self.prepared, k, box, cancel=self.cancel, **kwargs)
         self.predicted += 1
         self.tick()
@@ -133,52 +191,89 @@ class _ObjectWalk:
             logits2d = np.where(self._outside, OUTSIDE_LOGIT, logits2d).astype(np.float32, copy=False)
         fg = logits2d > 0
         keep = _components_in_box(fg, box)
-        area = int(keep.sum())
         cfg = self.config
-        if area < max(cfg.min_area, 1) or float(score) < cfg.min_score:
-            return False
-        if prev_area is not None:  # a propagated slice: leak checks
-            slack = cfg.area_slack
-            if cfg.max_growth is not None and area > cfg.max_growth * prev_area and area - prev_area > slack:
-                return False
-            if cfg.max_area_ratio is not None and self.prompt.z_range is None \
-                    and area > cfg.max_area_ratio * self.anchor_area + slack:
-                return False
-        self.logits[k] = np.where(fg & ~keep, OUTSIDE_LOGIT, logits2d)
-        self.mask[k] = keep
+        if int(keep.sum()) < max(cfg.min_area, 1) or float(score) < cfg.min_score:
+            return None
+        extent = cfg.extents(keep)
+        if previous is not None and cfg.leaks(extent, previous, self.anchor_extent, self.prompt.z_range is not None):
+            return None
+        kept = getattr(self.model, "kept", None)
+        if callable(kept):
+            kept(k, keep)
+        return _Slice(np.where(fg & ~keep, OUTSIDE_LOGIT, logits2d), keep, float(score), extent)
+
+    def store(self, k: int, result: _Slice) -> None:
+        self.logits[k] = result.logits
+        self.mask[k] = result.mask
         self.kept[k] = True
         self.slices.append(k)
-        self.scores[k] = float(score)
-        return True
+        self.scores[k] = result.score
 
-    def walk(self, start: int, step: int, limit: int) -> int:
+    def walk(self, start: int, step: int, limit: int, collect: bool = False):
         """Follow the object from kept slice ``start`` in direction ``step`` up to slice ``limit`` (inclusive),
-        stopping at an already kept slice or where the object vanishes. Returns the last kept slice."""
-        k = start
+        stopping where the object vanishes and (unless ``collect``) at an already kept slice. Stores what it
+        keeps and returns the last kept slice; with ``collect`` returns ``{k: _Slice}`` without storing."""
+        k, prev = start, self.mask[start]
         anchor = self.anchor_of.get(start, (start, self.mask[start], None))
+        walked: dict[int, _Slice] = {}
+        current = recent = self.config.extents(prev)  # growth: against the larger of the last two kept masks
         while (k + step <= limit) if step > 0 else (k + step >= limit):
             nxt = k + step
-            if self.kept[nxt]:
+            if self.kept[nxt] and not collect:
                 break
-            prev = self.mask[k]
             prior = SlicePrior(k, prev, *anchor) if self._prior else None
-            if not self.predict(nxt, self.prompt.clip_box(self.config.next_box(prev)), prior, int(prev.sum())):
+            result = self.predict(nxt, self.prompt.clip_box(self.config.next_box(prev)), prior,
+                                  tuple(map(max, recent, current)))
+            if result is None:
                 break
-            self.anchor_of[nxt] = anchor
-            k = nxt
-        return k
+            recent, current = current, result.extent
+            if collect:
+                walked[nxt] = result
+            else:
+                self.store(nxt, result)
+                self.anchor_of[nxt] = anchor
+            k, prev = nxt, result.mask
+        return walked if collect else k
+
+    def blend(self, a: int, b: int) -> None:
+        """Walk the gap ``a < k < b`` from both prompted slices and keep each slice either walk reached, with the
+        distance-weighted mean logits where both did (consensus; see the module docstring)."""
+        up, down = self.walk(a, +1, b - 1, collect=True), self.walk(b, -1, a + 1, collect=True)
+        for k in range(a + 1, b):
+            ra, rb = up.get(k), down.get(k)
+            if ra is None or rb is None:
+                result = ra or rb
+            else:
+                w = (b - k) / (b - a)  # where only one walk looked (the other's crop or box left it out): that one
+                seen = (ra.logits > OUTSIDE_LOGIT) & (rb.logits > OUTSIDE_LOGIT)
+                logits = np.where(seen, w * ra.logits + (1.0 - w) * rb.logits, np.maximum(ra.logits, rb.logits))
+                keep = (logits > 0) & (ra.mask | rb.mask)
+                if not keep.any():
+                    continue
+                logits = np.where((logits > 0) & ~keep, OUTSIDE_LOGIT, logits).astype(np.float32)
+                result = _Slice(logits, keep, w * ra.score + (1.0 - w) * rb.score, self.config.extents(keep))
+            if result is not None:
+                self.store(k, result)
+                self.anchor_of[k] = self.anchor_of[a if k - a <= b - k else b]
 
     def run(self) -> ObjectResult:
         p = self.prompt
         lo, hi = p.z_range if p.z_range is not None else (0, self.mask.shape[0] - 1)
-        anchors = [b.k for b in p.boxes if self.predict(b.k, b.xyxy, None, None)]
+        anchors = []
         for b in p.boxes:
-            if b.k in anchors:
-                self.anchor_of[b.k] = (b.k, self.mask[b.k], b.xyxy)
-        self.anchor_area = max((int(self.mask[k].sum()) for k in anchors), default=0)
+            result = self.predict(b.k, b.xyxy, None, None)
+            if result is not None:
+                self.store(b.k, result)
+                self.anchor_of[b.k] = (b.k, result.mask, b.xyxy)
+                anchors.append(b.k)
+        measured = [self.config.extents(self.mask[b.k], b) for b in p.boxes if b.k in anchors]
+        self.anchor_extent = tuple(map(max, *measured)) if len(measured) > 1 else (measured or [(0,)])[0]
         if anchors:
             self.walk(anchors[0], -1, lo)
             for a, b in zip(anchors, anchors[1:]):
+                if self.config.consensus:
+                    self.blend(a, b)
+                    continue
                 mid = (a + b) // 2
                 last_a = self.walk(a, +1, mid)
                 self.walk(b, -1, a + 1)

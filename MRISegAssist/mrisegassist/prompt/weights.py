@@ -25,8 +25,21 @@ Facts in the catalog (looked up in public records, 2025):
   publish for the same files; sizes from the same records.
 * MedSAM2 (``MedSAM2_latest.pt``, Hugging Face ``wanglab/MedSAM2``; about 156 MB). The model repository is
   licensed **CC-BY-SA-4.0** (code on GitHub ``bowang-lab/MedSAM2`` is Apache-2.0). No sha256 or exact size was
-  found in the public records available here: the file is accepted unverified (reported as such) and only the
-  architecture check on loading guards it.
+  found in the public records available here: its sha256 is pinned on first use (below) and the architecture
+  check on loading guards it.
+* MONAI Model Zoo ``brats_mri_segmentation`` (SegResNet, BraTS 2018; Apache-2.0): the bundle's
+  ``large_files.yml`` (``Project-MONAI/model-zoo``, ``models/brats_mri_segmentation``) gives the official URL of
+  ``models/model.pt`` and its **md5** ``870e677b...``; MONAI publishes no sha256 or byte size for it. The
+  SegResNet of the bundle's config has 4,702,227 parameters, i.e. 18.8 MB of float32, the size Hugging Face lists
+  for ``MONAI/brats_mri_segmentation`` ``models/model.pt`` (version 0.5.3).
+* Swin UNETR BraTS 2021, fold 1 (``Project-MONAI/research-contributions``, ``SwinUNETR/BRATS21``, Apache-2.0):
+  a zip on the ``MONAI-extra-test-data`` 0.8.1 release holding ``model.pt`` (``{"epoch", "best_acc",
+  "state_dict", ...}``); no checksum or size is published: pinned on first use. Only ``model.pt`` is read from
+  the zip (by name, never by the archive's paths), into ``<zip stem>-model.pt`` beside it.
+
+Hash pinning when nothing is published: the first verified copy's sha256 is written to ``<file>.sha256-pin``
+(trust on first use); from then on the file must match it (a changed file is refused like a corrupted one;
+delete the pin after checking a legitimately re-published file).
 """
 from __future__ import annotations
 
@@ -37,6 +50,7 @@ import os
 import socket
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -62,15 +76,18 @@ class WeightsSpec:
     sha256_prefix: Optional[str] = None
     source: str = ""
     approx_mb: Optional[int] = None
+    md5: Optional[str] = None  # when the publisher gives only an md5 (MONAI Model Zoo large_files.yml)
+    member: Optional[str] = None  # the download is a zip: use its single member with this file name
 
     @property
     def verifiable(self) -> bool:
-        return bool(self.sha256 or self.sha256_prefix)
+        return bool(self.sha256 or self.sha256_prefix or self.md5)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "filename": self.filename, "url": self.url, "size": self.size,
-                "sha256": self.sha256, "sha256_prefix": self.sha256_prefix, "licence": self.licence,
-                "source": self.source, "approx_mb": self.approx_mb or (self.size and self.size >> 20)}
+                "sha256": self.sha256, "sha256_prefix": self.sha256_prefix, "md5": self.md5, "member": self.member,
+                "licence": self.licence, "source": self.source,
+                "approx_mb": self.approx_mb or (self.size and self.size >> 20)}
 
 
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -100,7 +117,22 @@ CATALOG: dict[str, WeightsSpec] = {s.name: s for s in [
     WeightsSpec("medsam2", "MedSAM2_latest.pt",
                 "https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt", None, None,
                 "CC-BY-SA-4.0 (Hugging Face wanglab/MedSAM2 model licence)",
-                source="no sha256 or exact size found in public records: accepted unverified", approx_mb=156),
+                source="no sha256 or exact size found in public records: sha256 pinned on first use", approx_mb=156),
+    WeightsSpec("monai-brats-mri-segmentation", "model_brats_mri_segmentation.pt",
+                "https://developer.download.nvidia.com/assets/Clara/monai/tutorials/model_zoo/"
+                "model_brats_mri_segmentation.pt", None, None,
+                "Apache-2.0 (MONAI Model Zoo bundle brats_mri_segmentation; trained on BraTS 2018: cite Menze et al. "
+                "2015 and Bakas et al. 2017; the bundle calls it an example, not for diagnostic use)",
+                md5="870e677b782a5184cbc48db1456b78e8", approx_mb=19,
+                source="URL and md5 from the bundle's large_files.yml (Project-MONAI/model-zoo, "
+                       "models/brats_mri_segmentation); no sha256 published: sha256 pinned on first use"),
+    WeightsSpec("swinunetr-brats21-fold1", "fold1_f48_ep300_4gpu_dice0_9059.zip",
+                "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                "fold1_f48_ep300_4gpu_dice0_9059.zip", None, None,
+                "Apache-2.0 (Project-MONAI/research-contributions, SwinUNETR/BRATS21; trained on BraTS 2021: cite "
+                "Baid et al. 2021, Menze et al. 2015, Bakas et al. 2017)", member="model.pt",
+                source="URL from the SwinUNETR/BRATS21 README (fold 1, mean Dice 0.9059 on that fold's validation "
+                       "split); no checksum or size published: sha256 pinned on first use"),
 ]}
 
 
@@ -150,18 +182,40 @@ def _read_note(path: Path) -> Optional[dict]:
     return None
 
 
-def _write_note(path: Path, digest: str) -> None:
+def _write_note(path: Path, digest: str, md5: str = "") -> None:
     stat = path.stat()
     try:
         _note_path(path).write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                                "sha256": digest}))
+                                                "sha256": digest, "md5": md5}))
     except OSError:
         pass  # a read-only weights folder: verify again next time
 
 
+def _pin_path(path: Path, spec: WeightsSpec) -> Path:
+    return path.parent / (spec.filename + ".sha256-pin")
+
+
+def _digests(path: Path, progress: Optional[ProgressFn], cancel: Optional[CancelToken]) -> tuple[str, str]:
+    """(sha256, md5) of a file in one pass (md5 only compared with a publisher's md5, never trusted alone)."""
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    total = max(path.stat().st_size, 1)
+    done = 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            sha.update(block)
+            md5.update(block)
+            done += len(block)
+            if (done // CHUNK) % 64 == 0:
+                check(cancel)
+                report(progress, done / total, f"verifying {path.name}")
+    return sha.hexdigest(), md5.hexdigest()
+
+
 def verify_file(path: Path, spec: WeightsSpec, progress: Optional[ProgressFn] = None,
                 cancel: Optional[CancelToken] = None) -> str:
-    """Check ``path`` against ``spec``; returns ``"sha256"``, ``"sha256-prefix"`` or ``"unverified"``.
+    """Check ``path`` against ``spec``; returns ``"sha256"``, ``"sha256-prefix"``, ``"md5"``, ``"pinned"``
+    (matches the sha256 recorded at first use), ``"pinned-now"`` (first use: sha256 recorded) or
+    ``"unverified"`` (nothing published and the pin cannot be written).
 
     Raises :class:`CheckpointError` for an empty, truncated, over-long or corrupted (hash mismatch) file.
     """
@@ -175,19 +229,78 @@ def verify_file(path: Path, spec: WeightsSpec, progress: Optional[ProgressFn] = 
     if spec.size is not None and size > spec.size:
         raise CheckpointError(f"checkpoint {path} is corrupted: {size} bytes, expected {spec.size}; delete it "
                               f"and download it again from {spec.url}")
-    if not spec.verifiable:
-        return "unverified"
     note = _read_note(path)
-    digest = note["sha256"] if note else sha256_file(path, progress, cancel)
-    expected = spec.sha256 or spec.sha256_prefix
-    ok = digest == spec.sha256 if spec.sha256 else digest.startswith(spec.sha256_prefix)
-    if not ok:
-        raise CheckpointError(f"checkpoint {path} is corrupted: sha256 {digest} does not match the published "
-                              f"{'sha256' if spec.sha256 else 'sha256 prefix'} {expected}; delete it and "
-                              f"download it again from {spec.url}")
-    if note is None:
-        _write_note(path, digest)
-    return "sha256" if spec.sha256 else "sha256-prefix"
+    if note and (not spec.md5 or note.get("md5")):
+        digest, md5 = note["sha256"], note.get("md5", "")
+    else:
+        digest, md5 = _digests(path, progress, cancel)
+    pin = _pin_path(path, spec)
+    if spec.sha256 or spec.sha256_prefix:
+        expected = spec.sha256 or spec.sha256_prefix
+        ok = digest == spec.sha256 if spec.sha256 else digest.startswith(spec.sha256_prefix)
+        if not ok:
+            raise CheckpointError(f"checkpoint {path} is corrupted: sha256 {digest} does not match the published "
+                                  f"{'sha256' if spec.sha256 else 'sha256 prefix'} {expected}; delete it and "
+                                  f"download it again from {spec.url}")
+        result = "sha256" if spec.sha256 else "sha256-prefix"
+    elif spec.md5:
+        if md5 != spec.md5:
+            raise CheckpointError(f"checkpoint {path} is corrupted: md5 {md5} does not match the published md5 "
+                                  f"{spec.md5}; delete it and download it again from {spec.url}")
+        result = "md5"
+    elif pin.is_file():
+        pinned = pin.read_text().strip()
+        if digest != pinned:
+            raise CheckpointError(f"checkpoint {path} changed: sha256 {digest} differs from {pinned} recorded when "
+                                  f"it was first used ({pin}); delete it and download it again from {spec.url} "
+                                  f"(delete the pin only if the publisher re-released the file)")
+        result = "pinned"
+    else:
+        result = "pinned-now"
+    if spec.md5 or not (spec.sha256 or spec.sha256_prefix):  # nothing (or only md5) published: pin the sha256
+        try:
+            if not pin.is_file():
+                pin.write_text(digest + "\n")
+        except OSError:
+            result = "unverified" if result == "pinned-now" else result  # read-only folder: nothing to pin
+    if note is None or (spec.md5 and not note.get("md5")):
+        _write_note(path, digest, md5)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ zip members
+def extracted_path(archive: Path, spec: WeightsSpec) -> Path:
+    """Where the member of a zip download is kept: ``<zip stem>-<member>`` beside the archive."""
+    return archive.with_name(f"{Path(spec.filename).stem}-{spec.member}")
+
+
+MAX_MEMBER_BYTES = 8 << 30  # refuse absurd (zip-bomb) members
+
+
+def extract_member(archive: Path, spec: WeightsSpec) -> Path:
+    """The single member of ``archive`` named ``spec.member`` (by file name; the archive's paths are never used
+    as output paths), written atomically to :func:`extracted_path`; reused while it is newer than the archive."""
+    target = extracted_path(archive, spec)
+    if target.is_file() and target.stat().st_mtime_ns >= archive.stat().st_mtime_ns and target.stat().st_size:
+        return target
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            matches = [i for i in zf.infolist() if not i.is_dir() and Path(i.filename).name == spec.member]
+            if len(matches) != 1:
+                names = ", ".join(i.filename for i in zf.infolist()[:8])
+                raise CheckpointError(f"{archive}: expected exactly one {spec.member!r} in the archive, found "
+                                      f"{len(matches)} (contents: {names})")
+            info = matches[0]
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise CheckpointError(f"{archive}: member {info.filename} declares {info.file_size} bytes")
+            tmp = target.with_name(target.name + ".tmp")
+            with zf.open(info) as src, open(tmp, "wb") as dst:
+                for block in iter(lambda: src.read(CHUNK), b""):
+                    dst.write(block)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{archive}: cannot read the zip archive ({exc})") from None
+    os.replace(tmp, target)
+    return target
 
 
 # ------------------------------------------------------------------------------------------- download
@@ -302,6 +415,11 @@ def resolve_checkpoint(name: str, path: Optional[Union[str, Path]] = None,
     or truncated (a truncated file in the cache is resumed when ``download=True``).
     """
     spec = catalog_entry(name, catalog)
+    found = _resolve(spec, name, path, cache_dir, download, progress, cancel)
+    return extract_member(found, spec) if spec.member and path is None else found
+
+
+def _resolve(spec: WeightsSpec, name: str, path, cache_dir, download: bool, progress, cancel) -> Path:
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():

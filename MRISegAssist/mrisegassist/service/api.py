@@ -2,7 +2,9 @@
 
 Arrays are ``[k, j, i]``; every volume travels as a :class:`~mrisegassist.volume.Volume` (array + geometry:
 ITK/LPS conventions), every label map as a :class:`~mrisegassist.labels.LabelMap` on the prompted (or
-reference) volume's grid. Boxes are inclusive voxel rectangles on axial slices (:class:`Box2D`).
+reference) volume's grid. Boxes are inclusive voxel rectangles on slices (:class:`Box2D`) and points voxels
+(:class:`Point2D`), both in the IJK of the view each object was drawn in (``ObjectPrompt.view``, see
+:mod:`.views`; without a view: the volume's own ``k`` slices).
 
 Requests: :class:`AutoSegmentRequest` (U-Net), :class:`PromptRequest` (box prompts -> engine -> cascade ->
 fusion), :class:`AtlasBoxesRequest` (registration-atlas boxes), :class:`AutoRequest` (atlas boxes / a mask / a
@@ -17,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from ..labels import LabelMap
-from ..prompt.base import Box2D, ObjectPrompt
+from ..prompt.base import Box2D, ObjectPrompt, Point2D
 from ..volume import Volume
 
 #: ``AutoRequest.engine`` meaning "no promptable engine: the atlas score maps are the segmentation"
@@ -29,13 +31,17 @@ ATLAS_ENGINE = "atlas"
 class AutoSegmentRequest:
     """U-Net auto-segmentation. ``inputs``: ``{sequence: Volume}`` on any co-registered grids; the label map is
     on the grid of ``reference`` (default: the model's first input). ``model``: a registered model name (a
-    model folder path only in-process or on a worker started with ``--allow-local-files``)."""
+    model folder path only in-process or on a worker started with ``--allow-local-files``). ``download``: fetch a
+    catalog model's official weights into the cache when missing. ``trust_code``: let a MONAI bundle folder's
+    config run its own Python (refused by a confined, shared server)."""
 
     inputs: dict[str, Volume]
     model: str
     reference: Optional[str] = None
     min_component_mm3: Optional[float] = None
     device: Optional[str] = None
+    download: bool = False
+    trust_code: bool = False
 
 
 @dataclass
@@ -44,6 +50,9 @@ class PromptRequest:
 
     ``extra``: other co-registered sequences (``{name: Volume}``, any grid); they are resampled onto
     ``volume``'s grid and given to engines with ``accepts_channels`` as channels 1.. (channel 0 = ``volume``).
+    ``objects``: boxes and positive/negative points per object, each object in the view it was drawn in
+    (``ObjectPrompt.view``; the service reorients the volume so the engine propagates across that view's slices and
+    maps the result back onto ``volume``'s grid).
     ``labels``: name/colour/terminology per object id (default: the prompt's name and a default colour).
     ``cascade`` ``"C"``/``"D"``: second pass from the first pass's masks (boxes by ``strategy``), skipping the
     object ids in ``no_cascade``. ``keep_all_components``: do not reduce each object to its largest component.
@@ -122,11 +131,13 @@ class DownloadWeightsRequest:
 # ----------------------------------------------------------------------------------------------- results
 @dataclass
 class ObjectSummary:
-    """One label of a result. For prompted objects: its boxes, z-range, the slices the engine segmented, the
-    mean engine score, the first-pass volume and whether the cascade re-prompted it; for atlas structures
-    ``rule``: what the label came from (``fusion``, ``engine``, ``engine AND fusion``, ``engine OR fusion``,
-    ``combined``; empty without rules). For a U-Net label only ``label``, ``name``, ``voxels`` and ``volume_ml``
-    are filled."""
+    """One label of a result. For prompted objects: its boxes (given or found around positive points), z-range,
+    the slices the engine segmented, the mean engine score, the first-pass volume, whether the cascade re-prompted
+    it, its points, the view it was drawn in and the volume axis its slices were taken along (``slice_axis``:
+    ``"i"``, ``"j"``, ``"k"``, or ``"oblique"`` for a resampled view). Boxes, points, z-range and slices are in the
+    IJK of that view (:mod:`.views`). For atlas structures ``rule``: what the label came from (``fusion``,
+    ``engine``, ``engine AND fusion``, ``engine OR fusion``, ``combined``; empty without rules). For a U-Net label
+    only ``label``, ``name``, ``voxels`` and ``volume_ml`` are filled."""
 
     label: int
     name: str
@@ -138,6 +149,9 @@ class ObjectSummary:
     mean_score: Optional[float] = None
     first_pass_ml: Optional[float] = None
     cascaded: bool = False
+    points: list[Point2D] = field(default_factory=list)
+    view: Optional[tuple[float, float, float]] = None
+    slice_axis: str = "k"
     rule: str = ""
 
 

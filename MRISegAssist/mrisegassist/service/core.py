@@ -31,9 +31,10 @@ from .. import __version__
 from ..errors import InputError
 from ..labels import LabelInfo, LabelMap, default_color
 from ..progress import CancelToken, ProgressFn, check, report
-from ..prompt.base import Box2D, ObjectPrompt
+from ..prompt.base import Box2D, ObjectPrompt, Point2D
 from ..volume import Volume, resample_to
 from .checks import check_request, unused_sequences
+from .views import ViewGrid, unit, view_grid
 from .wire import fingerprint
 from .api import (ATLAS_ENGINE, AtlasBoxesRequest, AtlasBoxesResult, AutoRequest, AutoSegmentRequest,
                   DownloadWeightsRequest, EngineInfo, ModelInfo, NotFound, ObjectSummary, PromptRequest,
@@ -61,21 +62,37 @@ def available_devices() -> list[str]:
     return devices + ["cpu"]
 
 
+def _on_source_grid(result, grid: ViewGrid):
+    """An engine's :class:`ObjectResult` on a view grid, on the volume's grid (logits mapped back; exact for an
+    exact view grid, linear otherwise; slices and scores stay the view's)."""
+    if grid.order == (0, 1, 2):
+        return result
+    from ..prompt.base import OUTSIDE_LOGIT
+
+    logits = grid.from_view(result.logits, "linear", OUTSIDE_LOGIT)
+    return dataclasses.replace(result, logits=logits, mask=logits > 0)
+
+
 # ------------------------------------------------------------------------------------------ ROI -> prompt
 def prompt_from_extents(extents: Sequence[Extent], object_id: int, shape: Sequence[int], strategy: str = "A",
-                        z_range: Optional[tuple[int, int]] = None, name: str = "") -> ObjectPrompt:
-    """One object's prompt from the inclusive IJK extents ``(i0, i1, j0, j1, k0, k1)`` of its ROIs.
+                        z_range: Optional[tuple[int, int]] = None, name: str = "",
+                        points: Sequence[Point2D] = (), view: Optional[Sequence[float]] = None) -> ObjectPrompt:
+    """One object's prompt from the inclusive IJK extents ``(i0, i1, j0, j1, k0, k1)`` of its ROIs and its points.
 
     * One extent spanning several slices: its rectangle on the slices :func:`box_slices` picks (A: middle, B:
       quartiles), its slices as the z-range and its rectangle as the object's in-plane bounds;
-    * one flat extent: one box on its slice, no z-range (the engine propagates until the object vanishes);
+    * one flat extent (``k0 == k1``): one box on its slice, no z-range (the engine propagates until the object
+      vanishes);
     * several extents (boxes drawn on several slices): one box each on its middle slice (rule A); z-range and
-      bounds = the union of the thick ones' (none if all are flat).
-    An explicit ``z_range`` overrides the derived one. ``shape`` is the volume's ``(k, j, i)``.
+      bounds = the union of the thick ones' (none if all are flat);
+    * no extent: the points alone (at least one positive).
+    An explicit ``z_range`` overrides the derived one. ``shape`` is the ``(k, j, i)`` of the grid the extents and
+    points are in: the volume's, or with ``view`` (the RAS normal of the view they were drawn in) the view grid's
+    (:func:`mrisegassist.service.views.view_grid`).
     """
     from ..prompt.strategies import box_slices
 
-    if not extents:
+    if not extents and not points:
         raise InputError(f"object {object_id}: no box given")
     thick = [e for e in extents if e[5] > e[4]]
     if len(extents) == 1:
@@ -88,7 +105,8 @@ def prompt_from_extents(extents: Sequence[Extent], object_id: int, shape: Sequen
               max(e[3] for e in thick)) if thick else None
     derived = (min(e[4] for e in thick), max(e[5] for e in thick)) if thick else None
     zr = tuple(int(z) for z in z_range) if z_range is not None else derived
-    return ObjectPrompt(object_id, boxes, zr, name, bounds).validate(shape)
+    view = tuple(float(v) for v in view) if view is not None else None
+    return ObjectPrompt(object_id, boxes, zr, name, bounds, list(points), view).validate(shape)
 
 
 def weights_status(engine: str) -> WeightsStatus:
@@ -233,16 +251,20 @@ class Service:
                                  f"installed on it")
 
     # ---------------------------------------------------------------------------------- U-Net
-    def _segmenter(self, model: str, device: str):
+    def _segmenter(self, model: str, device: str, download: bool = False, trust_code: bool = False,
+                   progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
         from ..unet.entries import get_model
         from ..unet.inference import UNetSegmenter
 
-        entry = get_model(model)
-        key = (str(entry.folder or entry.name), device)
+        entry = get_model(model, trust_code=trust_code)
+        key = (str(entry.folder or entry.name), device, trust_code)
         with self._lock:
             segmenter = self._segmenters.get(key)
-            if segmenter is None:
-                segmenter = self._segmenters[key] = UNetSegmenter(entry, device)
+        if segmenter is None:  # loading (and a download) runs outside the lock: it reports progress, can cancel
+            segmenter = UNetSegmenter(entry, device, download=download, trust_code=trust_code, progress=progress,
+                                      cancel=cancel)
+            with self._lock:
+                segmenter = self._segmenters.setdefault(key, segmenter)
         return segmenter
 
     def auto_segment(self, request: AutoSegmentRequest, progress: Optional[ProgressFn] = None,
@@ -252,10 +274,13 @@ class Service:
         from ..volume import load_case
 
         self._local(request.model, "model")
+        if request.trust_code and self.confined:
+            raise InputError("this server never runs code from model folders (trust_code is refused)")
         t0 = time.perf_counter()
         check(cancel)
         report(progress, 0.0, "loading the model")
-        segmenter = self._segmenter(request.model, request.device or self.device)
+        segmenter = self._segmenter(request.model, request.device or self.device, request.download,
+                                    request.trust_code, sub_progress(progress, 0.0, 0.05), cancel)
         if request.min_component_mm3 is not None:  # a variant sharing the loaded network
             segmenter = UNetSegmenter(segmenter.entry, segmenter.device, segmenter.batch_size, segmenter.overlap,
                                       request.min_component_mm3, network=segmenter.network)
@@ -299,12 +324,15 @@ class Service:
                  download: bool = False, keep_all_components: bool = False, device: Optional[str] = None,
                  cache: Optional[PreparedCache] = None, progress: Optional[ProgressFn] = None,
                  cancel: Optional[CancelToken] = None) -> SegmentationResult:
-        """THE prompted pipeline: prepare (cached) -> segment -> cascade -> fuse -> named label map."""
+        """THE prompted pipeline: per view (:mod:`.views`: the volume reoriented so the view's slices are ``k``)
+        prepare (cached) -> segment (points: :mod:`.points` for engines without point support) -> cascade;
+        results mapped back onto ``volume``'s grid -> fuse -> named label map."""
         from ..atlas.cascade import CASCADES, run_cascade
         from ..prompt import engine_spec, get_engine
         from ..prompt.fusion import fuse
         from ..prompt.propagation import validate_prompts
         from ..prompt.strategies import box_slices
+        from . import points as point_rules
 
         engine_spec(engine_name)  # unknown names fail before any work
         if cascade is not None and cascade not in CASCADES:
@@ -315,48 +343,80 @@ class Service:
         self._local(checkpoint, "checkpoint")
         if download and self.confined:
             raise InputError("this server downloads no weights on request: install them on the server")
-        prompts = validate_prompts(prompts, volume.array.shape)
         ids = [p.object_id for p in prompts]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"object id(s) {sorted({i for i in ids if ids.count(i) > 1})} given more than once")
+        groups: OrderedDict = OrderedDict()
+        for p in prompts:
+            key = tuple(float(v) for v in unit(p.view)) if p.view is not None else None
+            groups.setdefault(key, []).append(p)
+        grids = {key: view_grid(volume.geometry, key) for key in groups}
+        checked = {key: validate_prompts(group, grids[key].geometry.shape) for key, group in groups.items()}
         device = device or self.device
         t0 = time.perf_counter()
         check(cancel)
         report(progress, 0.0, f"loading {engine_name}")
         engine = get_engine(engine_name, device=device, checkpoint=checkpoint, download=download)
-        array = self._engine_input(volume, dict(extra or {}), engine)
-        key = (engine_name, str(device), checkpoint, fingerprint(array))
-        prepared = (cache or self.cache).get(
-            key, lambda: engine.prepare(array, progress=sub_progress(progress, 0.0, 0.3), cancel=cancel))
-        t1 = time.perf_counter()
-        stop = 0.6 if cascade else 0.95
-        first = engine.segment(prepared, prompts, progress=sub_progress(progress, 0.3, stop), cancel=cancel)
-        t2 = time.perf_counter()
-        final = first
-        if cascade:
-            report(progress, stop, f"cascade {cascade}")
-            final = run_cascade(engine, prepared, first, cascade, strategy, no_cascade,
-                                progress=sub_progress(progress, stop, 0.95), cancel=cancel)
+        used, first, final, grid_of = {}, {}, {}, {}
+        timing = {"prepare_s": 0.0, "segment_s": 0.0, "cascade_s": 0.0}
+        share = 0.95 / len(groups)
+        for n, (key, group) in enumerate(checked.items()):
+            grid = grids[key]
+            base = n * share
+            image = volume.array if grid.order == (0, 1, 2) else grid.to_view(volume.array)
+            array = self._engine_input(Volume(image, grid.geometry, volume.name), dict(extra or {}), engine)
+            ta = time.perf_counter()
+            prepared = (cache or self.cache).get(
+                (engine_name, str(device), checkpoint, fingerprint(array)),
+                lambda: engine.prepare(array, progress=sub_progress(progress, base, base + 0.3 * share),
+                                       cancel=cancel))
+            tb = time.perf_counter()
+            stop = base + (0.6 if cascade else 0.95) * share
+            seg_progress = sub_progress(progress, base + 0.3 * share, stop)
+            if point_rules.needs_adapter(engine, group):
+                results, group = point_rules.segment_with_points(engine, prepared, group, grid.geometry.shape,
+                                                                 grid.geometry.spacing, seg_progress, cancel)
+            else:
+                results = engine.segment(prepared, group, progress=seg_progress, cancel=cancel)
+            tc = time.perf_counter()
+            second = results
+            if cascade:
+                report(progress, stop, f"cascade {cascade}")
+                second = run_cascade(engine, prepared, results, cascade, strategy, no_cascade,
+                                     progress=sub_progress(progress, stop, base + 0.95 * share), cancel=cancel)
+            timing["prepare_s"] += tb - ta
+            timing["segment_s"] += tc - tb
+            timing["cascade_s"] += time.perf_counter() - tc
+            for p, a, b in zip(group, results, second):
+                used[p.object_id], grid_of[p.object_id] = p, grid
+                first[p.object_id] = _on_source_grid(a, grid)
+                final[p.object_id] = _on_source_grid(b, grid)
         check(cancel)
         report(progress, 0.95, "fusing objects")
         t3 = time.perf_counter()
-        fused = fuse(final, keep_largest_component=not keep_all_components)
+        ordered = [final[i] for i in ids]
+        keep = {i: [grid_of[i].source_index(q) for q in used[i].positive_points] for i in ids}
+        if keep_all_components or not any(keep.values()):
+            fused = fuse(ordered, keep_largest_component=not keep_all_components)
+        else:  # the largest component of each object, and every component one of its positive points is on
+            fused = point_rules.keep_components(fuse(ordered, keep_largest_component=False), keep)
         given = {info.value: info for info in labels}
-        infos = [given.get(p.object_id) or LabelInfo(p.object_id, p.name or f"object-{p.object_id}",
-                                                     default_color(p.object_id)) for p in prompts]
+        infos = [given.get(i) or LabelInfo(i, used[i].name or f"object-{i}", default_color(i)) for i in ids]
         labelmap = LabelMap(volume.with_array(fused, f"{volume.label} labels"), infos)
         ml = volume.geometry.voxel_volume_ml
         counts = np.bincount(fused.ravel(), minlength=max(ids) + 1)
         skipped = set(int(v) for v in no_cascade)
         objects = []
-        for p, info, a, b in zip(prompts, infos, first, final):
+        for i, info in zip(ids, infos):
+            p, a, b = used[i], first[i], final[i]
             objects.append(ObjectSummary(
-                p.object_id, info.name, int(counts[p.object_id]), float(counts[p.object_id]) * ml, list(p.boxes),
-                p.z_range, [int(k) for k in b.slices],
-                float(np.mean(list(b.scores.values()))) if b.scores else None, float(a.mask.sum()) * ml,
-                bool(cascade) and p.object_id not in skipped and bool(a.mask.any())))
+                i, info.name, int(counts[i]), float(counts[i]) * ml, list(p.boxes), p.z_range,
+                [int(k) for k in b.slices], float(np.mean(list(b.scores.values()))) if b.scores else None,
+                float(a.mask.sum()) * ml, bool(cascade) and i not in skipped and bool(a.mask.any()),
+                list(p.points), p.view, grid_of[i].slice_axis))
         report(progress, 1.0, "done")
         return SegmentationResult("prompt", labelmap, objects, engine=engine_name, cascade=cascade, timings={
-            "prepare_s": t1 - t0, "segment_s": t2 - t1, "cascade_s": t3 - t2, "fuse_s": time.perf_counter() - t3,
-            "total_s": time.perf_counter() - t0})
+            **timing, "fuse_s": time.perf_counter() - t3, "total_s": time.perf_counter() - t0})
 
     def prompt(self, request: PromptRequest, progress: Optional[ProgressFn] = None,
                cancel: Optional[CancelToken] = None, cache: Optional[PreparedCache] = None) -> SegmentationResult:

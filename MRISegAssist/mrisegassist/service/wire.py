@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..labels import LabelInfo, LabelMap
-from ..prompt.base import Box2D, ObjectPrompt
+from ..prompt.base import Box2D, ObjectPrompt, Point2D
 from ..volume import Geometry, Volume
 from . import api
 
@@ -34,7 +34,7 @@ MEDIA_TYPE = "application/vnd.mrisegassist+zip"
 _DATACLASSES = {cls.__name__: cls for cls in (
     api.AutoSegmentRequest, api.PromptRequest, api.AtlasBoxesRequest, api.AutoRequest, api.DownloadWeightsRequest,
     api.ObjectSummary, api.NotFound, api.SegmentationResult, api.AtlasBoxesResult, api.WeightsStatus,
-    api.ModelInfo, api.EngineInfo, api.ServiceInfo, ObjectPrompt, Box2D, LabelInfo, LabelMap)}
+    api.ModelInfo, api.EngineInfo, api.ServiceInfo, ObjectPrompt, Box2D, Point2D, LabelInfo, LabelMap)}
 
 
 def _atlas_boxes_class():

@@ -9,6 +9,7 @@ Training arrays are ``(C, S, P, L)`` float32 images and ``(S, P, L)`` uint8 clas
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -176,39 +177,85 @@ def class_indices(case: TrainingCase, n_classes: int) -> list[np.ndarray]:
     return out
 
 
-def make_transforms(dims: str, patch: int, n_classes: int, ratios: Optional[Sequence[float]] = None):
-    """MONAI dictionary transforms: class-balanced crop, flips, rotation/zoom, intensity augmentation.
+AUGMENTATIONS = ("none", "standard", "strong")
+
+
+def make_transforms(dims: str, patch: int, n_classes: int, ratios: Optional[Sequence[float]] = None,
+                    context: int = 0, augment: str = "standard", n_sequences: int = 1):
+    """MONAI dictionary transforms: class-balanced crop, intensity augmentation, flips, rotation/zoom.
 
     Input dict: ``image`` (C, S, P, L), ``label`` (1, S, P, L), ``indices`` (per-class flat indices).
-    Output: 2D ``(C, P, L)`` / ``(1, P, L)`` patches or 3D ``(C, S, P, L)`` patches of side ``patch``.
+    Output: 2D ``(C * (2 * context + 1), P, L)`` image / ``(1, P, L)`` label patches (2.5D: the ``context``
+    slices below and above the labelled one as extra channels, sequence-major: channel ``c * (2 * context
+    + 1) + (d + context)`` is sequence ``c`` at slice offset ``d``), or 3D ``(C, S, P, L)`` patches of side
+    ``patch``. ``augment``: ``"standard"`` (the recipe of the first shipped models), ``"strong"``: per
+    sequence (``n_sequences`` = C) gamma, histogram shift, bias field, scale and shift, applied alike to a
+    sequence's neighbouring slices, then noise, in-plane blur, flips and a stronger affine; ``"none"``: the
+    class-balanced crop only (for checks).
     """
-    from monai.transforms import (CastToTyped, Compose, RandAdjustContrastd, RandAffined, RandBiasFieldd,
-                                  RandCropByLabelClassesd, RandFlipd, RandGaussianNoised,
-                                  RandScaleIntensityd, RandShiftIntensityd, SqueezeDimd, ToTensord)
+    from monai.transforms import (CastToTyped, Compose, ConcatItemsd, DeleteItemsd, Lambdad, RandAdjustContrastd,
+                                  RandAffined, RandBiasFieldd, RandCropByLabelClassesd, RandFlipd,
+                                  RandGaussianNoised, RandGaussianSmoothd, RandHistogramShiftd,
+                                  RandScaleIntensityd, RandShiftIntensityd, SplitDimd, SqueezeDimd, ToTensord)
 
+    if augment not in AUGMENTATIONS:
+        raise InputError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+    if context and dims != "2d":
+        raise InputError("neighbouring-slice context (2.5D) needs a 2D model")
     keys = ["image", "label"]
-    size = (1, patch, patch) if dims == "2d" else (patch, patch, patch)
+    depth = 2 * int(context) + 1
+    size = (depth, patch, patch) if dims == "2d" else (patch, patch, patch)
     spatial = 2 if dims == "2d" else 3
-    rotate = (0.3,) if dims == "2d" else (0.1, 0.1, 0.3)
     steps = [RandCropByLabelClassesd(keys, label_key="label", spatial_size=size, num_classes=n_classes,
                                      ratios=list(ratios) if ratios else None, num_samples=1,
-                                     indices_key="indices")]
-    steps.append(CastToTyped("label", dtype=np.float32))
-    if dims == "2d":
-        steps.append(SqueezeDimd(keys, dim=1))
+                                     indices_key="indices"),
+             CastToTyped("label", dtype=np.float32)]
+    if augment == "strong":
+        # one part per sequence: (depth, P, L) in 2D (its neighbouring slices as channels of one 2D image, so that
+        # every intensity transform, the bias field included, is the same on all of them), (1, S, P, L) in 3D
+        parts = [f"image_{c}" for c in range(n_sequences)]
+        steps.append(SplitDimd("image", output_postfixes=[str(c) for c in range(n_sequences)], dim=0,
+                               keepdim=dims != "2d"))
+        for part in parts:  # one transform instance per sequence: independent draws
+            steps += [RandAdjustContrastd(part, prob=0.4, gamma=(0.6, 1.7), retain_stats=True),
+                      RandHistogramShiftd(part, num_control_points=(6, 10), prob=0.2),
+                      RandBiasFieldd(part, prob=0.4, coeff_range=(0.0, 0.3)),
+                      RandScaleIntensityd(part, factors=0.25, prob=0.6),
+                      RandShiftIntensityd(part, offsets=0.25, prob=0.6)]
+        steps += [ConcatItemsd(parts, "image", dim=0), DeleteItemsd(parts),  # 2D: (C * depth, P, L), sequence-major
+                  RandGaussianNoised("image", prob=0.25, std=0.12),
+                  RandGaussianSmoothd("image", sigma_x=(0.25, 1.1), sigma_y=(0.25, 1.1),
+                                      sigma_z=(0.25, 1.1), prob=0.15)]
+        if dims == "2d":
+            steps.append(Lambdad("label", lambda y: y[:, int(context)]))  # the centre slice's labels
+    elif dims == "2d":
+        if context:
+            steps += [Lambdad("image", lambda x: x.reshape((-1,) + tuple(x.shape[2:]))),  # slices -> channels
+                      Lambdad("label", lambda y: y[:, int(context)])]
+        else:
+            steps.append(SqueezeDimd(keys, dim=1))
+    if augment == "none":
+        return Compose(steps + [ToTensord(keys, track_meta=False)])
+    rotate = (0.3,) if dims == "2d" else (0.1, 0.1, 0.3)
+    scale = 0.15
+    if augment == "strong":
+        rotate, scale = ((0.4,) if dims == "2d" else (0.15, 0.15, 0.4)), 0.2
     steps += [
         RandFlipd(keys, prob=0.5, spatial_axis=spatial - 1),  # left-right
         RandFlipd(keys, prob=0.2, spatial_axis=spatial - 2),  # anterior-posterior (robust to header flips)
-        RandAffined(keys, prob=0.5, rotate_range=rotate, scale_range=(0.15,) * spatial,
-                    mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=(patch,) * spatial,
-                    cache_grid=True),
-        RandBiasFieldd("image", prob=0.2, coeff_range=(0.0, 0.15)),
-        RandAdjustContrastd("image", prob=0.25, gamma=(0.7, 1.5)),
-        RandScaleIntensityd("image", factors=0.15, prob=0.5, channel_wise=True),
-        RandShiftIntensityd("image", offsets=0.15, prob=0.5, channel_wise=True),
-        RandGaussianNoised("image", prob=0.15, std=0.1),
-        ToTensord(keys, track_meta=False),
+        RandAffined(keys, prob=0.6 if augment == "strong" else 0.5, rotate_range=rotate,
+                    scale_range=(scale,) * spatial, mode=("bilinear", "nearest"), padding_mode="zeros",
+                    spatial_size=(patch,) * spatial, cache_grid=True),
     ]
+    if augment == "standard":
+        steps += [
+            RandBiasFieldd("image", prob=0.2, coeff_range=(0.0, 0.15)),
+            RandAdjustContrastd("image", prob=0.25, gamma=(0.7, 1.5)),
+            RandScaleIntensityd("image", factors=0.15, prob=0.5, channel_wise=True),
+            RandShiftIntensityd("image", offsets=0.15, prob=0.5, channel_wise=True),
+            RandGaussianNoised("image", prob=0.15, std=0.1),
+        ]
+    steps.append(ToTensord(keys, track_meta=False))
     return Compose(steps)
 
 
@@ -222,10 +269,34 @@ def pad_case(case: TrainingCase, patch: int, dims: str) -> TrainingCase:
                         np.pad(case.fg, pads), [])
 
 
+@dataclass(frozen=True)
+class SyntheticSet:
+    """``count`` seeded synthetic cases of one ``kind`` (``mrisegassist.synth``), with ``make_case`` options."""
+
+    kind: str
+    count: int
+    options: tuple = ()  # sorted (name, value) pairs of make_case keyword arguments
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "SyntheticSet":
+        unknown = sorted(set(data) - {"kind", "count", "options"})
+        if unknown or "kind" not in data:
+            raise InputError(f"synthetic set {dict(data)}: needs 'kind' and 'count' (and optional 'options'); "
+                             f"unknown keys {unknown}")
+        options = tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
+                               for k, v in dict(data.get("options") or {}).items()))
+        return cls(str(data["kind"]), int(data.get("count", 0)), options)
+
+
+_SYNTH_CACHE: dict = {}
+
+
 def synthetic_cases(kind: str, count: int, seed: int, inputs: Sequence[str], spacing, normalization,
-                    label_values: Sequence[int], options: Optional[Mapping] = None) -> list[TrainingCase]:
-    """``count`` synthetic cases from :func:`mrisegassist.synth.make_case` (``kind`` e.g. 'glioma', 'ms';
-    ``options``: further keyword arguments of ``make_case``, e.g. ``ms_small_fraction``)."""
+                    label_values: Sequence[int], options: Optional[Mapping] = None,
+                    remap: Optional[Mapping[int, int]] = None) -> list[TrainingCase]:
+    """``count`` synthetic cases (seeds ``seed``, ``seed + 1``, ...) preprocessed like real ones (kept in a
+    per-process cache: cross-validation folds reuse them). ``options``: further keyword arguments of
+    ``make_case``, e.g. ``ms_small_fraction``); ``remap``: label values changed before training."""
     if count <= 0:
         return []
     try:
@@ -234,7 +305,11 @@ def synthetic_cases(kind: str, count: int, seed: int, inputs: Sequence[str], spa
         raise InputError(f"synthetic training cases need mrisegassist.synth ({exc})") from None
     out = []
     for n in range(count):
-        case = make_case(kind, seed + n, **dict(options or {}))
-        out.append(training_case(f"synthetic-{kind}-{seed + n}", case.images, case.labels, inputs, spacing,
-                                 normalization, label_values))
+        key = json.dumps([kind, seed + n, list(inputs), list(spacing), normalization, list(label_values),
+                          options or {}, {str(k): v for k, v in (remap or {}).items()}], sort_keys=True)
+        if key not in _SYNTH_CACHE:
+            case = make_case(kind, seed + n, **dict(options or {}))
+            _SYNTH_CACHE[key] = training_case(f"synthetic-{kind}-{seed + n}", case.images, case.labels, inputs,
+                                              spacing, normalization, label_values, remap)
+        out.append(_SYNTH_CACHE[key])
     return out

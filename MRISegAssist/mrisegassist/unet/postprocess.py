@@ -17,6 +17,23 @@ BRATS_REGIONS: dict[str, tuple[int, ...]] = {
 }
 
 
+#: Network outputs: ``"softmax"``: K class logits (class 0 = background), argmax; ``"sigmoid-brats"``: three
+#: independent sigmoid channels, tumour core / whole tumour / enhancing tumour (the MONAI BraTS bundles).
+OUTPUTS = ("softmax", "sigmoid-brats")
+
+
+def decode_brats_sigmoid(probs: np.ndarray) -> np.ndarray:
+    """``(3, ...)`` TC/WT/ET probabilities -> class indices ``(...)`` uint8, as the MONAI BraTS bundles decode
+    them (each channel thresholded at 0.5; whole tumour -> 2, tumour core -> 1, enhancing -> 3, painted in that
+    order so that the nested regions win). Classes map to BraTS 2018 labels 1 (core), 2 (oedema), 4 (enhancing)."""
+    tc, wt, et = (np.asarray(probs[c]) > 0.5 for c in range(3))
+    out = np.zeros(tc.shape, dtype=np.uint8)
+    out[wt] = 2
+    out[tc] = 1
+    out[et] = 3
+    return out
+
+
 def map_classes(classes: np.ndarray, class_to_label: Sequence[int]) -> np.ndarray:
     """Network class indices -> label values (``class_to_label[c]``); returns a new uint8/int32 array."""
     lut = np.asarray(class_to_label, dtype=np.int64)

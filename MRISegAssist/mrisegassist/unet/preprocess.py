@@ -43,13 +43,22 @@ def normalise(array: np.ndarray, mode: str = "zscore", mask: Optional[np.ndarray
 
     ``"zscore"``: subtract the mean and divide by the standard deviation of the foreground voxels, set the
     background to 0 and clip to [-8, 8] (robust to raw int16 scans and to already z-scored data).
+    ``"nonzero"``: MONAI's ``NormalizeIntensity(nonzero=True)`` (the MONAI BraTS models' convention): mean
+    and standard deviation of the non-zero voxels, those voxels z-scored, zeros left at 0, no clipping.
     ``"none"``: a float32 copy.
     """
     out = np.asarray(array, dtype=np.float32).copy()
     if mode == "none":
         return out
+    if mode == "nonzero":
+        nz = out != 0
+        if nz.any():
+            values = out[nz]
+            std = float(values.std())
+            out[nz] = (values - float(values.mean())) / (std if std > 0 else 1.0)
+        return out
     if mode != "zscore":
-        raise ValueError(f"unknown normalisation {mode!r} (use 'zscore' or 'none')")
+        raise ValueError(f"unknown normalisation {mode!r} (use 'zscore', 'nonzero' or 'none')")
     fg = foreground_mask(out) if mask is None else mask
     values = out[fg]
     mean, std = float(values.mean()), float(values.std())

@@ -1,7 +1,7 @@
 """Train or fine-tune a U-Net on labelled cases; writes a ready-to-use model folder.
 
 Output folder ``out``: ``last.pt`` (model + optimizer + scheduler + history, for ``resume``), ``model.pt``
-(best weights by validation score, state dict) and ``model.json`` (a :class:`ModelEntry` with sha256 and the
+(best weights by validation score, state dict; the last epoch's when there is no validation case) and ``model.json`` (a :class:`ModelEntry` with sha256 and the
 best epoch's validation Dice), so ``UNetSegmenter(out)`` works directly.
 
 Loss: ``monai.losses.DiceCELoss``. Sampling: class-balanced crops (``RandCropByLabelClassesd``), 2D axial
@@ -25,8 +25,9 @@ from ..errors import CheckpointError, InputError
 from ..labels import LABEL_SETS, default_color
 from ..progress import CancelToken, ProgressFn, check, report
 from ..volume import atomic_write
-from .data import (CaseFiles, TrainingCase, class_indices, discover_cases, load_training_case, make_transforms,
-                   pad_case, read_manifest, synthetic_cases)
+from .distributed import DistributedRun, is_main_process, launch
+from .data import (CaseFiles, SyntheticSet, TrainingCase, class_indices, discover_cases, load_training_case,
+                   make_transforms, pad_case, read_manifest, synthetic_cases)
 from .entries import ModelEntry, sha256_file
 from .inference import predict_classes, resolve_device
 from .networks import build_network, default_spec, load_state, size_divisor
@@ -79,7 +80,12 @@ class TrainConfig:
     synthetic: int = 0
     synthetic_kind: str = "glioma"
     synthetic_options: dict = field(default_factory=dict)  # keyword arguments of mrisegassist.synth.make_case
+    # further synthetic sets: [{"kind": "lgg", "count": 4, "options": {...}}, ...] (after the one above)
+    synthetic_sets: list = field(default_factory=list)
     synthetic_fraction: float = 0.0  # share of samples drawn from synthetic cases (0: uniform over all cases)
+    context: int = 0  # 2.5D: neighbouring slices on each side given as extra channels (2D models only)
+    augment: str = "standard"  # "standard" | "strong" (see mrisegassist.unet.data.make_transforms)
+    tta_flips: list = field(default_factory=list)  # written to model.json: test-time flips, e.g. [[1]] (L-R)
     class_ratios: Optional[list[float]] = None
     regions: Optional[str] = None  # "brats"
     min_component_mm3: float = 0.0
@@ -92,6 +98,7 @@ class TrainConfig:
     threads: int = 0
     max_minutes: float = 0.0
     resume: bool = False
+    nproc: int = 0  # processes (torch.distributed, see .distributed); 0 or 1: this process only
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
@@ -109,6 +116,12 @@ class TrainConfig:
 
     def resolved_spacing(self) -> list:
         return self.spacing or ([1.0, 1.0, None] if self.dims == "2d" else [1.0, 1.0, 1.0])
+
+    def synthetic_set_list(self) -> list[SyntheticSet]:
+        """The synthetic sets: ``synthetic``/``synthetic_kind``/``synthetic_options`` first, then ``synthetic_sets``."""
+        sets = [SyntheticSet.from_dict({"kind": self.synthetic_kind, "count": self.synthetic,
+                                        "options": self.synthetic_options})] if self.synthetic else []
+        return sets + [SyntheticSet.from_dict(d) for d in self.synthetic_sets]
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -128,13 +141,14 @@ def _mean(values) -> float:
 
 
 def validate(network: torch.nn.Module, cases: Sequence[TrainingCase], labels: list[dict], dims: str,
-             device: torch.device, roi: Sequence[int], divisor: int, regions: Optional[str]) -> dict:
+             device: torch.device, roi: Sequence[int], divisor: int, regions: Optional[str],
+             context: int = 0) -> dict:
     """Dice per label (and per BraTS region) of each validation case, on the model grid."""
     network.eval()
     per_case = {}
     values = [int(lab["value"]) for lab in labels]
     for case in cases:
-        classes, _ = predict_classes(network, case.image, case.fg, dims, device, roi, divisor)
+        classes, _ = predict_classes(network, case.image, case.fg, dims, device, roi, divisor, context=context)
         lut = np.array([0] + values)
         pred, ref = lut[classes], lut[case.label]
         scores = {lab["name"]: d for lab, d in zip(labels, dice_scores(pred, ref, values).values())}
@@ -167,12 +181,17 @@ def _split(cases: list[CaseFiles], cfg: TrainConfig) -> tuple[list[CaseFiles], l
 
 
 def _checkpoint(path: Path, payload: dict) -> None:
+    if not is_main_process():
+        return
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
           log: Callable[[str], None] = print) -> dict:
     """Train per ``cfg``; returns a summary (epochs run, best score, output paths, validation figures)."""
+    run = DistributedRun.from_env()  # torchrun / launch(); see .distributed
+    if cfg.nproc > 1 and not run.active:
+        return launch(cfg, show_progress=progress is not None, verbose=log is print)
     if not cfg.out:
         raise InputError("no output folder given (--out)")
     if cfg.dims not in ("2d", "3d"):
@@ -194,7 +213,8 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     train_files, val_files = _split(files, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = run.setup(resolve_device(cfg.device))
+    progress, log = (progress, log) if run.is_main else (None, lambda message: None)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     spacing = cfg.resolved_spacing()
@@ -209,8 +229,12 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
         return loaded
 
     train_cases = load(train_files, 0.0, 0.02)
-    synthetic = synthetic_cases(cfg.synthetic_kind, cfg.synthetic, 1000 + cfg.seed, cfg.inputs, spacing, norm,
-                                values, cfg.synthetic_options)
+    synthetic: list[TrainingCase] = []
+    for n_set, synth_set in enumerate(cfg.synthetic_set_list()):  # distinct seeds per set
+        check(cancel)
+        report(progress, 0.02, f"synthetic {synth_set.kind} cases")
+        synthetic += synthetic_cases(synth_set.kind, synth_set.count, 1000 + cfg.seed + 200 * n_set, cfg.inputs,
+                                     spacing, norm, values, dict(synth_set.options))
     n_real = len(train_cases)
     train_cases += synthetic
     val_cases = load(val_files, 0.02, 0.04)
@@ -220,12 +244,15 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     log(f"training on {len(train_cases)} case(s): {', '.join(c.name for c in train_cases)}; validating on "
         f"{', '.join(c.name for c in val_cases) or 'none'}")
 
-    spec = default_spec(cfg.dims, len(cfg.inputs), n_classes)
+    if cfg.context and cfg.dims != "2d":
+        raise InputError("context (neighbouring slices, 2.5D) needs a 2D model")
+    spec = default_spec(cfg.dims, len(cfg.inputs) * (2 * cfg.context + 1), n_classes)
     if cfg.channels:
         spec["channels"], spec["strides"] = list(cfg.channels), [2] * (len(cfg.channels) - 1)
     torch.manual_seed(cfg.seed)  # reproducible initial weights
     network = build_network(spec).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = run.wrap(network)
     total_steps = cfg.epochs * cfg.steps_per_epoch
     from monai.losses import DiceCELoss
 
@@ -246,7 +273,8 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
         minutes_before = float(history[-1]["minutes"]) if history else 0.0
         log(f"resumed from {last_path} after epoch {start_epoch} (best score {best_score:.3f})")
 
-    transforms = make_transforms(cfg.dims, cfg.resolved_patch(), n_classes, cfg.class_ratios)
+    transforms = make_transforms(cfg.dims, cfg.resolved_patch(), n_classes, cfg.class_ratios, cfg.context,
+                                 cfg.augment, len(cfg.inputs))
     transforms.set_random_state(seed=cfg.seed + start_epoch)
     rng = random.Random(cfg.seed + start_epoch)
     torch.manual_seed(cfg.seed + start_epoch)
@@ -255,7 +283,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     t_start = time.perf_counter()
 
     def minutes() -> float:
-        return minutes_before + (time.perf_counter() - t_start) / 60
+        return run.same(minutes_before + (time.perf_counter() - t_start) / 60)
 
     def out_of_time() -> bool:
         return bool(cfg.max_minutes) and minutes() > cfg.max_minutes
@@ -286,7 +314,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
             x = torch.stack([s["image"] for s in samples]).float().to(device)
             y = torch.stack([s["label"] for s in samples]).to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(network(x), y)
+            loss = run.loss(loss_fn, model, x, y)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
@@ -296,15 +324,16 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
                                   "lr": optimizer.param_groups[0]["lr"], "minutes": minutes()}
         last = epoch == cfg.epochs or out_of_time()
         if val_cases and (epoch % max(cfg.val_every, 1) == 0 or last):
-            record["validation"] = validate(network, val_cases, labels, cfg.dims, device, roi, divisor, cfg.regions)
+            record["validation"] = validate(network, val_cases, labels, cfg.dims, device, roi, divisor, cfg.regions,
+                                            cfg.context)
             score = record["validation"]["score"]
         else:
-            score = None if val_cases else -record["loss"]
+            score = None
         history.append(record)
         log(f"epoch {epoch}: loss {record['loss']:.4f}, {record['minutes']:.1f} min" +
-            (f", validation score {score:.3f}" if score is not None and val_cases else ""))
-        if score is not None and score > best_score:
-            best_score = score
+            (f", validation score {score:.3f}" if score is not None else ""))
+        if (score is not None and score > best_score) or not val_cases:  # no validation case: the last epoch
+            best_score = score if score is not None else best_score
             _write_model(out, network, spec, cfg, labels, train_cases, val_cases, record, spacing, norm)
         _checkpoint(last_path, {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
                                 "epoch": epoch, "best": best_score,
@@ -324,6 +353,8 @@ def _json_safe(data: Any) -> Any:
 def _write_model(out: Path, network: torch.nn.Module, spec: dict, cfg: TrainConfig, labels: list[dict],
                  train_cases: Sequence[TrainingCase], val_cases: Sequence[TrainingCase], record: dict,
                  spacing: list, norm: dict) -> None:
+    if not is_main_process():
+        return
     weights = out / "model.pt"
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     atomic_write(weights, lambda tmp: torch.save(state, tmp))
@@ -332,12 +363,16 @@ def _write_model(out: Path, network: torch.nn.Module, spec: dict, cfg: TrainConf
         labels=labels, label_mapping={str(c): int(lab["value"]) for c, lab in enumerate(labels, start=1)},
         spacing=spacing, normalization=norm, dims=cfg.dims, roi_size=[cfg.resolved_patch()] * 3,
         licence=cfg.licence, sha256=sha256_file(weights), weights="model.pt", description=cfg.description,
-        regions=cfg.regions, min_component_mm3=cfg.min_component_mm3, network=spec,
+        regions=cfg.regions, min_component_mm3=cfg.min_component_mm3, network=spec, context=cfg.context,
+        tta_flips=[list(f) for f in cfg.tta_flips],
         training={"cases": [c.name for c in train_cases], "validation_cases": [c.name for c in val_cases],
                   "epoch": record["epoch"], "loss": record["loss"], "minutes": round(record["minutes"], 2),
                   "steps_per_epoch": cfg.steps_per_epoch, "batch_size": cfg.batch_size,
                   "patch": cfg.resolved_patch(), "lr": cfg.lr, "seed": cfg.seed, "synthetic": cfg.synthetic,
                   "synthetic_kind": cfg.synthetic_kind, "synthetic_options": dict(cfg.synthetic_options),
-                  "synthetic_fraction": cfg.synthetic_fraction},
+                  "synthetic_sets": [dict(kind=s.kind, count=s.count, options=dict(s.options))
+                                     for s in cfg.synthetic_set_list()],
+                  "synthetic_fraction": cfg.synthetic_fraction, "augment": cfg.augment, "context": cfg.context,
+                  "epochs": cfg.epochs},
         validation=record.get("validation", {}), folder=out)
     entry.write(out)
