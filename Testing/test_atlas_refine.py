@@ -200,7 +200,8 @@ def test_shipped_rules_are_found_and_a_stale_file_is_detected(brain, tmp_path, m
     doc = json.loads(refine.shipped_path("brain", "classical", "A").read_text())
     monkeypatch.setattr(refine, "SHIPPED_DIR", tmp_path)
     target = tmp_path / "brain.classical.A.json"
-    for change, field in (({"version": refine.VERSION - 1}, "version"), ({"references": ["other"]}, "references")):
+    for change, field in (({"version": refine.VERSION - 1}, "version"), ({"references": ["other"]}, "references"),
+                          ({"engine_code": "0" * 16}, "engine_code")):
         target.write_text(json.dumps({**doc, "made_for": {**doc["made_for"], **change}}))
         none, why = refine.shipped_rules("brain", brain, "classical")
         assert none is None and why == f"brain.classical.A.json is stale: learnt for other {field}"

@@ -113,6 +113,34 @@ def test_reference_registrations_are_cached_on_disk(colin27, crop, tmp_path, mon
     assert CommonSpace(refset, FAST, cache=tmp_path).missing() == [copy]
 
 
+def test_anchor_working_images_are_cached_on_disk_bit_for_bit(colin27, tmp_path, monkeypatch):
+    """The anchor at the working and refinement spacings is computed once, written to the cache and read back
+    identical (array, spacing, origin, direction), so a warm run gives the same registration; a damaged file
+    is computed again and replaced."""
+    space = CommonSpace(colin27, FAST, cache=tmp_path)
+    computed = [space.anchor_image(), space.anchor_image(FAST.refine_resolution_mm)]
+    files = sorted(tmp_path.glob("anchors/*.mha"))
+    assert [f.name for f in files] == sorted(f"{colin27.references[0].key}-{r:g}mm.mha"
+                                             for r in (FAST.resolution_mm, FAST.refine_resolution_mm))
+    monkeypatch.setattr(space_module, "working_image", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("computed again")))
+    again = CommonSpace(colin27, FAST, cache=tmp_path)
+    for image, res in zip(computed, (FAST.resolution_mm, FAST.refine_resolution_mm)):
+        back = again.anchor_image(res)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+        assert (back.GetSpacing(), back.GetOrigin(), back.GetDirection()) == \
+            (image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    monkeypatch.undo()
+    files[0].write_bytes(b"damaged")
+    fresh = CommonSpace(colin27, FAST, cache=tmp_path)
+    name = files[0].name
+    res = FAST.resolution_mm if name.endswith(f"-{FAST.resolution_mm:g}mm.mha") else FAST.refine_resolution_mm
+    expected = computed[0] if res == FAST.resolution_mm else computed[1]
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(fresh.anchor_image(res)),
+                                  sitk.GetArrayViewFromImage(expected))
+    assert files[0].stat().st_size > 1000
+
+
 def test_registration_refuses_images_that_do_not_overlap(crop):
     image, _ = crop
     rng = np.random.default_rng(0)

@@ -3,10 +3,12 @@
 Writes ``MRISegAssist/mrisegassist/atlas/builtin/rules/<set>.<engine>.<strategy>.json`` for every built-in set,
 engine and strategy of ``mrisegassist.atlas.refine.SHIPPED_*`` (``atlas`` = label fusion alone). Each file is
 stamped with what the rules depend on (the installed atlases' content keys, the registration settings, the
-structures, the learning procedure's version); at run time a file whose stamp differs is reported as stale and
-the rules are learnt on first use instead. Re-run this script (and commit the files) after changing the
-registration settings (``registration.FAST``), the learning procedure (``refine.VERSION``) or the built-in
-atlases. ``--check`` only reports whether each shipped file is current (exit status 1 when one is not)::
+structures, the engine's code, the learning procedure's version); at run time a file whose stamp differs is
+reported as stale and the rules are learnt on first use instead. Re-run this script (and commit the files)
+after changing the registration settings (``registration.FAST``), the learning procedure (``refine.VERSION``),
+the engine's code (``refine.engine_code``: its module and the prompt package's common modules) or the built-in
+atlases.
+``--check`` only reports whether each shipped file is current (exit status 1 when one is not)::
 
     PYTHONPATH=MRISegAssist .venv/bin/python scripts/learn_atlas_rules.py [--check] [--sets brain] \\
         [--engines atlas,classical] [--strategies A,B]

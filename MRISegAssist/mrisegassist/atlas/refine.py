@@ -30,7 +30,7 @@ strategy and :data:`VERSION`); learning never reads a target's labels.
 **Shipped rules** (:func:`shipped_rules`): for the built-in reference sets, the engines that need no download
 (label fusion alone and ``classical``) and both strategies, the rules are learnt once by
 ``scripts/learn_atlas_rules.py`` and ship in ``builtin/rules/`` stamped with :func:`made_for`; a file whose stamp
-differs from what the installed references and current settings give is stale and not used (the rules are then
+differs from what the installed references, current settings and engine code give is stale and not used (the rules are then
 learnt on first use and cached, as for any other reference set). :func:`find_rules` looks for rules that need
 no learning run. A user's ``--threshold`` for a structure replaces its rule (:meth:`Refinement.with_thresholds`).
 """
@@ -202,15 +202,39 @@ def engine_label(engine) -> str:
     return engine if isinstance(engine, str) else (engine.name or "engine")
 
 
+#: modules of the prompt package every registered engine's output depends on (besides its own module)
+ENGINE_COMMON_MODULES = ("base", "propagation", "fusion", "strategies")
+
+
+def engine_code(engine_name: str) -> str:
+    """sha256 (16 hex digits) of the source of a registered engine's module and :data:`ENGINE_COMMON_MODULES`, so
+    rules learnt with an engine become stale when its code changes; ``""`` for label fusion alone and for engines
+    not in the registry."""
+    from ..prompt import ENGINES
+
+    spec = ENGINES.get(engine_name)
+    if spec is None:
+        return ""
+    folder = Path(__file__).resolve().parent.parent / "prompt"
+    h = hashlib.sha256()
+    for module in (spec.module, *ENGINE_COMMON_MODULES):
+        path = folder / f"{module}.py"
+        h.update(module.encode())
+        h.update(path.read_bytes() if path.is_file() else b"")
+    return h.hexdigest()[:16]
+
+
 def made_for(refset: ReferenceSet, engine_name: str, settings: RegistrationSettings, strategy: str,
              max_folds: int = 2) -> dict:
     """Everything rules depend on: this procedure's :data:`VERSION`, the references' content keys, the
-    structures' definitions, the registration settings, the engine, the box strategy and the grid of levels."""
+    structures' definitions, the registration settings, the engine and its code (:func:`engine_code`), the box
+    strategy and the grid of levels."""
     structures = json.dumps([s.to_json() for s in refset.structures], sort_keys=True)
     return {"version": VERSION, "references": [r.key for r in refset.references],
             "structures": hashlib.sha256(structures.encode()).hexdigest()[:16], "settings": settings.key(),
-            "engine": engine_name, "strategy": strategy if engine_name else "", "max_folds": max_folds,
-            "grid": list(GRID), "min_gain": MIN_GAIN}
+            "engine": engine_name, "engine_code": engine_code(engine_name),
+            "strategy": strategy if engine_name else "", "max_folds": max_folds, "grid": list(GRID),
+            "min_gain": MIN_GAIN}
 
 
 def _key(refset: ReferenceSet, engine: str, settings: RegistrationSettings, strategy: str, max_folds: int) -> str:
@@ -432,8 +456,8 @@ def shipped_rules(set_name: str, refset: ReferenceSet, engine=None, *, augment: 
     """The shipped rules of ``builtin:<set_name>`` (``refset``: that set as loaded here, possibly restricted to
     some of its structures, with ``augment`` references) for ``engine`` and ``strategy``, and how they were
     found. ``(None, why)`` when none ship, the file is damaged, or it is stale: learnt for other references
-    (the installed template files differ), other registration settings, structure definitions, box strategy or
-    learning procedure (:data:`VERSION`) than what :func:`made_for` gives now."""
+    (the installed template files differ), other registration settings, structure definitions, engine code, box
+    strategy or learning procedure (:data:`VERSION`) than what :func:`made_for` gives now."""
     name = engine_label(engine)
     path = shipped_path(set_name, name, strategy, augment)
     if not path.is_file():

@@ -107,11 +107,20 @@ class CommonSpace:
         return self.cache / self.settings.key() / self.anchor.key / f"{ref.key}.h5"
 
     def anchor_image(self, resolution_mm: Optional[float] = None) -> sitk.Image:
-        """The anchor image at the working resolution (default) or at ``resolution_mm`` (computed once each)."""
+        """The anchor image at the working resolution (default) or at ``resolution_mm``: computed once
+        (:func:`.registration.working_image`) and kept in memory and in the cache folder (``anchors/``, float32
+        MetaImage, read back bit for bit), since it does not depend on the patient."""
         res = self.settings.resolution_mm if resolution_mm is None else resolution_mm
         with self._lock:
             if res not in self._anchor_work:
-                self._anchor_work[res] = working_image(self.anchor.image, res)
+                path = None if self.cache is None else self.cache / "anchors" / f"{self.anchor.key}-{res:g}mm.mha"
+                image = _read_image(path)
+                if image is None:
+                    image = working_image(self.anchor.image, res)
+                    if path is not None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True))
+                self._anchor_work[res] = image
             return self._anchor_work[res]
 
     def _fine_anchor(self) -> Optional[sitk.Image]:
@@ -328,6 +337,16 @@ class CommonSpace:
         report(progress, 1.0, "references warped onto the target")
         return WarpedReferences(target.geometry, [lab for lab in labels if lab is not None],
                                 [r.name for r in refs], s, dict(self.timings))
+
+
+def _read_image(path: Optional[Path]) -> Optional[sitk.Image]:
+    """A cached image, or ``None`` when absent or unreadable (then computed again and replaced)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return sitk.ReadImage(str(path), sitk.sitkFloat32)
+    except RuntimeError:
+        return None
 
 
 @contextlib.contextmanager
