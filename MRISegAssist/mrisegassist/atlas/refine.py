@@ -30,9 +30,10 @@ strategy and :data:`VERSION`); learning never reads a target's labels.
 **Shipped rules** (:func:`shipped_rules`): for the built-in reference sets, the engines that need no download
 (label fusion alone and ``classical``) and both strategies, the rules are learnt once by
 ``scripts/learn_atlas_rules.py`` and ship in ``builtin/rules/`` stamped with :func:`made_for`; a file whose stamp
-differs from what the installed references, current settings and engine code give is stale and not used (the rules are then
-learnt on first use and cached, as for any other reference set). :func:`find_rules` looks for rules that need
-no learning run. A user's ``--threshold`` for a structure replaces its rule (:meth:`Refinement.with_thresholds`).
+differs from what the installed references, current settings and engine code give is stale and not used (the
+rules are then learnt on first use and cached, as for any other reference set). :func:`find_rules` looks for
+rules that need no learning run. A user's ``--threshold`` for a structure replaces its rule
+(:meth:`Refinement.with_thresholds`).
 """
 from __future__ import annotations
 
