@@ -107,7 +107,8 @@ def test_atlas_prompts_engine_cascade_label_map(crop, tmp_path, monkeypatch):
     _, image = crop
     refset = load_reference_set("builtin:colin27", ["third-ventricle", "hippocampus-left"])
     atlas = AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle", "hippocampus-left"])
-    result = Service("cpu").auto(AutoRequest(image, "classical", "C", atlas=atlas))
+    service = Service("cpu")
+    result = service.auto(AutoRequest(image, "classical", "C", atlas=atlas, refine=False))
     labels = result.labels
     assert [(i.value, i.name) for i in labels.labels] == [(1, "third-ventricle"), (2, "hippocampus-left")]
     assert labels.labels[0].color == tuple(refset.structure("third-ventricle").color)
@@ -122,6 +123,69 @@ def test_atlas_prompts_engine_cascade_label_map(crop, tmp_path, monkeypatch):
     z = result.boxes.get("third-ventricle").z_range
     ks = np.nonzero((labels.volume.array == 1).any(axis=(1, 2)))[0]
     assert z[0] <= ks.min() and ks.max() <= z[1]
+    # with the rules (the default): one reference gives no evidence to learn from, so every structure keeps
+    # the atlas's label fusion, whatever the engine found (reported as its first pass)
+    ruled = service.auto(AutoRequest(image, "classical", "C", atlas=atlas))
+    assert [o.rule for o in ruled.objects] == ["fusion", "fusion"] and "no evidence" in ruled.rules
+    fused = service.auto(AutoRequest(image, ATLAS_ENGINE, atlas=atlas)).array
+    np.testing.assert_array_equal(ruled.array, fused)
+    assert [o.first_pass_ml for o in ruled.objects] == [o.first_pass_ml for o in result.objects]
+
+
+def test_service_applies_the_rules_shipped_for_a_builtin_set(crop, monkeypatch):
+    """``builtin:brain`` (Colin27 + MNI152) with the classical engine: the rules come from the file shipped in
+    the package, no learning run; each structure's label is what its shipped rule makes of the engine's own
+    result and the score maps (the default cache: the built-in atlases are not rebuilt)."""
+    from mrisegassist.atlas import refine
+
+    monkeypatch.setattr(refine, "learn_refinement", lambda *a, **k: pytest.fail("rules learnt at run time"))
+    _, image = crop
+    names = ["lateral-ventricle-left", "lateral-ventricle-right", "caudate-left", "third-ventricle"]
+    path = refine.shipped_path("brain", "classical", "A")
+    shipped = refine.Refinement.from_json(json.loads(path.read_text()))
+    service = Service("cpu")
+    atlas = AtlasBoxesRequest(image, "builtin:brain", names)
+    result = service.auto(AutoRequest(image, "classical", atlas=atlas))
+    assert result.rules.startswith(f"shipped ({path.name})") and "leave-one-source-out" in result.rules
+    assert [o.rule for o in result.objects] == [shipped.rules[o.name].kind for o in result.objects]
+    plain = service.auto(AutoRequest(image, "classical", atlas=atlas, refine=False))
+    boxes = auto.atlas_boxes(image, load_reference_set("builtin:brain", names))
+    np.testing.assert_array_equal(result.array, refine.refine_labels(boxes, plain.array, shipped))
+    for o in result.objects:
+        assert o.voxels == int((result.array == o.label).sum())
+    # --engine atlas: label fusion at the shipped fusion thresholds; a user's threshold replaces its rule
+    fusion = service.auto(AutoRequest(image, ATLAS_ENGINE, atlas=atlas))
+    atlas_rules = refine.Refinement.from_json(json.loads(refine.shipped_path("brain", "atlas", "A").read_text()))
+    np.testing.assert_array_equal(fusion.array, refine.refine_labels(boxes, None, atlas_rules))
+    given = service.auto(AutoRequest(image, ATLAS_ENGINE, atlas=AtlasBoxesRequest(
+        image, "builtin:brain", names, thresholds={"caudate-left": 1.0})))
+    caudate = boxes.score_map("caudate-left")
+    np.testing.assert_array_equal(given.array == caudate.value, caudate.mask(1.0))
+
+
+def test_a_stale_shipped_file_is_reported_and_the_rules_learnt(crop, tmp_path, monkeypatch):
+    """A shipped rules file stamped for other registration settings is not used: the service warns and learns
+    the rules on the references (once; cached), with progress."""
+    from mrisegassist.atlas import refine
+    from mrisegassist.errors import InputWarning
+
+    _, image = crop
+    doc = json.loads(refine.shipped_path("brain", "atlas", "A").read_text())
+    doc["made_for"]["settings"] = "0000000000000000"
+    (tmp_path / "brain.atlas.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(refine, "SHIPPED_DIR", tmp_path)
+    calls = []
+
+    def learn(refset, engine, **kw):
+        calls.append((engine, kw["strategy"], kw["progress"] is not None))
+        return refine.Refinement.fusion_only(refset.structures, "", "stub")
+
+    monkeypatch.setattr(refine, "learn_refinement", learn)
+    names = ["caudate-left", "third-ventricle"]
+    with pytest.warns(InputWarning, match="brain.atlas.json is stale: learnt for other settings"):
+        atlas = AtlasBoxesRequest(image, "builtin:brain", names)
+        result = Service("cpu").auto(AutoRequest(image, ATLAS_ENGINE, atlas=atlas), lambda f, m: None)
+    assert calls == [(None, "A", True)] and result.rules == "learnt: stub"
 
 
 def test_atlas_and_auto_commands(crop, tmp_path, capsys, monkeypatch):

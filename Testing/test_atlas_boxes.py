@@ -104,7 +104,10 @@ def test_real_score_maps_and_boxes_on_the_itksnap_crop(crop_boxes):
     for s in boxes.found():
         score = boxes.score_map(s.name)
         full = score.full()
-        assert full.min() >= 0 and full.max() <= 1 and set(np.unique(full * 3).round(4)) == {0, 1, 2, 3}
+        # the common-space counts (0..3 of 3 references) interpolated linearly onto the target: every level
+        # 1/3, 2/3, 1 is reached, values between them only where the references' borders meet
+        assert full.min() >= 0 and full.max() <= 1
+        assert all(np.isclose(full, level / 3, atol=1e-3).any() for level in (1, 2, 3))
         mask = score.mask()
         assert s.z_range == z_extent(mask) and s.boxes == boxes_for_object(mask, "A")
         # the box holds the thresholded map on its slice, and it lies on the expert structure
@@ -145,3 +148,17 @@ def test_boxes_json_round_trip_and_not_found(crop_boxes, tmp_path):
         assert len(s.boxes) == 3 and all(s.z_range[0] <= x.k <= s.z_range[1] for x in s.boxes)
     # reusing the common space: the references are not registered again
     assert space.missing() == []
+
+
+def test_score_maps_from_the_common_space_match_the_exact_warp(crop_boxes):
+    """The fast path (score maps computed once in the common space, resampled onto the target through the
+    target's registration) agrees with warping every reference label map onto the target through the composed
+    transforms, then scoring: same structures found, thresholded maps with Dice > 0.95."""
+    image, _, boxes, space = crop_boxes
+    exact = score_maps(space.warp(image).labels, space.refset.structures)
+    for fast, slow in zip(boxes.scores, exact):
+        assert fast.structure.name == slow.structure.name and fast.value == slow.value
+        a, b = fast.mask(), slow.mask()
+        assert a.any() == b.any(), fast.structure.name
+        if b.any():
+            assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.95, fast.structure.name

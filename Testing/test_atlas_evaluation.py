@@ -57,13 +57,20 @@ def test_evaluation_end_to_end_with_the_target_as_its_own_reference(crop, tmp_pa
     left = labels.with_array(np.where(masks["lateral-ventricle-right"], 0, labels.array).astype(np.uint8))
     refset = ReferenceSet("self", [Reference("crop", image, left)], structures, "expert")
     case = EvalCase("self", image, {n: masks[n] for n in names}, refset, "expert (manual ITK-SNAP labels)", "test")
-    result = evaluate(case, settings=RegistrationSettings(deformable="none"))
+    affine = RegistrationSettings(deformable="none")
+    result = evaluate(case, settings=affine, baseline=affine)
     rows = {r["structure"]: r for r in result["rows"]}
     assert set(rows) == set(names) and result["references"] == 1
     for r in rows.values():
         assert r["found"] and r["dice_atlas_only"] > 0.9 and r["box_iou"] > 0.8 and r["z_coverage"] > 0.9
+        # the direct warp of the target onto itself, and fusion of one reference (no fold to learn from:
+        # fusion at the defined threshold, the prompted pipeline keeps it)
+        assert r["dice_direct"] > 0.9 and r["dice_fusion"] == r["dice_atlas_only"] and r["rule"] == "fusion"
+        assert r["dice_prompted"] == r["dice_fusion"]
         for key in ("dice_ref_boxes", "dice_auto_boxes", "dice_cascade_C", "dice_cascade_D"):
             assert 0.0 <= r[key] <= 1.0
+    assert result["direct"]["best"] == "crop" and result["goals"]["prompted_ge_fusion"]
+    assert result["refinement"]["folds"] == []
     # hippocampus is excluded from the cascade: it keeps its first-pass result (test_atlas_cascade checks the
     # objects); in the fused label map only voxels the refined ventricle (temporal horn) now claims can change
     h = rows["hippocampus-left"]
@@ -71,5 +78,6 @@ def test_evaluation_end_to_end_with_the_target_as_its_own_reference(crop, tmp_pa
         assert abs(h[key] - h["dice_auto_boxes"]) <= 0.02
     text = format_table(result)
     assert "lateral-ventricle-left" in text and "expert (manual ITK-SNAP labels)" in text
+    assert "goal fusion >= direct warp: " in text and "goal prompted >= fusion: met" in text
     png = write_png([result], tmp_path / "eval.png")
     assert png.stat().st_size > 5000

@@ -16,4 +16,4 @@ from .cascade import cascade_prompt, enlarge_box, enlarge_range, run_cascade  # 
 from .references import (Reference, ReferenceSet, Structure, builtin_names, cache_dir,  # noqa: F401
                          load_reference_set)
 from .registration import FAST, FULL, RegistrationSettings, register, warp_labels  # noqa: F401
-from .space import CommonSpace, WarpedReferences  # noqa: F401
+from .space import CommonSpace, TargetScores, WarpedReferences  # noqa: F401

@@ -90,7 +90,7 @@ def deformed_reference(ref: Reference, deformation: Deformation) -> Reference:
         return read_volume(labels_path, kind="label", name=f"{ref.name}~{deformation.seed} labels")
 
     return Reference(f"{ref.name}~{deformation.seed}", load_image, load_labels, key=key,
-                     origin=f"{ref.origin or ref.name} deformed (seed {deformation.seed})")
+                     origin=f"{ref.origin or ref.name} deformed (seed {deformation.seed})", source=ref.source)
 
 
 def augment(refset: ReferenceSet, total: int, *, seed: int = 0, magnitude_mm: float = 4.0,

@@ -1,8 +1,11 @@
 """Accuracy of automatic prompts per structure (the seed's Table 2.2, adapted to brain MRI).
 
-For each structure of a target with reference labels: Dice of the promptable engine's result with boxes from
+For each structure of a target with reference labels: Dice of the direct-warp baseline (each original atlas
+registered straight onto the target, affine + B-spline, :func:`direct_warps`), of the label fusion at the
+thresholds learnt on the references and of the prompted pipeline (atlas boxes -> engine -> per-structure rules
+learnt on the references, :mod:`.refine`); Dice of the promptable engine's result with boxes from
 the reference mask, with the automatic (atlas) boxes, and after the cascade (C, D); the Dice of the atlas
-alone (thresholded score map); and box quality: IoU of the automatic box rectangle vs the reference one (strategy
+alone (score map thresholded at 0.5); and box quality: IoU of the automatic box rectangle vs the reference one (strategy
 A, slices may differ: ``box_dk``), IoU of the 3D bounding boxes, fraction of the reference z-range covered.
 
 Datasets (:func:`dataset`):
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -40,7 +43,8 @@ from .auto import atlas_boxes
 from .boxes import AtlasBoxes
 from .cascade import run_cascade
 from .references import ReferenceSet
-from .registration import FAST, RegistrationSettings
+from .refine import Refinement, learn_refinement, refine_labels
+from .registration import DIRECT, FAST, RegistrationSettings, register, warp_labels
 
 DATASETS = ("itksnap", "colin27-loo", "mni152-loo")
 ITKSNAP_STRUCTURES = {  # atlas structure -> (itksnap label, side: "left" = i above the midline, "right", None)
@@ -158,10 +162,48 @@ def box_quality(auto_boxes: AtlasBoxes, masks: dict[str, np.ndarray], strategy: 
     return out
 
 
+def direct_warps(case: EvalCase, names: Sequence[str], settings: RegistrationSettings = DIRECT,
+                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> dict:
+    """The direct-warp baseline: each original atlas of ``case.refset`` (the first reference of every source;
+    deformed copies are not atlases of their own) registered straight onto the target with ``settings``
+    (affine + B-spline, no common space, no fusion), its labels warped (nearest neighbour).
+
+    Returns ``{"atlases": {name: {"dice": {structure: d}, "mean": m, "seconds": s}}, "best": name}``; ``best`` is
+    the atlas with the highest mean Dice (chosen on the target's labels: the strongest single-atlas baseline)."""
+    structures = [case.refset.structure(n) for n in names]
+    seen, atlases = set(), []
+    for ref in case.refset.references:
+        if ref.source not in seen:
+            seen.add(ref.source)
+            atlases.append(ref)
+    spacing = case.target.geometry.spacing
+    out: dict[str, dict] = {}
+    for n, ref in enumerate(atlases):
+        check(cancel)
+        report(progress, n / len(atlases), f"direct warp of {ref.name}")
+        t0 = time.perf_counter()
+        transform = register(case.target, ref.image, settings, cancel=cancel, names=(case.target.label, ref.name))
+        labels = warp_labels(ref.labels, case.target.geometry, transform)
+        dice = {s.name: round(overlap_metrics(np.isin(labels, s.labels), case.masks[s.name], spacing,
+                                              distances=False)["dice"], 4) for s in structures}
+        out[ref.name] = {"dice": dice, "mean": round(float(np.mean(list(dice.values()))), 4),
+                         "seconds": round(time.perf_counter() - t0, 1)}
+    report(progress, 1.0, "direct warps done")
+    return {"atlases": out, "best": max(out, key=lambda k: out[k]["mean"])}
+
+
 def evaluate(case: EvalCase, engine: str = "classical", strategy: str = "A", cascades: Sequence[str] = ("C", "D"),
-             settings: RegistrationSettings = FAST, device: str = "cpu", progress: Optional[ProgressFn] = None,
-             cancel: Optional[CancelToken] = None) -> dict:
-    """Run every condition on ``case``; returns ``{"rows": [...], "timings_s": {...}, ...}``."""
+             settings: RegistrationSettings = FAST, device: str = "cpu",
+             baseline: Optional[RegistrationSettings] = DIRECT, refinement: Union[str, Refinement, None] = "learn",
+             progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> dict:
+    """Run every condition on ``case``; returns ``{"rows": [...], "timings_s": {...}, ...}``.
+
+    Besides the engine conditions: ``dice_direct`` (the direct-warp baseline, :func:`direct_warps` with
+    ``baseline``; ``None`` skips it), ``dice_fusion`` (label fusion at the thresholds learnt on the references,
+    what ``--engine atlas`` outputs) and ``dice_prompted`` (atlas boxes -> engine -> refinement, the prompted
+    pipeline). ``refinement``: ``"learn"`` learns the rules on ``case.refset`` only (:mod:`.refine`; the
+    target's labels are never used), or given rules, or ``None`` (fusion at the defined thresholds, prompted =
+    the engine's first pass)."""
     t0 = time.perf_counter()
     masks = {n: m for n, m in case.masks.items() if m.any()}
     names = [s.name for s in case.refset.structures if s.name in masks]
@@ -169,8 +211,16 @@ def evaluate(case: EvalCase, engine: str = "classical", strategy: str = "A", cas
         raise InputError(f"{case.name}: no structure of the reference set has a reference mask")
     refset = case.refset.select(names)
     sub = (lambda a, b: None if progress is None else (lambda f, m: progress(a + (b - a) * f, m)))
-    boxes = atlas_boxes(case.target, refset, strategy, settings=settings, progress=sub(0.0, 0.45), cancel=cancel)
-    t_boxes = time.perf_counter() - t0
+    direct = direct_warps(case, names, baseline, sub(0.0, 0.15), cancel) if baseline is not None else None
+    t_direct = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if refinement == "learn":
+        refinement = learn_refinement(refset, engine, settings=settings, strategy=strategy, device=device,
+                                      progress=sub(0.15, 0.35), cancel=cancel)
+    t_learn = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    boxes = atlas_boxes(case.target, refset, strategy, settings=settings, progress=sub(0.35, 0.45), cancel=cancel)
+    t_boxes = time.perf_counter() - t1
     eng = get_engine(engine, device)
     prepared = eng.prepare(case.target.array, cancel=cancel)
     spacing = case.target.geometry.spacing
@@ -188,6 +238,10 @@ def evaluate(case: EvalCase, engine: str = "classical", strategy: str = "A", cas
     report(progress, 0.6, "engine with automatic boxes")
     first = eng.segment(prepared, boxes.prompts(), progress=sub(0.6, 0.75), cancel=cancel) if boxes.found() else []
     dice_auto = dice_of(first)
+    rules = refinement or Refinement.fusion_only(refset.structures, engine, "defined thresholds")
+    engine_labels = fuse(first) if first else np.zeros(case.target.array.shape, np.uint16)
+    fusion_map = refine_labels(boxes, None, rules)
+    prompted_map = refine_labels(boxes, engine_labels, rules) if refinement is not None else engine_labels
     excluded = [s.value for s in boxes.found() if not s.cascade]
     dice_cascade = {}
     for n, mode in enumerate(cascades):
@@ -205,13 +259,32 @@ def evaluate(case: EvalCase, engine: str = "classical", strategy: str = "A", cas
                "dice_auto_boxes": round(dice_auto[n], 4), "dice_atlas_only": round(atlas_dice, 4)}
         for mode in cascades:
             row[f"dice_cascade_{mode}"] = round(dice_cascade[mode][n], 4)
+        rule = rules.rule(refset.structure(n))
+        if direct is not None:
+            row["dice_direct"] = direct["atlases"][direct["best"]]["dice"][n]
+        row.update({"dice_fusion": round(overlap_metrics(fusion_map == s.value, masks[n], spacing,
+                                                         distances=False)["dice"], 4),
+                    "dice_prompted": round(overlap_metrics(prompted_map == s.value, masks[n], spacing,
+                                                           distances=False)["dice"], 4),
+                    "fusion_threshold": rule.fusion_threshold, "rule": rule.kind if refinement else "engine"})
         row.update(quality[n])
         rows.append(row)
     report(progress, 1.0, "done")
+    mean = {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]
+            if k.startswith("dice") or k in ("box_iou", "bbox_iou_3d", "z_coverage")}
+    goals = {"prompted_ge_fusion": mean["dice_prompted"] >= mean["dice_fusion"]}
+    if direct is not None:
+        goals["fusion_ge_direct"] = mean["dice_fusion"] >= mean["dice_direct"]
     return {"dataset": case.name, "target": case.target.label, "labels": case.label_kind, "note": case.note,
             "references": len(refset.references), "reference_names": [r.name for r in refset.references],
-            "engine": engine, "strategy": strategy, "cascades": list(cascades), "rows": rows,
-            "mean": {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]
-                     if k.startswith("dice") or k in ("box_iou", "bbox_iou_3d", "z_coverage")},
-            "timings_s": {"boxes": round(t_boxes, 2), "total": round(time.perf_counter() - t0, 2),
+            "engine": engine, "strategy": strategy, "cascades": list(cascades), "rows": rows, "mean": mean,
+            "goals": goals,
+            "direct": None if direct is None else {
+                "settings": "rigid -> affine -> B-spline (%g mm control points), %g mm working spacing, %d levels"
+                            % (baseline.bspline_spacing_mm, baseline.resolution_mm, len(baseline.levels)),
+                "atlases": {k: {"mean": v["mean"], "seconds": v["seconds"]} for k, v in direct["atlases"].items()},
+                "best": direct["best"]},
+            "refinement": {"evidence": rules.evidence, "folds": rules.folds, "seconds": round(t_learn, 1)},
+            "timings_s": {"direct": round(t_direct, 2), "learn": round(t_learn, 2), "boxes": round(t_boxes, 2),
+                          "total": round(time.perf_counter() - t0, 2),
                           **{k: round(v, 2) for k, v in boxes.timings.items()}}}

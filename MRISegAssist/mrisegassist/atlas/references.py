@@ -85,17 +85,22 @@ class Structure:
 @dataclass
 class Reference:
     """One reference image with its label map. ``image``/``labels`` load lazily from files when given as
-    paths; ``key`` is a content hash (file bytes or array bytes)."""
+    paths; ``key`` is a content hash (file bytes or array bytes); ``source`` names the subject the image shows
+    (default: its own key; deformed copies keep their original's), so leave-one-out learning never holds out
+    a reference while keeping a copy of it."""
 
     name: str
     _image: Union[Volume, Path, Callable[[], Volume]]
     _labels: Union[Volume, Path, Callable[[], Volume]]
     key: str = ""
     origin: str = ""
+    source: str = ""
 
     def __post_init__(self) -> None:
         if not self.key:
             self.key = _content_key(self._image) + _content_key(self._labels)
+        if not self.source:
+            self.source = self.key
 
     @property
     def image(self) -> Volume:

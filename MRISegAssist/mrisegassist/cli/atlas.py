@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--cascade", choices=["C", "D"], help="second pass from the first pass's masks (D: enlarged)")
     p.add_argument("--strategy", choices=["A", "B"], default="A")
+    p.add_argument("--no-refine", action="store_true",
+                   help="with --references: keep the engine's label map (or, with --engine atlas, fusion at the "
+                        "defined thresholds) instead of the per-structure rules learnt on the references")
     p.add_argument("--min-voxels", type=int, default=3, help="ignore mask components smaller than this")
     p.add_argument("-o", "--output", required=True, help="label map (.nii.gz + names sidecar, or .seg.nrrd)")
     p.add_argument("--boxes-out", metavar="JSON", help="also write the atlas boxes")
@@ -203,7 +206,8 @@ def cmd_auto(args) -> int:
     target = read_volume(args.target)
     ref = _reference(args.ref_mask, target) if args.ref_mask else None
     request = AutoRequest(target, args.engine, args.cascade, args.strategy, min_voxels=args.min_voxels,
-                          extra=read_extras(args.extra, target.geometry), device=None if args.server else args.device)
+                          extra=read_extras(args.extra, target.geometry), device=None if args.server else args.device,
+                          refine=not args.no_refine)
     if args.references:
         request.atlas = _atlas_request(args, target)
     elif args.boxes:
@@ -231,9 +235,11 @@ def cmd_auto(args) -> int:
         result.boxes.write(args.boxes_out)
     objects = [{"label": o.label, "name": o.name, "boxes": len(o.boxes), "z_range": list(o.z_range) if o.z_range
                 else None, "first_pass_ml": round(o.first_pass_ml or 0.0, 4), "final_ml": round(o.volume_ml, 4),
-                "cascaded": o.cascaded} for o in result.objects]
+                "cascaded": o.cascaded, **({"rule": o.rule} if o.rule else {})} for o in result.objects]
     doc = {"output": str(out), "engine": args.engine, "cascade": args.cascade, "objects": objects,
            "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}
+    if result.rules:
+        doc["rules"] = result.rules
     if result.boxes is not None:
         doc["not_found"] = [{"name": n.name, "reason": n.reason} for n in result.not_found]
     if comparison is not None:
@@ -253,11 +259,14 @@ def _auto_text(doc: dict) -> str:
     dice = doc.get("comparison", {}).get("per_structure", {})
     for o in doc["objects"]:
         extra = f"  Dice {dice[o['name']]['dice']:.3f}" if o["name"] in dice else ""
-        lines.append(f"  {o['label']:3d} {o['name']:28s} {o['final_ml']:8.3f} ml{extra}")
+        rule = f"  [{o['rule']}]" if o.get("rule") else ""
+        lines.append(f"  {o['label']:3d} {o['name']:28s} {o['final_ml']:8.3f} ml{extra}{rule}")
     for nf in doc.get("not_found", []):
         lines.append(f"      {nf['name']:28s} NOT FOUND: {nf['reason']}")
     fg = doc.get("comparison", {}).get("foreground")
     if fg:
         lines.append(f"  foreground Dice {fg['dice']:.3f} (pred {fg['volume_pred_ml']:.2f} ml, ref {fg['volume_ref_ml']:.2f} ml)")
+    if doc.get("rules"):
+        lines.append(f"  atlas rules: {doc['rules']}")
     lines.append(f"wrote {doc['output']}")
     return "\n".join(lines)

@@ -102,7 +102,9 @@ class AutoRequest:
     * ``mask``: one object per 26-connected component of a mask / label map (any grid);
     * ``unet``: one object per component of a U-Net's output (an :class:`AutoSegmentRequest`).
 
-    ``extra``: other co-registered sequences for the engine, as in :class:`PromptRequest`.
+    ``extra``: other co-registered sequences for the engine, as in :class:`PromptRequest`. ``refine`` (atlas
+    only): each structure's label follows the rule learnt on the references (fusion, engine or both; see
+    ``Service.auto``); ``False`` keeps the engine's label map (or fusion at the defined thresholds).
     """
 
     volume: Volume
@@ -116,6 +118,7 @@ class AutoRequest:
     min_voxels: int = 3
     extra: dict[str, Volume] = field(default_factory=dict)
     device: Optional[str] = None
+    refine: bool = True
 
 
 @dataclass
@@ -132,8 +135,9 @@ class ObjectSummary:
     the slices the engine segmented, the mean engine score, the first-pass volume, whether the cascade re-prompted
     it, its points, the view it was drawn in and the volume axis its slices were taken along (``slice_axis``:
     ``"i"``, ``"j"``, ``"k"``, or ``"oblique"`` for a resampled view). Boxes, points, z-range and slices are in the
-    IJK of that view (:mod:`.views`). For a U-Net label only ``label``, ``name``, ``voxels`` and ``volume_ml`` are
-    filled."""
+    IJK of that view (:mod:`.views`). For atlas structures ``rule``: what the label came from (``fusion``,
+    ``engine``, ``engine AND fusion``, ``engine OR fusion``, ``combined``; empty without rules). For a U-Net label
+    only ``label``, ``name``, ``voxels`` and ``volume_ml`` are filled."""
 
     label: int
     name: str
@@ -148,6 +152,7 @@ class ObjectSummary:
     points: list[Point2D] = field(default_factory=list)
     view: Optional[tuple[float, float, float]] = None
     slice_axis: str = "k"
+    rule: str = ""
 
 
 @dataclass
@@ -162,7 +167,8 @@ class NotFound:
 class SegmentationResult:
     """A label map (``labels.volume`` on the input's grid, ``labels.labels`` = names, colours, terminology) with
     a summary per label. ``workflow``: ``"auto-segment"``, ``"prompt"`` or ``"auto"``; ``timings`` in
-    seconds; ``boxes``: the atlas boxes an ``auto`` run used (without score maps)."""
+    seconds; ``boxes``: the atlas boxes an ``auto`` run used (without score maps); ``rules``: where the atlas
+    rules came from (shipped, cached or learnt, with their evidence), empty without."""
 
     workflow: str
     labels: LabelMap
@@ -173,6 +179,7 @@ class SegmentationResult:
     not_found: list[NotFound] = field(default_factory=list)
     boxes: object = None  # AtlasBoxes
     timings: dict[str, float] = field(default_factory=dict)
+    rules: str = ""
 
     @property
     def array(self) -> np.ndarray:

@@ -446,9 +446,8 @@ class Service:
             refset = augment(refset, request.augment, progress=progress, cancel=cancel)
         return reference, refset
 
-    def _atlas(self, request: AtlasBoxesRequest, progress, cancel):
-        """``(reference, AtlasBoxes with score maps)``."""
-        from ..atlas.auto import atlas_boxes
+    def _atlas_setup(self, request: AtlasBoxesRequest, progress, cancel):
+        """``(reference, reference set, registration settings)`` of an atlas request."""
         from ..atlas.registration import FAST
 
         changes = {}
@@ -457,12 +456,66 @@ class Service:
         if request.resolution_mm is not None:
             changes["resolution_mm"] = request.resolution_mm
         settings = dataclasses.replace(FAST, **changes) if changes else FAST
-        reference, refset = self._reference_set(request, sub_progress(progress, 0.0, 0.2), cancel)
+        reference, refset = self._reference_set(request, progress, cancel)
+        return reference, refset, settings
+
+    def _atlas(self, request: AtlasBoxesRequest, progress, cancel, setup=None):
+        """``(reference, AtlasBoxes with score maps)``; ``setup``: :meth:`_atlas_setup`'s result if made."""
+        from ..atlas.auto import atlas_boxes
+
+        start = 0.0 if setup is not None else 0.2
+        reference, refset, settings = setup or self._atlas_setup(request, sub_progress(progress, 0.0, 0.2), cancel)
         boxes = atlas_boxes(request.volume, refset, request.strategy, settings=settings,
                             thresholds=dict(request.thresholds) or None, workers=request.workers,
-                            cache=None if request.use_cache else False, progress=sub_progress(progress, 0.2, 1.0),
+                            cache=None if request.use_cache else False, progress=sub_progress(progress, start, 1.0),
                             cancel=cancel)
         return reference, boxes
+
+    def _atlas_rules(self, request: AtlasBoxesRequest, setup, engine: str, device: Optional[str],
+                     progress: Optional[ProgressFn], cancel: Optional[CancelToken]):
+        """``(rules, how, learnt)``: the per-structure rules of ``engine`` on the request's references
+        (:mod:`mrisegassist.atlas.refine`): shipped with the package for the built-in sets, else cached, else
+        learnt now on the references (progress, cancel; cached for the next time). The request's thresholds
+        replace the rules of their structures."""
+        from ..atlas.refine import find_rules, learn_refinement
+        from .checks import warn
+
+        reference, refset, settings = setup
+        builtin = reference.split(":", 1)[1] if reference.startswith("builtin:") else None
+        cache = None if request.use_cache else False
+        engine = None if engine == ATLAS_ENGINE else engine
+        rules, how = find_rules(refset, engine, builtin=builtin, augment=request.augment, settings=settings,
+                                strategy=request.strategy, cache=cache)
+        learnt = rules is None
+        if learnt:
+            if builtin is not None:
+                warn(f"atlas rules for {reference}: {how}; learning them on the references now (cached)")
+            report(progress, 0.0, f"learning the atlas rules on {len(refset.references)} references")
+            rules = learn_refinement(refset, engine, settings=settings, strategy=request.strategy,
+                                     workers=request.workers, cache=cache, device=device or self.device,
+                                     progress=progress, cancel=cancel)
+            how = f"learnt: {rules.evidence}"
+        elif how != rules.evidence:
+            how = f"{how}: {rules.evidence}"
+        return rules.with_thresholds(dict(request.thresholds)), how, learnt
+
+    @staticmethod
+    def _apply_rules(result: SegmentationResult, boxes, rules, how: str) -> SegmentationResult:
+        """``result`` (the engine's, or the atlas's own with ``result.engine == "atlas"``) with its label map
+        replaced by the rules' (:func:`mrisegassist.atlas.refine.refine_labels`) and its objects recounted."""
+        from ..atlas.refine import refine_labels
+
+        engine = result.engine != ATLAS_ENGINE
+        refined = refine_labels(boxes, result.array if engine else None, rules)
+        volume = result.labels.volume
+        counts = np.bincount(refined.ravel(), minlength=max([o.label for o in result.objects], default=0) + 1)
+        ml = volume.geometry.voxel_volume_ml
+        structures = {score.structure.name: score.structure for score in boxes.scores}
+        objects = [dataclasses.replace(o, voxels=int(counts[o.label]), volume_ml=float(counts[o.label]) * ml,
+                                       rule=rules.rule(structures[o.name]).kind if engine else "fusion")
+                   for o in result.objects]
+        labels = LabelMap(volume.with_array(refined, volume.name), result.labels.labels)
+        return dataclasses.replace(result, labels=labels, objects=objects, rules=how)
 
     def atlas_boxes(self, request: AtlasBoxesRequest, progress: Optional[ProgressFn] = None,
                     cancel: Optional[CancelToken] = None) -> AtlasBoxesResult:
@@ -475,7 +528,14 @@ class Service:
     # ----------------------------------------------------------------------------- auto pipeline
     def auto(self, request: AutoRequest, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
              cache: Optional[PreparedCache] = None) -> SegmentationResult:
-        """Automatic prompts (atlas boxes, given boxes, a mask or a U-Net's output) -> engine -> label map."""
+        """Automatic prompts (atlas boxes, given boxes, a mask or a U-Net's output) -> engine -> label map.
+
+        With atlas references and ``request.refine`` (the default), each structure's label then follows the rule
+        learnt on the references (:mod:`mrisegassist.atlas.refine`: label fusion at a learnt threshold, the
+        engine's mask, or a combination; with ``engine="atlas"`` fusion at the learnt thresholds), shipped for the
+        built-in sets, else learnt once and cached; ``ObjectSummary.rule`` and ``SegmentationResult.rules`` say
+        which and where from. A structure given a threshold in the request keeps no rule (fusion at that level,
+        the engine's mask with an engine)."""
         from ..atlas.auto import atlas_result, mask_prompts
 
         sources = [s for s in ("atlas", "boxes", "mask", "unet") if getattr(request, s) is not None]
@@ -485,12 +545,24 @@ class Service:
         if request.engine == ATLAS_ENGINE and request.atlas is None:
             raise InputError("engine 'atlas' labels from the atlas score maps: it needs atlas boxes computed now "
                              "(--references), not boxes read from a file")
+        if request.engine != ATLAS_ENGINE:
+            from ..prompt import engine_spec
+
+            engine_spec(request.engine)  # an unknown engine fails before any registration or learning
         target = request.volume
         t0 = time.perf_counter()
-        boxes, prompts, split = None, None, 0.5
+        boxes, prompts, split, rules = None, None, 0.5, None
         if request.atlas is not None:
-            _, boxes = self._atlas(dataclasses.replace(request.atlas, volume=target, strategy=request.strategy),
-                                   sub_progress(progress, 0.0, split), cancel)
+            atlas = dataclasses.replace(request.atlas, volume=target, strategy=request.strategy)
+            setup = self._atlas_setup(atlas, sub_progress(progress, 0.0, 0.05), cancel)
+            start = 0.05
+            if request.refine:
+                learn = sub_progress(progress, 0.05, 0.5)
+                rules, how, learnt = self._atlas_rules(atlas, setup, request.engine, request.device, learn, cancel)
+                start = 0.5 if learnt else start  # a learning run took the first half
+            split = (start + 1.0) / 2  # boxes, then the engine
+            stop = 0.95 if request.engine == ATLAS_ENGINE else split
+            _, boxes = self._atlas(atlas, sub_progress(progress, start, stop), cancel, setup)
             if request.engine == ATLAS_ENGINE:
                 labelmap = atlas_result(target, boxes)
                 counts = np.bincount(labelmap.volume.array.ravel(), minlength=len(boxes.structures) + 1)
@@ -498,11 +570,12 @@ class Service:
                 objects = [ObjectSummary(s.value, s.name, int(counts[s.value]), float(counts[s.value]) * ml,
                                          list(s.boxes), s.z_range, first_pass_ml=s.volume_ml)
                            for s in boxes.found()]
-                return SegmentationResult("auto", labelmap, objects, engine=ATLAS_ENGINE,
-                                          not_found=[NotFound(s.name, s.reason) for s in boxes.not_found()],
-                                          boxes=dataclasses.replace(boxes, scores=None),
-                                          timings={**{f"atlas_{k}": v for k, v in boxes.timings.items()},
-                                                   "total_s": time.perf_counter() - t0})
+                result = SegmentationResult("auto", labelmap, objects, engine=ATLAS_ENGINE,
+                                            not_found=[NotFound(s.name, s.reason) for s in boxes.not_found()],
+                                            boxes=dataclasses.replace(boxes, scores=None),
+                                            timings={**{f"atlas_{k}": v for k, v in boxes.timings.items()},
+                                                     "total_s": time.perf_counter() - t0})
+                return result if rules is None else self._apply_rules(result, boxes, rules, how)
         elif request.boxes is not None:
             boxes = request.boxes
             if not boxes.geometry.same_as(target.geometry, atol=1e-3):
@@ -529,6 +602,8 @@ class Service:
                                cache=cache,
                                progress=sub_progress(progress, split, 1.0), cancel=cancel)
         result.workflow = "auto"
+        if rules is not None:
+            result = self._apply_rules(result, boxes, rules, how)
         if boxes is not None:
             result.boxes = dataclasses.replace(boxes, scores=None)
             result.not_found = [NotFound(s.name, s.reason) for s in boxes.not_found()]
