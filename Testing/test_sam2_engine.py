@@ -87,16 +87,18 @@ def _write_jpegs(volume: np.ndarray, folder: Path) -> FrameSource:
     return frames
 
 
-def _reference(predictor, folder: Path, prompts, frames: FrameSource = None):
-    """The official path: init_state on the JPEG folder (frames optionally replaced by ours), all boxes, then
-    propagate forward and backward from the first prompted frame. Returns ({obj_id: logits}, state)."""
+def _reference(predictor, folder: Path, prompts, frames: FrameSource = None, size: int = SIZE):
+    """The official path: init_state on the JPEG folder (frames optionally replaced by ours at ``size`` px), every
+    prompted slice's box and points in one ``add_new_points_or_box`` call, then propagate forward and backward
+    from the first prompted frame. Returns ({obj_id: logits}, state)."""
     state = predictor.init_state(str(folder))
     if frames is not None:
-        state["images"] = torch.stack([frames.sam2_tensor(k, SIZE) for k in range(len(frames))])
+        state["images"] = torch.stack([frames.sam2_tensor(k, size) for k in range(len(frames))])
         state["cached_features"] = {}
     for p in prompts:
-        for b in p.boxes:
-            predictor.add_new_points_or_box(state, frame_idx=b.k, obj_id=p.object_id, box=b.xyxy)
+        for sp in p.slice_prompts():
+            predictor.add_new_points_or_box(state, frame_idx=sp.k, obj_id=p.object_id, points=sp.point_coords,
+                                            labels=sp.point_labels, box=None if sp.box is None else sp.box.xyxy)
     n = state["num_frames"]
     out = {p.object_id: np.full((n, state["video_height"], state["video_width"]), OUTSIDE_LOGIT, np.float32)
            for p in prompts}
@@ -474,3 +476,34 @@ def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
         resolve_device("cuda:0")
     with pytest.raises(InputError, match="MPS is not available"):
         resolve_device("mps")
+
+
+def test_point_prompts_match_the_video_predictor(small, window, tmp_path):
+    """Native point prompts, as ``add_new_points_or_box(points=, labels=, box=)`` takes them: object 1 has a box
+    with a positive and a negative point on slice 2 and a negative point alone on slice 5, object 2 positive and
+    negative points without a box on slice 2 (an object followed before its first prompt trips sam2 1.1.0 in
+    fp32, see ``test_z_range_respected...``); each prompted slice is a conditioning frame. The official
+    predictor's ``init_state`` (its frames replaced by ours) and ``propagate_in_video`` both ways give the
+    logits of our lean loop in exact and in fixed shapes; the service passes the points through untouched."""
+    from mrisegassist.prompt.base import Point2D
+    from mrisegassist.service.points import needs_adapter
+
+    volume, labels = window
+    box = _tumour_box(labels, 2)
+    jj, ii = np.nonzero(labels[2])
+    centre = (int(ii[len(ii) // 2]), int(jj[len(jj) // 2]))
+    prompts = [ObjectPrompt(1, [box], z_range=(0, 7),
+                            points=[Point2D(2, *centre, True), Point2D(2, box.i0 + 1, box.j0 + 1, False),
+                                    Point2D(5, box.i0 + 2, box.j1 - 2, False)]),
+               ObjectPrompt(2, [], z_range=(0, 7), points=[Point2D(2, 40, 50, True), Point2D(2, 60, 45, False)])]
+    frames = _write_jpegs(volume, tmp_path)
+    official, state = _reference(small, tmp_path, prompts, frames, SMALL)
+    assert sorted(state["output_dict_per_obj"][0]["cond_frame_outputs"]) == [2, 5]
+    assert sorted(state["output_dict_per_obj"][1]["cond_frame_outputs"]) == [2]
+    for loop in ("exact", "fixed"):
+        engine = Sam2Engine.from_model(small, "medsam2", options=LOOPS[loop])
+        assert engine.accepts_points and not needs_adapter(engine, prompts)
+        for result in engine.segment(engine.prepare(volume), prompts):
+            np.testing.assert_allclose(result.logits, official[result.object_id], atol=1e-4)
+            assert np.array_equal(result.mask, official[result.object_id] > 0)
+            assert sorted(result.slices) == list(range(8))

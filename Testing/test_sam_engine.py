@@ -207,3 +207,94 @@ def test_device_auto_places_the_model(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     engine = SamEngine.from_model(small_sam(), "sam-small-test", device="auto")
     assert engine.device == "cpu" and engine.options.dtype(engine.device) is None  # fp32 on the CPU
+
+
+# ------------------------------------------------------------------------------------ point prompts
+def _points(*spec) -> list:
+    from mrisegassist.prompt.base import Point2D
+
+    return [Point2D(k, i, j, positive) for k, i, j, positive in spec]
+
+
+def test_point_prompts_match_sam_predictor(brats):
+    """Positive and negative points with a box, points alone, and one point alone (SAM's three masks, the best
+    scored kept) on a real slice: the logits, low-resolution logits and score SamPredictor gives."""
+    flair, labels, k, box = brats
+    model = small_sam()
+    engine = SamEngine.from_model(model, "sam-small-test")
+    assert engine.accepts_points
+    prepared = engine.prepare(flair)
+    jj, ii = np.nonzero(labels[k])
+    inside = (int(ii[len(ii) // 2]), int(jj[len(jj) // 2]))
+    outside = (int(box[0]) - 6, int(box[1]) - 6)
+    reference = SamPredictor(model)
+    reference.set_image(FrameSource(flair).rgb_uint8(k))
+    cases = [(box, _points((k, *inside, True), (k, *outside, False))),
+             (None, _points((k, *inside, True), (k, *outside, False))),
+             (box, _points((k, *outside, False))),
+             (None, _points((k, *inside, True)))]
+    for prompt_box, points in cases:
+        logits, score, low = engine.predict_slice_detailed(prepared, k, prompt_box, points=points)
+        coords = np.array([[p.i, p.j] for p in points], np.float32)
+        point_labels = np.array([int(p.positive) for p in points], np.int32)
+        single = prompt_box is None and len(points) == 1
+        ref, iou, ref_low = reference.predict(point_coords=coords, point_labels=point_labels, box=prompt_box,
+                                              multimask_output=single, return_logits=True)
+        best = int(np.argmax(iou))
+        assert ref.shape[0] == (3 if single else 1)
+        np.testing.assert_allclose(low, ref_low[best], atol=1e-4)
+        np.testing.assert_allclose(logits, ref[best], atol=1e-4)
+        assert score == pytest.approx(float(np.clip(iou[best], 0, 1)), abs=1e-5)
+    assert prepared.encoder_calls == 1  # one slice, encoded once for every prompt
+    with pytest.raises(InputError, match="a box or a point"):
+        engine.predict_slice(prepared, k, None)
+    with pytest.raises(InputError, match="points on slice"):
+        engine.predict_slice(prepared, k, box, points=_points((k + 1, *inside, True)))
+    with pytest.raises(InputError, match="outside the volume"):
+        engine.predict_slice(prepared, k, box, points=_points((k, 500, 5, False)))
+
+
+def test_points_reach_sam_through_propagation(brats):
+    """``segment``: a prompted slice gets its box with its points, a slice with a positive point and no box is
+    prompted by its points alone, a walked slice carrying a negative point gets it with its propagated box, other
+    slices get boxes only; the prompted slices' logits are SamPredictor's for the same prompt (where kept)."""
+    flair, labels, k, box = brats
+    volume = flair[k - 3:k + 4]
+    model = small_sam()
+    engine = SamEngine.from_model(model, "sam-small-test")
+    calls, order = {}, []
+    original = engine.predict_slice_detailed
+
+    def spy(prepared, kk, b, *, points=(), cancel=None):
+        calls.setdefault(kk, []).append((None if b is None else np.asarray(b).tolist(), list(points)))
+        order.append(kk)
+        return original(prepared, kk, b, points=points, cancel=cancel)
+
+    engine.predict_slice_detailed = spy
+    jj, ii = np.nonzero(labels[k])
+    centre = (int(ii[len(ii) // 2]), int(jj[len(jj) // 2]))
+    i0, j0, i1, j1 = (int(v) for v in box)
+    on_box = _points((3, *centre, True), (3, i0 + 1, j0 + 1, False))
+    walked = _points((5, i0 + 2, j0 + 2, False))
+    alone = _points((1, *centre, True))
+    prompt = ObjectPrompt(1, [Box2D(3, i0, j0, i1, j1)], z_range=(0, 6), points=on_box + walked + alone)
+    prepared = engine.prepare(volume)
+    (result,) = engine.segment(prepared, [prompt])
+    assert order[:2] == [1, 3]  # the prompted slices first, by k
+    assert calls[3][0] == (Box2D(3, i0, j0, i1, j1).xyxy.tolist(), on_box)
+    assert calls[1][0] == (None, alone)
+    assert all(points == walked for _, points in calls.get(5, []))
+    assert all(points == [] and b is not None for kk in (0, 2, 4, 6) for b, points in calls.get(kk, []))
+    reference = SamPredictor(model)
+    frames = FrameSource(volume)
+    for kk, b, points in ((3, Box2D(3, i0, j0, i1, j1).xyxy, on_box), (1, None, alone)):
+        if kk not in result.slices:
+            continue
+        reference.set_image(frames.rgb_uint8(kk))
+        single = b is None and len(points) == 1
+        ref, iou, _ = reference.predict(point_coords=np.array([[p.i, p.j] for p in points], np.float32),
+                                        point_labels=np.array([int(p.positive) for p in points], np.int32),
+                                        box=b, multimask_output=single, return_logits=True)
+        best = ref[int(np.argmax(iou))]
+        kept = result.logits[kk] > OUTSIDE_LOGIT  # components away from the prompt are dropped
+        np.testing.assert_allclose(result.logits[kk][kept], best[kept], atol=1e-4)

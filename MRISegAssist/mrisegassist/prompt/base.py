@@ -83,6 +83,30 @@ class Point2D:
         return np.array([self.i, self.j], dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class SlicePrompt:
+    """What one slice of an object is prompted with, as SAM's and SAM 2's predictors take it: the slice's box
+    (``None`` if it has none) and its points. ``anchored``: a box or a positive point (the object is there)."""
+
+    k: int
+    box: Optional[Box2D] = None
+    points: tuple[Point2D, ...] = ()
+
+    @property
+    def anchored(self) -> bool:
+        return self.box is not None or any(p.positive for p in self.points)
+
+    @property
+    def point_coords(self) -> Optional[np.ndarray]:
+        """``[n, 2]`` float32 ``(x, y)`` = ``(i, j)`` of the points (``None`` without points)."""
+        return np.array([[p.i, p.j] for p in self.points], dtype=np.float32) if self.points else None
+
+    @property
+    def point_labels(self) -> Optional[np.ndarray]:
+        """``[n]`` int32: 1 positive, 0 negative (SAM's point labels; ``None`` without points)."""
+        return np.array([int(p.positive) for p in self.points], dtype=np.int32) if self.points else None
+
+
 @dataclass
 class ObjectPrompt:
     """One object: boxes (each on its own slice) and/or point prompts, an optional inclusive ``z_range`` and
@@ -111,6 +135,14 @@ class ObjectPrompt:
     @property
     def negative_points(self) -> list[Point2D]:
         return [p for p in self.points if not p.positive]
+
+    def slice_prompts(self) -> list[SlicePrompt]:
+        """One :class:`SlicePrompt` per slice holding a box or a point, by ``k`` (points in the order given)."""
+        boxes = {b.k: b for b in self.boxes}
+        points: dict[int, list[Point2D]] = {}
+        for p in self.points:
+            points.setdefault(p.k, []).append(p)
+        return [SlicePrompt(k, boxes.get(k), tuple(points.get(k, ()))) for k in sorted(set(boxes) | set(points))]
 
     def clip_box(self, xyxy: np.ndarray) -> np.ndarray:
         """``[x0, y0, x1, y1]`` clipped to ``bounds`` (unchanged without bounds)."""

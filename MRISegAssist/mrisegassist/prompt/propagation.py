@@ -22,6 +22,11 @@ when it defines ``begin_object(prepared, prompt)``, the returned model is passed
 :meth:`predict_slice` call of that object (prompted slices first, then the walks), and ``model.kept(k, mask)``
 is called for each slice a walk keeps (``mask``: ``[j, i]`` bool, what the walk keeps of that prediction).
 
+Engines that read points (``accepts_points``, e.g. SAM) get every slice's points with its box: a slice with a box
+or a positive point is a prompted slice (segmented from its box and points, or from its points alone), and a
+propagated slice that carries points (e.g. a negative point on a leak) gets them with its propagated box. The
+components holding a positive point are kept too. Other engines get boxes only (the service handles points).
+
 Only the connected components of a slice's mask that touch its prompt box are kept (SAM sometimes returns
 far-away fragments); the logits of discarded pixels are set to :data:`OUTSIDE_LOGIT`, so ``mask == logits > 0``.
 A prompt with ``bounds`` (a 3D ROI's rectangle) has its propagated boxes clipped to them and nothing outside them
@@ -38,7 +43,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, check, report
-from .base import OUTSIDE_LOGIT, Box2D, ObjectPrompt, ObjectResult, SliceEngine
+from .base import OUTSIDE_LOGIT, Box2D, ObjectPrompt, ObjectResult, SliceEngine, SlicePrompt
 
 
 @dataclass(frozen=True)
@@ -174,15 +179,22 @@ class _ObjectWalk:
         begin = getattr(engine, "begin_object", None)
         self.model = begin(prepared, prompt) if callable(begin) else None
         self._outside = prompt.outside_bounds(shape[1:])  # [j, i] pixels outside the prompt's bounds, or None
+        # engines reading points get each slice's points with its box (see the module docstring)
+        self.on_slice = ({sp.k: sp for sp in prompt.slice_prompts()} if getattr(engine, "accepts_points", False)
+                         else {})
 
-    def predict(self, k: int, box: np.ndarray, prior: Optional[SlicePrior],
+    def predict(self, k: int, box: Optional[np.ndarray], prior: Optional[SlicePrior],
                 previous: Optional[tuple[int, ...]]) -> Optional[_Slice]:
-        """Segment slice ``k`` in ``box``; the prediction to keep, or ``None`` where the object vanished (or a
-        leak check failed). The engine's model (if any) is told about a kept prediction."""
+        """Segment slice ``k`` in ``box`` (``None``: a slice prompted with points only); the prediction to keep, or
+        ``None`` where the object vanished (or a leak check failed). The engine's model (if any) is told about a
+        kept prediction."""
         check(self.cancel)
         kwargs = {"prior": prior} if self._prior else {}
         if self.model is not None:
             kwargs["model"] = self.model
+        here = self.on_slice.get(k)
+        if here is not None and here.points:
+            kwargs["points"] = here.points
         logits2d, score = self.engine.predict_slice(self.prepared, k, box, cancel=self.cancel, **kwargs)
         self.predicted += 1
         self.tick()
@@ -190,7 +202,13 @@ class _ObjectWalk:
         if self._outside is not None:
             logits2d = np.where(self._outside, OUTSIDE_LOGIT, logits2d).astype(np.float32, copy=False)
         fg = logits2d > 0
-        keep = _components_in_box(fg, box)
+        positives = [(p.j, p.i) for p in (here.points if here is not None else ()) if p.positive]
+        keep = _components_in_box(fg, box) if box is not None else np.zeros_like(fg)
+        if positives or box is None:  # and the components a positive point of the slice is on
+            at = np.zeros_like(fg)
+            for j, i in positives:
+                at[max(j - 1, 0):j + 2, max(i - 1, 0):i + 2] = True
+            keep = keep | touching(fg, at)
         cfg = self.config
         if int(keep.sum()) < max(cfg.min_area, 1) or float(score) < cfg.min_score:
             return None
@@ -260,13 +278,16 @@ class _ObjectWalk:
         p = self.prompt
         lo, hi = p.z_range if p.z_range is not None else (0, self.mask.shape[0] - 1)
         anchors = []
-        for b in p.boxes:
-            result = self.predict(b.k, b.xyxy, None, None)
+        prompted = ([sp for sp in self.on_slice.values() if sp.anchored] if self.on_slice
+                    else [SlicePrompt(b.k, b) for b in p.boxes])
+        for sp in prompted:
+            xyxy = None if sp.box is None else sp.box.xyxy
+            result = self.predict(sp.k, xyxy, None, None)
             if result is not None:
-                self.store(b.k, result)
-                self.anchor_of[b.k] = (b.k, result.mask, b.xyxy)
-                anchors.append(b.k)
-        measured = [self.config.extents(self.mask[b.k], b) for b in p.boxes if b.k in anchors]
+                self.store(sp.k, result)
+                self.anchor_of[sp.k] = (sp.k, result.mask, xyxy)
+                anchors.append(sp.k)
+        measured = [self.config.extents(self.mask[sp.k], sp.box) for sp in prompted if sp.k in anchors]
         self.anchor_extent = tuple(map(max, *measured)) if len(measured) > 1 else (measured or [(0,)])[0]
         if anchors:
             self.walk(anchors[0], -1, lo)

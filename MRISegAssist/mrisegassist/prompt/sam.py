@@ -8,10 +8,13 @@ On a miss, :meth:`SamEngine.embedding` encodes a *batch*: the slice and the next
 will ask for (continuing the direction of the previous request; around the slice for a new walk), one image
 encoder call for all (``options.encode_batch``; 0 = from free GPU memory on CUDA, 1 = one slice, elsewhere).
 :meth:`SamEngine.predict_slice` restores a slice's cached ``features`` / ``original_size`` / ``input_size`` into
-the predictor and calls ``SamPredictor.predict(box=..., multimask_output=False, return_logits=True)``: the
-logits are those SamPredictor gives for that slice image and box. 3D comes from the shared slice-to-slice
-propagation (:mod:`.propagation`). Precision (``options.precision``): the image encoder runs under bf16
-autocast on CUDA by default (embeddings stored as float32), fp32 elsewhere; prompt encoder and mask decoder fp32.
+the predictor and calls ``SamPredictor.predict(point_coords=..., point_labels=..., box=..., return_logits=True)``
+(one mask, or the best of three for a single point alone): the logits are those SamPredictor gives for that
+slice image and prompt. Point prompts (``accepts_points``): a slice's positive and negative points go with its
+box, or alone on a slice with no box; a propagated slice carrying points gets them with its propagated box.
+3D comes from the shared slice-to-slice propagation (:mod:`.propagation`). Precision (``options.precision``):
+the image encoder runs under bf16 autocast on CUDA by default (embeddings stored as float32), fp32 elsewhere;
+prompt encoder and mask decoder fp32.
 
 Box coordinates are ``[x0, y0, x1, y1]`` float pixels of the slice (x = i, y = j); logits are ``[j, i]``.
 """
@@ -28,7 +31,7 @@ import numpy as np
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, check
 from .accel import AccelOptions, autocast, encode_in_batches, resolve_device
-from .base import SliceEngine
+from .base import Point2D, SliceEngine, SlicePrompt
 from .weights import load_into, load_state_dict, resolve_checkpoint
 from .windowing import FrameSource, SliceCache, Window
 
@@ -104,6 +107,19 @@ def check_box(box, shape: Sequence[int]) -> np.ndarray:
     return arr
 
 
+def check_points(points: Sequence[Point2D], shape: Sequence[int], k: int
+                 ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """``(point_coords [n, 2] float32 (x, y), point_labels [n] int32)`` of points on slice ``k`` (``(None, None)``
+    without points); :class:`InputError` for a point on another slice or outside the volume."""
+    if not points:
+        return None, None
+    prompt = SlicePrompt(int(k), None, tuple(p.validate(shape) for p in points))
+    other = [p.k for p in prompt.points if p.k != prompt.k]
+    if other:
+        raise InputError(f"points on slice(s) {other} given for slice {k}")
+    return prompt.point_coords, prompt.point_labels
+
+
 class FoundationEngineMixin:
     """What the SAM and SAM 2 engines share: identity of their prepared handles, windowed frame sources,
     release of the model. Subclasses call :meth:`_init_engine` and name their model attribute in ``_model_attr``."""
@@ -151,10 +167,12 @@ class FoundationEngineMixin:
 
 
 class SamEngine(FoundationEngineMixin, SliceEngine):
-    """SAM ViT-B/L/H per slice. ``SamEngine(variant, device="cpu", checkpoint=None)`` loads the verified
-    official checkpoint (:func:`~.weights.resolve_checkpoint`; ``download=True`` fetches it);
+    """SAM ViT-B/L/H per slice, box and point prompts. ``SamEngine(variant, device="cpu", checkpoint=None)``
+    loads the verified official checkpoint (:func:`~.weights.resolve_checkpoint`; ``download=True`` fetches it);
     :meth:`from_model` wraps an already built model (e.g. seeded random initialisation in tests).
     ``device="auto"``: cuda > mps > cpu; ``options``: :class:`~.accel.AccelOptions` (precision, encoder batch)."""
+
+    accepts_points = True
 
     def __init__(self, variant: str = "sam-vit-b", device: str = "cpu",
                  checkpoint: Optional[Union[str, Path]] = None, *, download: bool = False,
@@ -201,28 +219,38 @@ class SamEngine(FoundationEngineMixin, SliceEngine):
         """Bind ``volume`` ``[k, j, i]`` (not copied, never modified); nothing is encoded until needed."""
         return SamPrepared(*self._frames(volume, window, cancel), self._id)
 
-    def predict_slice(self, prepared: SamPrepared, k: int, box: np.ndarray, *,
-                      cancel: Optional[CancelToken] = None) -> tuple[np.ndarray, float]:
-        """Float32 logits ``[j, i]`` of slice ``k`` for ``box`` and SAM's predicted IoU (clipped to 0..1)."""
-        logits, score, _ = self.predict_slice_detailed(prepared, k, box, cancel=cancel)
+    def predict_slice(self, prepared: SamPrepared, k: int, box: Optional[np.ndarray], *,
+                      points: Sequence[Point2D] = (), cancel: Optional[CancelToken] = None) -> tuple[np.ndarray, float]:
+        """Float32 logits ``[j, i]`` of slice ``k`` for ``box`` and/or ``points`` (positive and negative, on slice
+        ``k``) and SAM's predicted IoU (clipped to 0..1)."""
+        logits, score, _ = self.predict_slice_detailed(prepared, k, box, points=points, cancel=cancel)
         return logits, score
 
-    def predict_slice_detailed(self, prepared: SamPrepared, k: int, box: np.ndarray, *,
-                               cancel: Optional[CancelToken] = None) -> tuple[np.ndarray, float, np.ndarray]:
-        """As :meth:`predict_slice`, plus SAM's low-resolution logits ``[256, 256]``."""
+    def predict_slice_detailed(self, prepared: SamPrepared, k: int, box: Optional[np.ndarray], *,
+                               points: Sequence[Point2D] = (), cancel: Optional[CancelToken] = None
+                               ) -> tuple[np.ndarray, float, np.ndarray]:
+        """As :meth:`predict_slice`, plus SAM's low-resolution logits ``[256, 256]``. The prompt goes to
+        ``SamPredictor.predict(point_coords, point_labels, box)``; one point alone asks for SAM's three masks
+        and keeps the best-scored one (an ambiguous prompt, as SAM 2 does for one click), else one mask."""
         self._check_prepared(prepared)
-        box = check_box(box, prepared.shape)
+        coords, labels = check_points(points, prepared.shape, k)
+        if box is None and coords is None:
+            raise InputError(f"slice {k}: a box or a point is needed")
+        box = None if box is None else check_box(box, prepared.shape)
         check(cancel)
         features, original_size, input_size = self.embedding(prepared, k, cancel=cancel)
         check(cancel)
+        multimask = box is None and len(points) == 1
         with self._lock:
             p = self.predictor
             p.features, p.original_size, p.input_size, p.is_image_set = features, original_size, input_size, True
             try:
-                masks, ious, low_res = p.predict(box=box, multimask_output=False, return_logits=True)
+                masks, ious, low_res = p.predict(point_coords=coords, point_labels=labels, box=box,
+                                                 multimask_output=multimask, return_logits=True)
             finally:
                 p.reset_image()
-        return masks[0].astype(np.float32, copy=False), float(np.clip(ious[0], 0.0, 1.0)), low_res[0]
+        best = int(np.argmax(ious))
+        return masks[best].astype(np.float32, copy=False), float(np.clip(ious[best], 0.0, 1.0)), low_res[best]
 
     def embedding(self, prepared: SamPrepared, k: int, *, cancel: Optional[CancelToken] = None) -> tuple:
         """``(features [1, 256, 64, 64], original_size, input_size)`` of slice ``k``, encoded at most once

@@ -21,11 +21,13 @@ the image encoder runs on the batch, and the features stay on the device. Batch 
 (0 = from free GPU memory on CUDA, :data:`CPU_ENCODE_BATCH` elsewhere), halved on CUDA out-of-memory
 (:mod:`.accel`).
 
-Prompts: every box of every object of a window goes into one inference state (``add_new_points_or_box``,
-``box=``, memory not reset between them) and ``propagate_in_video_preflight`` encodes their memories; the
-objects are then followed forward from the first prompted slice and backward from it, over the window, by
-:class:`.sam2_track.Sam2Tracker` (``options.loop = "lean"``: the official per-frame maths with device-side
-bookkeeping, fixed shapes and CUDA graphs on CUDA) or by the official ``propagate_in_video``
+Prompts: every prompted slice of every object of a window (a box and/or points) goes into one inference state:
+one ``add_new_points_or_box(points=, labels=, box=)`` call per slice with its box and its positive and negative
+points, a conditioning frame as in the official predictor (memory not reset between them), and
+``propagate_in_video_preflight`` encodes their memories; the objects are then followed forward from the first
+prompted slice and backward from it, over the window, by :class:`.sam2_track.Sam2Tracker`
+(``options.loop = "lean"``: the official per-frame maths with device-side bookkeeping, fixed shapes and CUDA
+graphs on CUDA) or by the official ``propagate_in_video``
 (``loop = "official"``, the frame-by-frame reference). An object's ``bounds`` (a 3D ROI's rectangle) mask its
 logits outside them. Without a ``z_range`` the window is the whole volume and a direction stops early once
 every object has been empty for ``vanish_frames`` frames past its outermost prompt. Prompt state is reset
@@ -52,7 +54,7 @@ from ..errors import InputError
 from ..overrides import SharedOverride
 from ..progress import CancelToken, ProgressFn, check, report
 from .accel import AccelOptions, autocast, encode_in_batches, resolve_device
-from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, PromptableEngine
+from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, PromptableEngine, SlicePrompt
 from .sam import FoundationEngineMixin, PreparedVolume, default_cache_bytes
 from .sam2_track import FrameFeatures, Sam2Tracker, Vanish, unsupported_reason
 from .weights import load_into, load_state_dict, resolve_checkpoint
@@ -228,6 +230,8 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
     stops. ``options``: :class:`~.accel.AccelOptions` (precision, encoder batch, CUDA graphs, compile, loop).
     ``cache_bytes``: bound of a prepared volume's feature cache (default: 1.5 GiB; on CUDA up to 4 GiB).
     """
+
+    accepts_points = True
 
     _model_attr = "predictor"
 
@@ -405,14 +409,16 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
 
     def _prompted_state(self, prepared: Sam2Prepared, z0: int, z1: int, group: list[ObjectPrompt],
                         cancel: Optional[CancelToken]) -> dict:
-        """The window's state with every box added and the prompted frames' memories encoded."""
-        prompted = sorted({b.k for p in group for b in p.boxes})
+        """The window's state with every prompted slice added and the prompted frames' memories encoded."""
+        prompted = sorted({sp.k for p in group for sp in self._frame_prompts(p, z0, z1)})
         self.encode(prepared, self._lookahead(prepared, z0, z1, [k - z0 for k in prompted]), cancel)
         state = self._state(prepared, z0, z1)
         for p in group:
-            for box in p.boxes:
+            for sp in self._frame_prompts(p, z0, z1):
                 check(cancel)
-                self.predictor.add_new_points_or_box(state, frame_idx=box.k - z0, obj_id=p.object_id, box=box.xyxy)
+                self.predictor.add_new_points_or_box(
+                    state, frame_idx=sp.k - z0, obj_id=p.object_id, points=sp.point_coords, labels=sp.point_labels,
+                    box=None if sp.box is None else sp.box.xyxy)
         self.predictor.propagate_in_video_preflight(state)  # encodes the prompted frames' memory
         return state
 
@@ -443,7 +449,8 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
             _upcast_memory(state)
         outside = {p.object_id: p.outside_bounds(prepared.shape[1:]) for p in group}
         for reverse in (False, True):
-            outermost = {p.object_id: (min if reverse else max)(b.k for b in p.boxes) - z0 for p in group}
+            outermost = {p.object_id: (min if reverse else max)(sp.k for sp in self._frame_prompts(p, z0, z1)) - z0
+                         for p in group}
             vanish = Vanish(self.vanish_frames, outermost, reverse)
             for f, obj_ids, masks in predictor.propagate_in_video(state, reverse=reverse):
                 check(cancel)
@@ -466,6 +473,12 @@ class Sam2Engine(FoundationEngineMixin, PromptableEngine):
                 tick(k)
                 if unbounded and vanish.all_done:
                     break
+
+    @staticmethod
+    def _frame_prompts(prompt: ObjectPrompt, z0: int, z1: int) -> list[SlicePrompt]:
+        """The object's prompted frames in window ``z0..z1``: every slice with a box or points (a negative point
+        outside the window is left out: no frame there)."""
+        return [sp for sp in prompt.slice_prompts() if z0 <= sp.k <= z1]
 
     @staticmethod
     def _presence(state: dict, obj_idx: int, f: int) -> float:
