@@ -430,6 +430,10 @@ class SliceEngine(PromptableEngine):
 
     #: when True, propagation passes ``prior=propagation.SlicePrior`` to :meth:`predict_slice`
     accepts_prior: bool = False
+    #: when True, propagation passes each slice's points (``points=[Point2D, ...]``) to :meth:`predict_slice`,
+    #: with ``box=None`` on a slice prompted with points alone (SAM); engines reading points another way (the
+    #: weights-free engine: seeds in its per-object model) leave it False
+    slice_points: bool = False
 
     @abstractmethod
     def predict_slice(self, prepared, k: int, box: np.ndarray, *,

@@ -22,10 +22,11 @@ when it defines ``begin_object(prepared, prompt)``, the returned model is passed
 :meth:`predict_slice` call of that object (prompted slices first, then the walks), and ``model.kept(k, mask)``
 is called for each slice a walk keeps (``mask``: ``[j, i]`` bool, what the walk keeps of that prediction).
 
-Engines that read points (``accepts_points``, e.g. SAM) get every slice's points with its box: a slice with a box
-or a positive point is a prompted slice (segmented from its box and points, or from its points alone), and a
-propagated slice that carries points (e.g. a negative point on a leak) gets them with its propagated box. The
-components holding a positive point are kept too. Other engines get boxes only (the service handles points).
+Engines that take points per slice (``slice_points``, e.g. SAM) get every slice's points with its box: a slice
+with a box or a positive point is a prompted slice (segmented from its box and points, or from its points alone),
+and a propagated slice that carries points (e.g. a negative point on a leak) gets them with its propagated box.
+The components holding a positive point are kept too. Other engines get boxes only here (the weights-free engine
+reads points through its per-object model; the service's point rules handle the rest).
 
 Only the connected components of a slice's mask that touch its prompt box are kept (SAM sometimes returns
 far-away fragments); the logits of discarded pixels are set to :data:`OUTSIDE_LOGIT`, so ``mask == logits > 0``.
@@ -180,7 +181,7 @@ class _ObjectWalk:
         self.model = begin(prepared, prompt) if callable(begin) else None
         self._outside = prompt.outside_bounds(shape[1:])  # [j, i] pixels outside the prompt's bounds, or None
         # engines reading points get each slice's points with its box (see the module docstring)
-        self.on_slice = ({sp.k: sp for sp in prompt.slice_prompts()} if getattr(engine, "accepts_points", False)
+        self.on_slice = ({sp.k: sp for sp in prompt.slice_prompts()} if getattr(engine, "slice_points", False)
                          else {})
 
     def predict(self, k: int, box: Optional[np.ndarray], prior: Optional[SlicePrior],

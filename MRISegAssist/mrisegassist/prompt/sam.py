@@ -173,6 +173,7 @@ class SamEngine(FoundationEngineMixin, SliceEngine):
     ``device="auto"``: cuda > mps > cpu; ``options``: :class:`~.accel.AccelOptions` (precision, encoder batch)."""
 
     accepts_points = True
+    slice_points = True
 
     def __init__(self, variant: str = "sam-vit-b", device: str = "cpu",
                  checkpoint: Optional[Union[str, Path]] = None, *, download: bool = False,
