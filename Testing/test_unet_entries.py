@@ -79,6 +79,29 @@ def test_three_loading_paths_give_the_same_label_map(tmp_path, network, case):
     assert get_model(tmp_path / "ckpt" / "model.pt").network == SPEC
 
 
+def test_weights_file_of_an_ensemble_member_loads_that_member_alone(tmp_path, network, case):
+    """The path of one member's weights file gives that member alone (with its own digest), not the ensemble:
+    what a check on a case only that fold model did not see needs."""
+    folder = _checkpoint_folder(tmp_path / "ens", network)
+    torch.manual_seed(4)
+    other = build_network(SPEC).eval()
+    torch.save(other.state_dict(), folder / "fold-b.pt")
+    data = json.loads((folder / "model.json").read_text())
+    data["members"] = [{"weights": "fold-b.pt", "sha256": sha256_file(folder / "fold-b.pt"), "held_out": "b"}]
+    (folder / "model.json").write_text(json.dumps(data))
+    ensemble = get_model(folder)
+    first, second = get_model(folder / "model.pt"), get_model(folder / "fold-b.pt")
+    assert len(ensemble.members) == 1 and not first.members and not second.members
+    assert (first.weights, first.sha256) == ("model.pt", ensemble.sha256)
+    assert (second.weights, second.sha256) == ("fold-b.pt", data["members"][0]["sha256"])
+    maps = [UNetSegmenter(e, "cpu").segment(case).volume.array for e in (first, second)]
+    direct = UNetSegmenter(folder / "model.pt", "cpu").segment(case).volume.array
+    assert np.array_equal(maps[0], direct) and not np.array_equal(maps[0], maps[1])  # two different networks
+    (folder / "fold-b.pt").write_bytes((folder / "fold-b.pt").read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match="sha256 of fold-b.pt"):  # its digest is checked
+        UNetSegmenter(folder / "fold-b.pt", "cpu")
+
+
 def test_sha256_mismatch_is_a_clear_error(tmp_path, network):
     folder = _checkpoint_folder(tmp_path / "m", network)
     data = json.loads((folder / "model.json").read_text())

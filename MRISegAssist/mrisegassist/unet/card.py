@@ -50,7 +50,10 @@ TEMPLATE_NOTICE = (
 
 def member_entry(entry: ModelEntry, member: dict) -> ModelEntry:
     """The single fold model ``member`` (one of ``entry.members``, or the first) of an installed ensemble."""
-    return replace(entry, weights=member["weights"], sha256=member.get("sha256", ""), members=[])
+    single = entry.member(member["weights"])
+    if single is None:
+        raise InputError(f"{entry.folder}: {member['weights']} is not a member of model {entry.name!r}")
+    return single
 
 
 def fold_members(entry: ModelEntry) -> list[dict]:
