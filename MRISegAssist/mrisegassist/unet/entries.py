@@ -116,12 +116,11 @@ class ModelEntry:
         return data
 
     def write(self, folder: Optional[Union[str, Path]] = None) -> Path:
-        """Write ``model.json`` into ``folder`` (default: this entry's folder) atomically."""
-        from ..volume import atomic_write
+        """Write ``model.json`` into ``folder`` (default: this entry's folder) atomically, read back and compared
+        before it replaces the previous one (:func:`mrisegassist.outputs.write_text`)."""
+        from ..outputs import write_text
 
-        target = Path(folder or self.folder) / "model.json"
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        return atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+        return write_text(Path(folder or self.folder) / "model.json", json.dumps(self.to_dict(), indent=2) + "\n")
 
     def validate(self) -> None:
         where = self.folder or self.name
