@@ -184,3 +184,56 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--cases", str(tmp_path / "cases"), "--out", str(tmp_path / "o"), "--labels", "1=lesion"]) == 2
     assert "no cases found" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_model_json_and_weights_copies_are_verified_before_they_replace_the_previous(tmp_path, network, monkeypatch):
+    """``model.json`` (ModelEntry.write) and an ensemble member's weights copied by ``card.install`` are staged,
+    read back and compared before they replace the previous file: a short write leaves the previous one."""
+    import shutil
+
+    from mrisegassist.errors import WriteError
+    from mrisegassist.unet.card import copy_verified
+
+    folder = _checkpoint_folder(tmp_path / "m", network)
+    entry = get_model(folder)
+    before = (folder / "model.json").read_bytes()
+    real = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: real(self, data[: len(data) // 2]))
+    entry.description = "changed"
+    with pytest.raises(WriteError, match=r"model\.json: cannot write .*differ.*previous file is kept"):
+        entry.write()
+    monkeypatch.setattr(Path, "write_bytes", real)
+    assert (folder / "model.json").read_bytes() == before and get_model(folder).description == ""
+
+    source, target = folder / "model.pt", tmp_path / "ens" / "fold-a.pt"
+    target.parent.mkdir()
+    target.write_bytes(b"previous")
+    real_copy = shutil.copyfile
+    monkeypatch.setattr(shutil, "copyfile", lambda src, dst: real(Path(dst), Path(src).read_bytes()[:100]))
+    with pytest.raises(WriteError, match=r"fold-a\.pt: cannot write .*sha256 differs.*previous file is kept"):
+        copy_verified(source, target, entry.sha256)
+    assert target.read_bytes() == b"previous" and [p.name for p in target.parent.iterdir()] == ["fold-a.pt"]
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    copy_verified(source, target, entry.sha256)
+    assert sha256_file(target) == entry.sha256
+
+
+@pytest.mark.parametrize("device,message", [
+    ("nonsense", r"device 'nonsense': unknown device; use cpu, cuda, cuda:N or mps"),
+    ("cuda:x", r"device 'cuda:x': unknown device"), ("tpu", r"device 'tpu': unknown device")])
+def test_unet_device_goes_through_the_one_device_rule(device, message):
+    """The U-Net's device goes through the rule every layer uses (mrisegassist.devices): a clear InputError, not
+    torch's RuntimeError; the same message as the service's request check."""
+    from mrisegassist.service.checks import check_device
+    from mrisegassist.unet.inference import resolve_device
+
+    with pytest.raises(InputError, match=message):
+        resolve_device(device)
+    with pytest.raises(InputError, match=message):
+        check_device(device)
+    with pytest.raises(InputError, match=message):
+        UNetSegmenter("ms-lesions-2d", device)
+    assert resolve_device(None) == resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"device 'cuda:0' requested but CUDA is not available"):
+            resolve_device("cuda:0")
