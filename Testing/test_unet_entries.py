@@ -97,6 +97,16 @@ def test_weights_file_of_an_ensemble_member_loads_that_member_alone(tmp_path, ne
     maps = [UNetSegmenter(e, "cpu").segment(case).volume.array for e in (first, second)]
     direct = UNetSegmenter(folder / "model.pt", "cpu").segment(case).volume.array
     assert np.array_equal(maps[0], direct) and not np.array_equal(maps[0], maps[1])  # two different networks
+    # the service keeps loaded models: the ensemble, then one member of it from the same folder, are two models
+    from mrisegassist.service import AutoSegmentRequest, Service
+    from mrisegassist.volume import read_volume
+
+    service, flair = Service("cpu"), read_volume(data_path("ms-lesjak", "patient07", "flair.nii.gz"))
+    ensemble_map = UNetSegmenter(ensemble, "cpu").segment(case).volume.array
+    assert not np.array_equal(ensemble_map, maps[1])  # so a cached ensemble would be caught
+    for model, expected in ((folder, ensemble_map), (folder / "fold-b.pt", maps[1]), (folder, ensemble_map)):
+        got = service.run(AutoSegmentRequest({"flair": flair}, str(model))).array
+        assert np.array_equal(got, expected), model
     (folder / "fold-b.pt").write_bytes((folder / "fold-b.pt").read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match="sha256 of fold-b.pt"):  # its digest is checked
         UNetSegmenter(folder / "fold-b.pt", "cpu")
