@@ -163,7 +163,7 @@ def test_registry_lookup_errors(tmp_path, monkeypatch, network):
     with pytest.raises(CheckpointError, match="unknown model kind"):
         get_model(bad)
     if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="no CUDA GPU"):
+        with pytest.raises(InputError, match="device .cuda. requested but CUDA is not available"):
             UNetSegmenter(get_model("tiny"), "cuda")
 
 
