@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -291,9 +292,6 @@ WARNED = [
     ("prompt-classical-device-cuda", ("prompt", "-q", "-i", "t1.gipl.gz", "-o", "out.nii.gz", "--box", BOX, "--device",
                                       "cuda"), None,
      r"^warning: engine 'classical' runs on the CPU; device 'cuda' is ignored$"),
-    ("prompt-unknown-sequence", ("prompt", "-q", "-i", "t1.gipl.gz", "-o", "out.nii.gz", "--box", BOX, "--extra",
-                                 "dwi=t1.nii.gz"), None,
-     r"^warning: sequence\(s\) dwi: not used by engine 'classical' \(it reads only the prompted volume\); ignored$"),
     ("prompt-box-partly-outside", ("prompt", "-q", "-i", "t1.gipl.gz", "-o", "out.nii.gz", "--box", "30,-10,30,90,70"),
      None, r"^warning: object 1: box \(30, -10, 30, 90, 70\) \(k, i0, j0, i1, j1\) reaches outside slice 30 "
            r"\(i 0\.\.77, j 0\.\.109\); clipped to \(30, 0, 30, 77, 70\)$"),
@@ -317,6 +315,18 @@ def test_cli_warns_in_one_line_and_runs(work, argv, setup, warning):
     assert_message(run, 0, r"warning: ")
     one_line(run, "warning:", warning)
     assert "InputWarning" not in run.err and "warnings.warn" not in run.err  # Python's long form is not shown
+    after = snapshot(work)
+    assert {k: after[k] for k in before} == before  # inputs unchanged
+    assert read_volume(work / "out.nii.gz", kind="label").array.any()
+
+
+def test_cli_extra_sequence_for_a_multi_sequence_engine_runs_without_warning(work):
+    """The weights-free engine reads every extra sequence (``accepts_channels``): nothing to warn about. (Engines
+    that read one sequence warn: ``test_api_warns_for_ignored_or_changed_options[extra-sequence]``.)"""
+    before = snapshot(work)
+    run = cli("prompt", "-q", "-i", "t1.gipl.gz", "-o", "out.nii.gz", "--box", BOX, "--extra", "dwi=t1.nii.gz",
+              cwd=work)
+    assert run.rc == 0 and "warning" not in run.err.lower(), run.err[-3000:]
     after = snapshot(work)
     assert {k: after[k] for k in before} == before  # inputs unchanged
     assert read_volume(work / "out.nii.gz", kind="label").array.any()
@@ -469,10 +479,12 @@ def test_api_confined_service_refuses_file_paths(t1):
     ("extra", r"sequence\(s\) dwi: not used by engine 'classical'"),
     ("box", r"object 1: box \(30, 70, 30, 95, 70\) .* clipped to \(30, 70, 30, 77, 70\)"),
 ], ids=["device", "extra-sequence", "clipped-box"])
-def test_api_warns_for_ignored_or_changed_options(t1, change, warning):
+def test_api_warns_for_ignored_or_changed_options(t1, change, warning, monkeypatch):
+    from mrisegassist.prompt.classical import ClassicalEngine
     from mrisegassist.service import PromptRequest, Service
 
-    if change == "extra":
+    if change == "extra":  # an engine that reads one sequence (the weights-free one reads them all)
+        monkeypatch.setattr(ClassicalEngine, "accepts_channels", False)
         request = _prompt(t1, extra={"dwi": t1})
     elif change == "box":
         request = PromptRequest(t1, [ObjectPrompt(1, [Box2D(30, 70, 30, 95, 70)])])
@@ -480,6 +492,17 @@ def test_api_warns_for_ignored_or_changed_options(t1, change, warning):
         request = _prompt(t1, **change)
     with pytest.warns(InputWarning, match=warning):
         result = Service("cpu").run(request)
+    assert result.array.any()
+
+
+def test_api_extra_sequence_read_by_the_engine_is_not_warned(t1):
+    from mrisegassist.prompt.classical import ClassicalEngine
+    from mrisegassist.service import Service
+
+    assert ClassicalEngine.accepts_channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        result = Service("cpu").run(_prompt(t1, extra={"dwi": t1}))
     assert result.array.any()
 
 

@@ -544,17 +544,39 @@ def test_auto_segment_on_input_grid(env, logic, tmp_path):
         logic.auto_segment({"flair": flair}, model=str(entry.folder))
 
 
+def test_default_model_is_one_whose_weights_ship(monkeypatch):
+    """The default model (every front end's first choice): the glioma model, else a model whose weights are
+    installed, a catalog model (a download) only when nothing else is there."""
+    def choices(*names):
+        return classmethod(lambda cls: [{"name": n.lstrip("@"), "catalog": "cat" if n.startswith("@") else ""}
+                                        for n in names])
+
+    assert MRISegAssistLogic.default_model() == "glioma-2d"  # the installed models
+    for names, expected in [(("@brats", "glioma-2d", "ms"), "glioma-2d"), (("@brats", "ms", "other"), "ms"),
+                            (("@brats", "@glioma-x"), "brats"), ((), None)]:
+        monkeypatch.setattr(MRISegAssistLogic, "model_choices", choices(*names))
+        assert MRISegAssistLogic.default_model() == expected, names
+
+
 def test_auto_segment_glioma_model(env, logic):
-    """The shipped glioma model on its held-out BraTS case (expert labels), as the Slicer self-test runs it."""
+    """The shipped glioma model on a BraTS case it did not train on (expert labels), as the self-test runs it: the
+    fold ensemble's member that held the case out (its other members were trained on it)."""
     model = logic.default_model()
     if model is None or not model.startswith("glioma"):
         pytest.skip("the glioma U-Net model is not installed yet")
     data_path(selftest.GLIOMA_CASE["flair"])
     from mrisegassist.unet.entries import get_model
 
-    held_out = get_model(model).training["validation_cases"]
-    assert selftest.GLIOMA_CASE["flair"].split("/")[1] in held_out  # the self-test uses a case not trained on
+    entry = get_model(model)
+    member, cases = selftest.glioma_model_for_case(model)
+    case = selftest.GLIOMA_CASE["flair"].split("/")[1]
+    assert case == selftest.GLIOMA_CASE_NAME and case not in cases and any(c.startswith("pat") for c in cases)
+    if entry.members:  # the member alone: its own weights file and digest, no other member
+        single = get_model(member)
+        assert not single.members and single.weights == f"fold-{case}.pt" and single.verify()
+        assert case in entry.training["members"][entry.members[0]["held_out"]]["cases"]  # the others saw it
     out = selftest.run_glioma_case(logic, env.load_volume, DATA, model)
+    assert logic.last_result.model == entry.name
     results = {f"glioma/{region}": dice for region, dice in out["dice"].items()}
     assert results["glioma/whole tumour"] > 0.5, results
     assert selftest.compare(results, selftest.load_expected()) == []

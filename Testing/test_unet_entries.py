@@ -79,6 +79,39 @@ def test_three_loading_paths_give_the_same_label_map(tmp_path, network, case):
     assert get_model(tmp_path / "ckpt" / "model.pt").network == SPEC
 
 
+def test_weights_file_of_an_ensemble_member_loads_that_member_alone(tmp_path, network, case):
+    """The path of one member's weights file gives that member alone (with its own digest), not the ensemble:
+    what a check on a case only that fold model did not see needs."""
+    folder = _checkpoint_folder(tmp_path / "ens", network)
+    torch.manual_seed(4)
+    other = build_network(SPEC).eval()
+    torch.save(other.state_dict(), folder / "fold-b.pt")
+    data = json.loads((folder / "model.json").read_text())
+    data["members"] = [{"weights": "fold-b.pt", "sha256": sha256_file(folder / "fold-b.pt"), "held_out": "b"}]
+    (folder / "model.json").write_text(json.dumps(data))
+    ensemble = get_model(folder)
+    first, second = get_model(folder / "model.pt"), get_model(folder / "fold-b.pt")
+    assert len(ensemble.members) == 1 and not first.members and not second.members
+    assert (first.weights, first.sha256) == ("model.pt", ensemble.sha256)
+    assert (second.weights, second.sha256) == ("fold-b.pt", data["members"][0]["sha256"])
+    maps = [UNetSegmenter(e, "cpu").segment(case).volume.array for e in (first, second)]
+    direct = UNetSegmenter(folder / "model.pt", "cpu").segment(case).volume.array
+    assert np.array_equal(maps[0], direct) and not np.array_equal(maps[0], maps[1])  # two different networks
+    # the service keeps loaded models: the ensemble, then one member of it from the same folder, are two models
+    from mrisegassist.service import AutoSegmentRequest, Service
+    from mrisegassist.volume import read_volume
+
+    service, flair = Service("cpu"), read_volume(data_path("ms-lesjak", "patient07", "flair.nii.gz"))
+    ensemble_map = UNetSegmenter(ensemble, "cpu").segment(case).volume.array
+    assert not np.array_equal(ensemble_map, maps[1])  # so a cached ensemble would be caught
+    for model, expected in ((folder, ensemble_map), (folder / "fold-b.pt", maps[1]), (folder, ensemble_map)):
+        got = service.run(AutoSegmentRequest({"flair": flair}, str(model))).array
+        assert np.array_equal(got, expected), model
+    (folder / "fold-b.pt").write_bytes((folder / "fold-b.pt").read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match="sha256 of fold-b.pt"):  # its digest is checked
+        UNetSegmenter(folder / "fold-b.pt", "cpu")
+
+
 def test_sha256_mismatch_is_a_clear_error(tmp_path, network):
     folder = _checkpoint_folder(tmp_path / "m", network)
     data = json.loads((folder / "model.json").read_text())
@@ -130,7 +163,7 @@ def test_registry_lookup_errors(tmp_path, monkeypatch, network):
     with pytest.raises(CheckpointError, match="unknown model kind"):
         get_model(bad)
     if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="no CUDA GPU"):
+        with pytest.raises(InputError, match="device .cuda. requested but CUDA is not available"):
             UNetSegmenter(get_model("tiny"), "cuda")
 
 
@@ -161,3 +194,56 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--cases", str(tmp_path / "cases"), "--out", str(tmp_path / "o"), "--labels", "1=lesion"]) == 2
     assert "no cases found" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_model_json_and_weights_copies_are_verified_before_they_replace_the_previous(tmp_path, network, monkeypatch):
+    """``model.json`` (ModelEntry.write) and an ensemble member's weights copied by ``card.install`` are staged,
+    read back and compared before they replace the previous file: a short write leaves the previous one."""
+    import shutil
+
+    from mrisegassist.errors import WriteError
+    from mrisegassist.unet.card import copy_verified
+
+    folder = _checkpoint_folder(tmp_path / "m", network)
+    entry = get_model(folder)
+    before = (folder / "model.json").read_bytes()
+    real = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: real(self, data[: len(data) // 2]))
+    entry.description = "changed"
+    with pytest.raises(WriteError, match=r"model\.json: cannot write .*differ.*previous file is kept"):
+        entry.write()
+    monkeypatch.setattr(Path, "write_bytes", real)
+    assert (folder / "model.json").read_bytes() == before and get_model(folder).description == ""
+
+    source, target = folder / "model.pt", tmp_path / "ens" / "fold-a.pt"
+    target.parent.mkdir()
+    target.write_bytes(b"previous")
+    real_copy = shutil.copyfile
+    monkeypatch.setattr(shutil, "copyfile", lambda src, dst: real(Path(dst), Path(src).read_bytes()[:100]))
+    with pytest.raises(WriteError, match=r"fold-a\.pt: cannot write .*sha256 differs.*previous file is kept"):
+        copy_verified(source, target, entry.sha256)
+    assert target.read_bytes() == b"previous" and [p.name for p in target.parent.iterdir()] == ["fold-a.pt"]
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    copy_verified(source, target, entry.sha256)
+    assert sha256_file(target) == entry.sha256
+
+
+@pytest.mark.parametrize("device,message", [
+    ("nonsense", r"device 'nonsense': unknown device; use cpu, cuda, cuda:N or mps"),
+    ("cuda:x", r"device 'cuda:x': unknown device"), ("tpu", r"device 'tpu': unknown device")])
+def test_unet_device_goes_through_the_one_device_rule(device, message):
+    """The U-Net's device goes through the rule every layer uses (mrisegassist.devices): a clear InputError, not
+    torch's RuntimeError; the same message as the service's request check."""
+    from mrisegassist.service.checks import check_device
+    from mrisegassist.unet.inference import resolve_device
+
+    with pytest.raises(InputError, match=message):
+        resolve_device(device)
+    with pytest.raises(InputError, match=message):
+        check_device(device)
+    with pytest.raises(InputError, match=message):
+        UNetSegmenter("ms-lesions-2d", device)
+    assert resolve_device(None) == resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"device 'cuda:0' requested but CUDA is not available"):
+            resolve_device("cuda:0")

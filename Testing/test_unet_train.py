@@ -3,6 +3,8 @@ and the result is directly usable by ``segment`` (API and CLI)."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +206,77 @@ def test_cross_validation_folds_restart_and_table(tmp_path):
     files = [f for f in discover_cases(data_path("ms-lesjak")) if f.name == "patient26"][0]
     with pytest.raises(InputError, match="was trained on patient26"):
         existing_fold(get_model(out / "fold-patient07"), files, tmp_path / "x", "note")
+
+
+def _tiny_state(seed: int = 0) -> dict:
+    spec = default_spec("2d", 1, 2)
+    spec["channels"], spec["strides"] = TINY, [2, 2, 2]
+    torch.manual_seed(seed)
+    return build_network(spec).state_dict()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "pickled-object", "not-a-training-checkpoint"])
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, damage):
+    """A damaged ``last.pt`` stops ``--resume`` before any work with a CheckpointError naming the file (never a raw
+    UnpicklingError), and the file is left as it was."""
+    import argparse
+
+    from mrisegassist.unet.train import save_checkpoint
+
+    cfg = _config(tmp_path, resume=True)
+    last = tmp_path / "model" / "last.pt"
+    last.parent.mkdir()
+    if damage == "garbage":
+        last.write_bytes(b"\x80\x04not a checkpoint at all" * 10)
+    elif damage == "truncated":
+        save_checkpoint(last, {"model": _tiny_state(), "optimizer": {}, "epoch": 1, "best": 0.1, "history": [],
+                               "spec": {}})
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "pickled-object":
+        torch.save({"model": _tiny_state(), "config": argparse.Namespace(lr=1)}, last)  # needs full unpickling
+    else:
+        save_checkpoint(last, _tiny_state())  # the weights alone: nothing to resume
+    before = last.read_bytes()
+    message = "not a training checkpoint" if damage == "not-a-training-checkpoint" else "cannot load as a weights-only checkpoint"
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(last))}: .*{message}"):
+        train(cfg, log=lambda m: None)
+    assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
+    assert main(["train", "--cases", cfg.cases, "--inputs", "flair", "--labels", "ms", "--out", cfg.out,
+                 "--resume"]) != 0  # the CLI reports it as an error (no traceback: test_fault_injection's rule)
+
+
+def test_checkpoint_writes_are_verified_and_keep_the_previous_file(tmp_path, monkeypatch):
+    """``torch.save`` that stops half-way (no error raised): the read-back check refuses the file, the previous
+    checkpoint stays, and no temporary file is left."""
+    from mrisegassist.errors import WriteError
+    from mrisegassist.unet import train as train_module
+
+    path = tmp_path / "last.pt"
+    first = {"model": _tiny_state(0), "epoch": 1}
+    train_module.save_checkpoint(path, first)
+    before = path.read_bytes()
+    real = torch.save
+
+    def half(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:
+            fh.truncate(Path(f).stat().st_size // 2)
+
+    monkeypatch.setattr(train_module.torch, "save", half)
+    with pytest.raises(WriteError, match=r"last\.pt: cannot write .*previous file is kept"):
+        train_module.save_checkpoint(path, {"model": _tiny_state(1), "epoch": 2})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    monkeypatch.setattr(train_module.torch, "save", real)
+    loaded = train_module.load_checkpoint(path)
+    assert loaded["epoch"] == 1 and all(torch.equal(loaded["model"][k], v) for k, v in first["model"].items())
+
+
+@pytest.mark.parametrize("text,message", [("[1, 2]", "must be a JSON object of options, not a list"),
+                                          ('"lr"', "not a str"), ("{bad", "not valid JSON"),
+                                          ('{"lr": 1, "typo": 2}', "unknown training option")])
+def test_training_config_that_is_not_an_object_is_a_clear_input_error(tmp_path, text, message):
+    path = tmp_path / "recipe.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}: .*{message}"):
+        TrainConfig.from_json(path)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2

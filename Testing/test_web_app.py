@@ -57,6 +57,15 @@ def test_load_study_guesses_inputs_and_reference(app):
         assert view.get_background_volume_id() == s.base_volume
 
 
+def test_default_model_is_the_shipped_ready_one(app):
+    """The page selects the logic's default model: the shipped glioma ensemble, whose weights are here, not a
+    catalog model listed first alphabetically that would need a download."""
+    listed = [m["value"] for m in app.state.models]
+    catalog = [c["name"] for c in app.logic.model_choices() if c["catalog"]]
+    assert catalog and catalog[0] in listed and listed.index(catalog[0]) < listed.index("glioma-2d")
+    assert app.state.model == app.logic.default_model() == "glioma-2d"
+
+
 def test_paths_outside_the_data_folder_are_refused(app):
     app.load_study("ms-lesjak/patient07")
     for bad in ("..", "../..", "/etc", "ms-lesjak/../../..", "/tmp"):

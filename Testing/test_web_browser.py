@@ -4,8 +4,9 @@ draw a box with the mouse and propagate it, atlas boxes and cascade, undo, save 
 an error and recovery, the token and the data-folder confinement; and ``mrisegassist bench web``.
 
 Dice thresholds (measured here; the saved file against the expert mask):
-* glioma-2d on brats2013 pat0001 (held out from its training), whole tumour: 0.823 measured, as in its model
-  card (0.82); required >= 0.75.
+* glioma-2d (the page's default model, the shipped fold ensemble) on brats2013 pat0001, whole tumour: 0.915
+  measured; required >= 0.75. NOT a held-out figure: three of the ensemble's four fold members were trained on
+  pat0001 (the held-out figures are the model card's cross-validation); this checks the browser workflow.
 * one box drawn on the tumour's largest FLAIR slice, classical engine, whole tumour: 0.88 on pat0004 (the same
   as in-process) and 0.86 on pat0001 measured, README range 0.82-0.91; required >= 0.80 and >= 30 slices (a
   filled box on its one slice scores about 0.05).
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.skipif(harness.chromium_missing_reason() is not None,
 
 TOKEN = "browser-test-token-0123"
 BRATS = "brats2013-deepmedic/pat0004"
-HELD_OUT = "brats2013-deepmedic/pat0001"  # not among glioma-2d's training cases
+GLIOMA = "brats2013-deepmedic/pat0001"  # seen by 3 of glioma-2d's 4 fold members: a workflow check only
 GLIOMA_LABELS = ["necrosis", "oedema", "non-enhancing tumour", "enhancing tumour"]
 SHOTS = REPO / "artifacts" / "web"
 
@@ -118,9 +119,9 @@ def test_study_outside_the_data_folder_is_refused_in_the_page(page):
 
 
 def test_auto_segment_metrics_and_nifti(page, server):
-    label = harness.load_study(page, HELD_OUT)
-    assert label == f"{HELD_OUT}: flair.nii.gz, t1c.nii.gz" and harness.state(page, "reference_file") == "labels.nii.gz"
-    prompt = harness.lesion_prompt(DATA / HELD_OUT / "labels.nii.gz")
+    label = harness.load_study(page, GLIOMA)
+    assert label == f"{GLIOMA}: flair.nii.gz, t1c.nii.gz" and harness.state(page, "reference_file") == "labels.nii.gz"
+    prompt = harness.lesion_prompt(DATA / GLIOMA / "labels.nii.gz")
     harness.goto_ras(page, prompt["centre"])
     seen = harness.click_to_overlay(page, "auto-run", "Red")
     print(f"browser auto-segmentation: overlay {seen['visible_ms'] / 1000:.1f} s after the click, "
@@ -133,10 +134,10 @@ def test_auto_segment_metrics_and_nifti(page, server):
     harness.screenshot(page, SHOTS, "auto-segment")
 
     saved = save(page, server, "nii.gz", "auto")
-    flair = read_volume(DATA / HELD_OUT / "flair.nii.gz")
+    flair = read_volume(DATA / GLIOMA / "flair.nii.gz")
     assert [lab.name for lab in saved.labels] == GLIOMA_LABELS and saved.volume.geometry.same_as(flair.geometry)
     whole = dice(saved.volume.array > 0, prompt["mask"])
-    print(f"browser glioma-2d on {HELD_OUT}: whole-tumour Dice {whole:.3f} (expert labels)")
+    print(f"browser glioma-2d on {GLIOMA}: whole-tumour Dice {whole:.3f} (expert labels; a case the ensemble saw)")
     assert whole >= 0.75
     assert abs(page_dice(page) - whole) <= 0.0006  # the page's metric is the saved segmentation's
     names = [r.inner_text() for r in page.locator("#metrics .metric-reference").all()]

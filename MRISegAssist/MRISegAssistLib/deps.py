@@ -2,7 +2,7 @@
 
 Nothing is installed at import time. :func:`ensure_dependencies` (main thread, in Slicer) lists what the chosen
 workflow is missing (:data:`WORKFLOWS`: the weights-free engine needs numpy, scipy, scikit-image and SimpleITK;
-the local worker aiohttp; the U-Net PyTorch and MONAI; ...) with the pinned versions, asks, then installs
+the local worker aiohttp; the U-Net PyTorch, MONAI and einops; ...) with the pinned versions, asks, then installs
 PyTorch through the SlicerPyTorch extension (``PyTorchUtils``, which picks the CUDA build matching the driver)
 and the rest with ``slicer.util.pip_install``. Every failure raises :class:`DependencyError` for the panel to
 show; workflows this Python cannot run (sam2 on Slicer 5.8's Python 3.9) are refused with the reason.
@@ -29,6 +29,7 @@ REQUIREMENTS: list[str] = [
     "torch>=2.2,<=2.14.1",
     "monai>=1.4,<1.7",
     "nibabel>=5.2,<6",
+    "einops==0.8.2",
     "tqdm>=4.66,<5",
     "matplotlib>=3.8,<4",
     "scikit-image>=0.22,<0.27",
@@ -59,7 +60,7 @@ ENGINE_EXTRAS = {"sam": ("sam",), "sam2": ("sam", "sam2"), "medsam2": ("sam", "s
 WORKFLOWS: dict[str, tuple[str, ...]] = {
     "classical": ("numpy", "scipy", "scikit-image", "SimpleITK"),
     "worker": ("aiohttp",),
-    "unet": ("numpy", "scipy", "SimpleITK", "torch", "monai", "nibabel"),
+    "unet": ("numpy", "scipy", "SimpleITK", "torch", "monai", "nibabel", "einops"),  # einops: MONAI SwinUNETR
     "atlas": ("numpy", "scipy", "scikit-image", "SimpleITK", "nilearn"),
     "sam": ("numpy", "scipy", "SimpleITK", "torch", "torchvision", "segment-anything"),
     "sam2": ("numpy", "scipy", "SimpleITK", "torch", "torchvision", "hydra-core", "iopath", "pillow"),

@@ -152,14 +152,19 @@ class MRISegAssistLogic:
             folder = Path(mrisegassist.__file__).parent / "models"
             entries = [json.loads(p.read_text()) for p in sorted(folder.glob("*/model.json"))]
         return [{"name": e["name"], "title": e.get("title") or e["name"], "inputs": list(e.get("inputs", [])),
-                 "labels": [lab["name"] for lab in e.get("labels", [])], "licence": e.get("licence", "")}
+                 "labels": [lab["name"] for lab in e.get("labels", [])], "licence": e.get("licence", ""),
+                 "catalog": e.get("weights_catalog", "")}
                 for e in entries]
 
     @classmethod
     def default_model(cls) -> Optional[str]:
-        """The shipped glioma model's name (else the first model), or ``None`` when none is installed."""
-        names = [m["name"] for m in cls.model_choices()]
-        return next((n for n in names if n.startswith("glioma")), names[0] if names else None)
+        """The model every front end selects first: the shipped glioma model, else the first model whose weights
+        ship with it (a catalog model's weights are a download), else the first model; ``None`` when none is
+        installed."""
+        choices = cls.model_choices()
+        ready = [m["name"] for m in choices if not m["catalog"]]
+        return next((n for n in ready if n.startswith("glioma")),
+                    ready[0] if ready else (choices[0]["name"] if choices else None))
 
     @staticmethod
     def list_engines() -> list[dict]:

@@ -67,9 +67,12 @@ ROI_CASES = [
     RoiCase("ms-lesjak-patient26-flat", "ms-lesjak/patient26/flair.nii.gz", "ms-lesjak/patient26/lesions.nii.gz",
             roi="flat"),
 ]
-#: The glioma model's held-out validation case (expert BraTS labels).
-GLIOMA_CASE = {"flair": "brats2013-deepmedic/pat0001/flair.nii.gz", "t1c": "brats2013-deepmedic/pat0001/t1c.nii.gz",
-               "reference": "brats2013-deepmedic/pat0001/labels.nii.gz"}
+#: A BraTS case (expert labels) the glioma model is checked on; a fold ensemble (whose other members were trained on
+#: it) is checked through its member that held it out (:func:`glioma_model_for_case`).
+GLIOMA_CASE_NAME = "pat0001"
+GLIOMA_CASE = {"flair": f"brats2013-deepmedic/{GLIOMA_CASE_NAME}/flair.nii.gz",
+               "t1c": f"brats2013-deepmedic/{GLIOMA_CASE_NAME}/t1c.nii.gz",
+               "reference": f"brats2013-deepmedic/{GLIOMA_CASE_NAME}/labels.nii.gz"}
 
 
 def data_folder() -> Optional[Path]:
@@ -116,12 +119,36 @@ def run_roi_case(logic, load: Loader, data: Path, case: RoiCase, engine: str = "
             "mask": mask, "reference": reference}
 
 
+def glioma_model_for_case(model: str) -> tuple[str, list[str]]:
+    """``(model to run, its training cases)`` for :data:`GLIOMA_CASE`: for a cross-validated fold ensemble the
+    weights file of the member that held the case out (every other member was trained on it), else ``model``.
+    Raises ``ValueError`` when the model to run was trained on the case (its Dice would not be a held-out one)."""
+    from mrisegassist.unet.card import held_out_member
+    from mrisegassist.unet.entries import get_model
+
+    entry = get_model(model)
+    training = entry.training
+    if entry.members:
+        member = held_out_member(entry, GLIOMA_CASE_NAME)
+        if member is None:
+            raise ValueError(f"model {entry.name!r}: no ensemble member held out {GLIOMA_CASE_NAME}")
+        cases = list(training.get("members", {}).get(GLIOMA_CASE_NAME, {}).get("cases", []))
+        model = str(member.weights_path)
+    else:
+        cases = list(training.get("cases", []))
+    if not cases or GLIOMA_CASE_NAME in cases:
+        raise ValueError(f"model {entry.name!r} does not record {GLIOMA_CASE_NAME} as held out from its training")
+    return model, cases
+
+
 def run_glioma_case(logic, load: Loader, data: Path, model: Optional[str] = None) -> dict:
-    """Auto-segment the held-out BraTS case with the glioma model; Dice per BraTS region (expert labels)."""
+    """Auto-segment :data:`GLIOMA_CASE` with the glioma model (a fold ensemble: its member that held the case out,
+    :func:`glioma_model_for_case`); Dice per BraTS region (expert labels)."""
     inputs = {s: load(data / GLIOMA_CASE[s], f"glioma {s}", False) for s in ("flair", "t1c")}
     reference_node = load(data / GLIOMA_CASE["reference"], "glioma reference", True)
     reference = np.asarray(slicer.util.arrayFromVolume(reference_node)).astype(np.int32)
-    segmentation = logic.auto_segment(inputs, model=model)
+    held_out, _ = glioma_model_for_case(model or logic.default_model())
+    segmentation = logic.auto_segment(inputs, model=held_out)
     from mrisegassist.unet.entries import get_model
 
     entry = get_model(logic.last_result.model)
@@ -393,9 +420,9 @@ def main(argv=None) -> int:
         print(f"{name:40s} {dice:.4f}")
     if args.write:
         old = load_expected() if EXPECTED_PATH.exists() else {"dice": {}}
-        document = {"about": "Expected Dice of MRISegAssist's self-test: real cases vs expert labels, synth/* vs the "
-                              "synthetic case's exact labels (CPU, headless slicer-core); written by python -m "
-                              "MRISegAssistLib.selftest --write",
+        document = {"about": old.get("about", "Expected Dice of MRISegAssist's self-test: real cases vs expert "
+                                              "labels, synth/* vs the synthetic case's exact labels (CPU, headless "
+                                              "slicer-core); written by python -m MRISegAssistLib.selftest --write"),
                     "tolerance": TOLERANCE,
                     "dice": {**old.get("dice", {}), **{name: {"value": round(dice, 4)} for name, dice in results.items()}}}
         EXPECTED_PATH.write_text(json.dumps(document, indent=2) + "\n")

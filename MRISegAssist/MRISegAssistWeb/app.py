@@ -128,7 +128,7 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
             "study_loaded": False, "study_label": "", "study_files": [],
             "volumes": [], "base_volume": None, **{f"input_{s}": None for s in SEQUENCES},
             "reference_files": [], "reference_file": None, "show_reference": False,
-            "models": models, "model": models[0]["value"] if models else None,
+            "models": models, "model": self._default_model(models),
             "engines": engines, "engine": "classical", "engine_note": "",
             "devices": self.logic.available_devices(), "device": self.logic.device,
             "placing": False, "box_flat": True, "strategy": "A", "boxes": [],
@@ -153,6 +153,12 @@ class MRISegAssistWebApp(BoxPrompts, TrameApp):
             return []
         return [{"title": f"{getattr(m, 'title', '') or m.name} (needs {', '.join(m.inputs)})", "value": m.name}
                 for m in models]
+
+    def _default_model(self, items: list[dict]) -> Optional[str]:
+        """The logic's default model (a shipped, ready one) when the list offers it, else the first listed."""
+        names = [m["value"] for m in items]
+        default = self.logic.default_model()
+        return default if default in names else (names[0] if names else None)
 
     def _engine_items(self) -> list[dict]:
         items = []

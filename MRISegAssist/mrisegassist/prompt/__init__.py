@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from ..devices import check_device
 from ..errors import CheckpointError, InputError
 from .base import OUTSIDE_LOGIT, Box2D, ObjectPrompt, ObjectResult, PromptableEngine, SliceEngine  # noqa: F401
 
 DEFAULT_ENGINE = "classical"
-DEVICES = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -79,17 +79,8 @@ def engine_spec(name: str) -> EngineSpec:
 
 
 def _check_device(device: str) -> str:
-    device = str(device)
-    if device.split(":")[0] not in DEVICES:
-        raise InputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
-    if device != "cpu":
-        import torch
-
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(f"device {device!r} requested but CUDA is not available on this machine")
-        if device == "mps" and not torch.backends.mps.is_available():
-            raise InputError("device 'mps' requested but Apple MPS is not available on this machine")
-    return device
+    """The device rule (:func:`mrisegassist.devices.check_device`) for a device that will run an engine."""
+    return check_device(device)
 
 
 def get_engine(name: str = DEFAULT_ENGINE, device: str = "cpu",

@@ -1,39 +1,23 @@
-"""Checks of a request before any work: the device rule, and :class:`~mrisegassist.errors.InputWarning` for what is
-accepted but ignored or changed (a device the engine does not use, sequences nothing reads, boxes clipped to the
-volume). :meth:`Service.run <mrisegassist.service.core.Service.run>` runs :func:`check_request` first; the CLI runs
+"""Checks of a request before any work: the device rule (:func:`mrisegassist.devices.check_device`), and
+:class:`~mrisegassist.errors.InputWarning` for what is accepted but ignored or changed (a device the engine does
+not use, sequences nothing reads, boxes clipped to the volume). :meth:`Service.run <mrisegassist.service.core.Service.run>` runs :func:`check_request` first; the CLI runs
 it too before it sends a request to a server (whose warnings stay on the server).
 """
 from __future__ import annotations
 
 import importlib
-import re
 import warnings
 from typing import Iterable, Optional, Sequence
 
-from ..errors import InputError, InputWarning
+from ..devices import check_device
+from ..errors import InputWarning
 
-_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+__all__ = ["check_device", "check_engine_request", "check_request", "clipped_boxes", "unused_sequences", "warn"]
 
 
 def warn(message: str) -> None:
     """Emit one :class:`InputWarning` (the CLI prints it as ``warning: <message>``)."""
     warnings.warn(message, InputWarning, stacklevel=3)
-
-
-def check_device(device: Optional[str], *, used: bool = True, option: str = "device") -> Optional[str]:
-    """The device rule: ``None`` (the default) or ``cpu``, ``cuda``, ``cuda:N``, ``mps``; any other name is an
-    :class:`InputError`. ``used``: the device will run something here, so it must also be available (CUDA, MPS).
-    """
-    if device is None:
-        return None
-    name = str(device).strip()
-    if not _DEVICE.match(name):
-        raise InputError(f"{option} {name!r}: unknown device; use cpu, cuda, cuda:N or mps")
-    if used:
-        from ..prompt import _check_device
-
-        _check_device(name)
-    return name
 
 
 def unused_sequences(given: Iterable[str], used: Sequence[str], who: str) -> list[str]:

@@ -260,7 +260,8 @@ class Service:
         from ..unet.inference import UNetSegmenter
 
         entry = get_model(model, trust_code=trust_code)
-        key = (str(entry.folder or entry.name), device, trust_code)
+        weights = (entry.weights, *(m["weights"] for m in entry.members))  # a member's file alone is another model
+        key = (str(entry.folder or entry.name), weights, device, trust_code)
         with self._lock:
             segmenter = self._segmenters.get(key)
         if segmenter is None:  # loading (and a download) runs outside the lock: it reports progress, can cancel

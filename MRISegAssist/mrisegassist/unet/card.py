@@ -26,7 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, WriteError
+from ..outputs import atomic_write, write_text
 from ..volume import load_case, read_volume, resample_to
 from .crossval import CrossValidation, load_results, score_case
 from .data import find_case_files
@@ -50,7 +51,10 @@ TEMPLATE_NOTICE = (
 
 def member_entry(entry: ModelEntry, member: dict) -> ModelEntry:
     """The single fold model ``member`` (one of ``entry.members``, or the first) of an installed ensemble."""
-    return replace(entry, weights=member["weights"], sha256=member.get("sha256", ""), members=[])
+    single = entry.member(member["weights"])
+    if single is None:
+        raise InputError(f"{entry.folder}: {member['weights']} is not a member of model {entry.name!r}")
+    return single
 
 
 def fold_members(entry: ModelEntry) -> list[dict]:
@@ -129,7 +133,7 @@ def build_ensemble(cv_dir: Path, target: Path, recipe: str) -> ModelEntry:
     for name, e in zip(sorted(folds), entries):
         e.verify()
         dst = f"fold-{name}.pt"
-        shutil.copyfile(e.weights_path, target / dst)
+        copy_verified(e.weights_path, target / dst, e.sha256 or sha256_file(e.weights_path))
         members.append({"weights": dst, "sha256": sha256_file(target / dst), "held_out": name})
     state = torch.load(str(target / members[0]["weights"]), map_location="cpu", weights_only=True)
     training = dict(first.training)
@@ -144,6 +148,15 @@ def build_ensemble(cv_dir: Path, target: Path, recipe: str) -> ModelEntry:
     training.pop("minutes", None)
     return replace(first, weights=members[0]["weights"], sha256=members[0]["sha256"], members=members[1:],
                    training=training, validation={"cross_validation": cv.to_dict()}, folder=target)
+
+
+def copy_verified(source: Path, target: Path, sha256: str) -> Path:
+    """Copy ``source`` to ``target`` atomically; the copy's sha256 must be ``sha256`` before it replaces ``target``."""
+    def verify(tmp: Path) -> None:
+        if sha256_file(tmp) != sha256:
+            raise WriteError(f"{target.name}: the copy's sha256 differs from {source.name}'s")
+
+    return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), verify)
 
 
 def install(cv_dir: Path, target: Path, recipe: str, before: Optional[Path] = None,
@@ -163,7 +176,7 @@ def install(cv_dir: Path, target: Path, recipe: str, before: Optional[Path] = No
     if aurora is not None:
         entry.validation["aurora_check"] = aurora_agreement(checks, aurora)
     entry.write(target)
-    (target / "MODEL_CARD.md").write_text(render_card(entry))
+    write_text(target / "MODEL_CARD.md", render_card(entry))
     keep = {m["weights"] for m in fold_members(entry)}
     for stale in target.glob("*.pt"):  # weights of a model installed here before
         if stale.name not in keep:

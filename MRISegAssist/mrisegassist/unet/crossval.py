@@ -31,7 +31,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..metrics import evaluate_labels
-from ..volume import Volume, atomic_write, read_volume, resample_to
+from ..outputs import write_json
+from ..volume import Volume, read_volume, resample_to
 from .data import CaseFiles, discover_cases, read_manifest
 from .entries import ModelEntry, get_model
 from .postprocess import BRATS_REGIONS
@@ -160,7 +161,7 @@ def run_fold(cfg, held_out: CaseFiles, out: Path, log: Callable[[str], None] = p
                       round(float(result["history"][-1]["minutes"]) if result["history"] else
                             (time.perf_counter() - t0) / 60, 1),
                       int(result["epochs"]), score_case(entry, labelmap, held_out.labels))
-    atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(asdict(fold), indent=2)))
+    write_json(done, asdict(fold))
     return fold
 
 
@@ -172,7 +173,7 @@ def existing_fold(entry: ModelEntry, held_out: CaseFiles, out: Path, note: str) 
     fold = FoldResult(held_out.name, list(entry.training.get("cases", [])), float(entry.training.get("minutes", 0)),
                       int(entry.training.get("epoch", 0)), score_case(entry, labelmap, held_out.labels), note=note)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / FOLD_FILE, lambda tmp: Path(tmp).write_text(json.dumps(asdict(fold), indent=2)))
+    write_json(out / FOLD_FILE, asdict(fold))
     return fold
 
 
@@ -188,9 +189,8 @@ def cross_validate(cfg, out: Path, folds: Optional[Sequence[str]] = None, recipe
     if unknown:
         raise InputError(f"fold(s) {', '.join(unknown)} are not among the labelled cases {', '.join(names)}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({"recipe": recipe, "cases": str(cfg.manifest or cfg.cases),
-                                                 "config": json.loads(json.dumps(asdict(cfg), default=str))},
-                                                indent=2))
+    write_json(out / "recipe.json", {"recipe": recipe, "cases": str(cfg.manifest or cfg.cases),
+                                     "config": json.loads(json.dumps(asdict(cfg), default=str))})
     for files in cases:
         if folds and files.name not in folds:
             continue
@@ -233,8 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         entry = get_model(args.existing)
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "recipe.json").is_file():
-            (out / "recipe.json").write_text(json.dumps({"recipe": Path(args.config).name,
-                                                         "cases": str(cfg.manifest or cfg.cases)}))
+            write_json(out / "recipe.json", {"recipe": Path(args.config).name, "cases": str(cfg.manifest or cfg.cases)})
         for files in _labelled(cfg):
             if files.name in args.folds.split(","):
                 existing_fold(entry, files, out / f"fold-{files.name}", args.note)

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -116,12 +116,11 @@ class ModelEntry:
         return data
 
     def write(self, folder: Optional[Union[str, Path]] = None) -> Path:
-        """Write ``model.json`` into ``folder`` (default: this entry's folder) atomically."""
-        from ..volume import atomic_write
+        """Write ``model.json`` into ``folder`` (default: this entry's folder) atomically, read back and compared
+        before it replaces the previous one (:func:`mrisegassist.outputs.write_text`)."""
+        from ..outputs import write_text
 
-        target = Path(folder or self.folder) / "model.json"
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        return atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+        return write_text(Path(folder or self.folder) / "model.json", json.dumps(self.to_dict(), indent=2) + "\n")
 
     def validate(self) -> None:
         where = self.folder or self.name
@@ -166,6 +165,14 @@ class ModelEntry:
     def class_to_label(self, n_classes: int) -> list[int]:
         """Label value for each network class index (identity where ``label_mapping`` says nothing)."""
         return [int(self.label_mapping.get(str(c), c)) for c in range(n_classes)]
+
+    def member(self, weights: str) -> Optional["ModelEntry"]:
+        """The model whose weights file is ``weights`` alone (``weights`` or one of an ensemble's ``members``), with
+        that file's sha256; None if no member has that file."""
+        for m in [{"weights": self.weights, "sha256": self.sha256}] + list(self.members):
+            if m["weights"] == weights:
+                return replace(self, weights=m["weights"], sha256=m.get("sha256", ""), members=[])
+        return None
 
     @property
     def weights_path(self) -> Path:
@@ -377,7 +384,8 @@ def _json_beside(path: Path) -> Optional[Path]:
 
 def get_model(name_or_path: Union[str, Path, ModelEntry], trust_code: bool = False) -> ModelEntry:
     """A model by registry name, or by path: a folder with ``model.json``, a MONAI bundle folder, or a weights
-    file (``.pt`` checkpoint / ``.ts`` TorchScript) with a ``<stem>.json`` or ``model.json`` beside it.
+    file (``.pt`` checkpoint / ``.ts`` TorchScript) with a ``<stem>.json`` or ``model.json`` beside it (that file
+    alone: the path of one member of an ensemble gives that member, e.g. the fold model that did not see a case).
 
     MONAI bundles are read without running their code; ``trust_code=True`` lets MONAI's ``ConfigParser`` build
     the network (see :mod:`mrisegassist.unet.bundle`). This is the one loader of the CLI, the Slicer logic and
@@ -399,8 +407,11 @@ def get_model(name_or_path: Union[str, Path, ModelEntry], trust_code: bool = Fal
             raise InputError(f"{path}: no model description beside it (expected {path.with_suffix('.json').name} "
                              f"or model.json)")
         entry = ModelEntry.from_json(described)
-        if path.name != entry.weights:
-            entry.weights, entry.sha256, entry.weights_catalog = path.name, "", ""  # another file: no digest
+        member = entry.member(path.name)  # that file alone, also when it is one member of an ensemble
+        if member is not None:
+            entry = member
+        else:  # another file: no digest, no other members
+            entry.weights, entry.sha256, entry.weights_catalog, entry.members = path.name, "", "", []
         if path.suffix == ".ts":
             entry.kind = "torchscript"
         return entry

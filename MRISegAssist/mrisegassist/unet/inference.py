@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..devices import check_device
 from ..errors import InputError
 from ..labels import LabelMap
 from ..progress import CancelToken, ProgressFn, check, report
@@ -26,15 +27,9 @@ from .preprocess import ModelGrid, foreground_bbox, prepare_inputs
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"mps"`` (or ``None`` = cpu) -> a usable :class:`torch.device`, else InputError."""
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but no CUDA GPU is available (use --device cpu)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device 'mps' requested but Apple MPS is not available (use --device cpu)")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"unsupported device {device!r} (use cpu, cuda or mps)")
-    return dev
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` (or ``None`` = cpu) -> a usable :class:`torch.device`; any other
+    name, or a device not available here, is an InputError (the one device rule, :mod:`mrisegassist.devices`)."""
+    return torch.device(check_device(str(device) if device is not None else "cpu"))
 
 
 def _pad_to(array: np.ndarray, divisor: int, axes: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:

@@ -21,10 +21,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, WriteError
 from ..labels import LABEL_SETS, default_color
+from ..outputs import atomic_write
 from ..progress import CancelToken, ProgressFn, check, report
-from ..volume import atomic_write
 from .distributed import DistributedRun, is_main_process, launch
 from .data import (CaseFiles, SyntheticSet, TrainingCase, class_indices, discover_cases, load_training_case,
                    make_transforms, pad_case, read_manifest, synthetic_cases)
@@ -102,7 +102,17 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        data = json.loads(Path(path).read_text())
+        """Options from a JSON object (``comment`` ignored) with ``overrides``; :class:`InputError` naming the file
+        when it cannot be read, is not JSON, is not an object or names unknown options."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: cannot read the training configuration ({exc})") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: the training configuration must be a JSON object of options, not a "
+                             f"{type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"comment"})
         if unknown:
@@ -180,10 +190,69 @@ def _split(cases: list[CaseFiles], cfg: TrainConfig) -> tuple[list[CaseFiles], l
     return train, val
 
 
+#: Keys of the training checkpoint ``last.pt`` (what ``resume`` reads).
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "best", "history", "spec")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint` (``torch.load(weights_only=True)``), or the state dict of a
+    weights file; :class:`CheckpointError` naming ``path`` when it cannot be loaded that way (truncated, not a
+    checkpoint, pickled objects)."""
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, zip errors, EOFError, unsupported globals
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: cannot load as a weights-only checkpoint ({type(exc).__name__}: "
+                              f"{first[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(data).__name__}, not a dict)")
+    return data
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def save_checkpoint(path: Path, payload: dict) -> Path:
+    """Write ``payload`` (a state dict, or a dict whose ``"model"`` is one) with ``torch.save`` atomically: the
+    temporary file is loaded back (weights only) and its tensors compared before it replaces ``path``; a failed or
+    incomplete write raises :class:`WriteError` and keeps the previous file."""
+    model = payload.get("model", payload)
+    expected = {k: v for k, v in model.items() if isinstance(v, torch.Tensor)}
+
+    def verify(tmp: Path) -> None:
+        try:
+            back = load_checkpoint(tmp)
+        except CheckpointError as exc:
+            raise WriteError(str(exc)) from None
+        got = back.get("model", back) if "model" in payload else back
+        if not isinstance(got, dict) or not _same_tensors(expected, {k: v for k, v in got.items()
+                                                                     if isinstance(v, torch.Tensor)}):
+            raise WriteError(f"{path.name}: the weights read back differ from those written")
+        if set(payload) - set(back):
+            raise WriteError(f"{path.name}: read back without {', '.join(sorted(set(payload) - set(back)))}")
+
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), verify)
+
+
 def _checkpoint(path: Path, payload: dict) -> None:
     if not is_main_process():
         return
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    save_checkpoint(path, payload)
+
+
+def _resume_state(path: Path, spec: dict) -> dict:
+    """The training checkpoint ``path`` to resume from, checked: loadable, complete, same architecture."""
+    if not path.is_file():
+        raise InputError(f"--resume: no checkpoint {path} to resume from")
+    state = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint to resume from (no {', '.join(missing)})")
+    if state.get("spec") != spec:
+        raise CheckpointError(f"{path}: checkpoint architecture {state.get('spec')} differs from the "
+                              f"requested one {spec} (inputs/labels/dims must match to resume)")
+    return state
 
 
 def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
@@ -212,6 +281,13 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
         raise InputError("give --cases DIR or --manifest CSV")
     train_files, val_files = _split(files, cfg)
     out = Path(cfg.out)
+    if cfg.context and cfg.dims != "2d":
+        raise InputError("context (neighbouring slices, 2.5D) needs a 2D model")
+    spec = default_spec(cfg.dims, len(cfg.inputs) * (2 * cfg.context + 1), n_classes)
+    if cfg.channels:
+        spec["channels"], spec["strides"] = list(cfg.channels), [2] * (len(cfg.channels) - 1)
+    last_path = out / "last.pt"
+    resumed = _resume_state(last_path, spec) if cfg.resume else None  # checked before any work
     out.mkdir(parents=True, exist_ok=True)
     device = run.setup(resolve_device(cfg.device))
     progress, log = (progress, log) if run.is_main else (None, lambda message: None)
@@ -244,11 +320,6 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     log(f"training on {len(train_cases)} case(s): {', '.join(c.name for c in train_cases)}; validating on "
         f"{', '.join(c.name for c in val_cases) or 'none'}")
 
-    if cfg.context and cfg.dims != "2d":
-        raise InputError("context (neighbouring slices, 2.5D) needs a 2D model")
-    spec = default_spec(cfg.dims, len(cfg.inputs) * (2 * cfg.context + 1), n_classes)
-    if cfg.channels:
-        spec["channels"], spec["strides"] = list(cfg.channels), [2] * (len(cfg.channels) - 1)
     torch.manual_seed(cfg.seed)  # reproducible initial weights
     network = build_network(spec).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -259,16 +330,13 @@ def train(cfg: TrainConfig, progress: Optional[ProgressFn] = None, cancel: Optio
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     history: list[dict] = []
     best_score, start_epoch, minutes_before = -1.0, 0, 0.0
-    last_path = out / "last.pt"
-    if cfg.resume:
-        if not last_path.is_file():
-            raise InputError(f"--resume: no checkpoint {last_path} to resume from")
-        state = torch.load(str(last_path), map_location="cpu", weights_only=True)
-        if state.get("spec") != spec:
-            raise CheckpointError(f"{last_path}: checkpoint architecture {state.get('spec')} differs from the "
-                                  f"requested one {spec} (inputs/labels/dims must match to resume)")
+    if resumed is not None:
+        state = resumed
         load_state(network, state["model"], str(last_path))
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{last_path}: optimizer state does not fit ({exc})") from None
         history, best_score, start_epoch = list(state["history"]), float(state["best"]), int(state["epoch"])
         minutes_before = float(history[-1]["minutes"]) if history else 0.0
         log(f"resumed from {last_path} after epoch {start_epoch} (best score {best_score:.3f})")
@@ -357,7 +425,7 @@ def _write_model(out: Path, network: torch.nn.Module, spec: dict, cfg: TrainConf
         return
     weights = out / "model.pt"
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-    atomic_write(weights, lambda tmp: torch.save(state, tmp))
+    save_checkpoint(weights, state)
     entry = ModelEntry(
         name=cfg.name or out.name, title=cfg.title or cfg.name or out.name, kind="checkpoint", inputs=list(cfg.inputs),
         labels=labels, label_mapping={str(c): int(lab["value"]) for c, lab in enumerate(labels, start=1)},
