@@ -484,9 +484,8 @@ def test_point_prompts_match_the_video_predictor(small, window, tmp_path):
     negative points without a box on slice 2 (an object followed before its first prompt trips sam2 1.1.0 in
     fp32, see ``test_z_range_respected...``); each prompted slice is a conditioning frame. The official
     predictor's ``init_state`` (its frames replaced by ours) and ``propagate_in_video`` both ways give the
-    logits of our lean loop in exact and in fixed shapes; the service passes the points through untouched."""
+    logits of our lean loop in exact and in fixed shapes; the engine takes the points itself (the service gives them to engines that read them)."""
     from mrisegassist.prompt.base import Point2D
-    from mrisegassist.service.points import needs_adapter
 
     volume, labels = window
     box = _tumour_box(labels, 2)
@@ -502,8 +501,8 @@ def test_point_prompts_match_the_video_predictor(small, window, tmp_path):
     assert sorted(state["output_dict_per_obj"][1]["cond_frame_outputs"]) == [2]
     for loop in ("exact", "fixed"):
         engine = Sam2Engine.from_model(small, "medsam2", options=LOOPS[loop])
-        assert engine.accepts_points and not needs_adapter(engine, prompts)
+        assert engine.accepts_points  # points go through add_new_points_or_box
         for result in engine.segment(engine.prepare(volume), prompts):
-            np.testing.assert_allclose(result.logits, official[result.object_id], atol=1e-4)
-            assert np.array_equal(result.mask, official[result.object_id] > 0)
+            np.testing.assert_allclose(result.full_logits(), official[result.object_id], atol=1e-4)
+            assert np.array_equal(result.full_mask(), official[result.object_id] > 0)
             assert sorted(result.slices) == list(range(8))

@@ -296,5 +296,6 @@ def test_points_reach_sam_through_propagation(brats):
                                         point_labels=np.array([int(p.positive) for p in points], np.int32),
                                         box=b, multimask_output=single, return_logits=True)
         best = ref[int(np.argmax(iou))]
-        kept = result.logits[kk] > OUTSIDE_LOGIT  # components away from the prompt are dropped
-        np.testing.assert_allclose(result.logits[kk][kept], best[kept], atol=1e-4)
+        logits = result.full_logits()[kk]
+        kept = logits > OUTSIDE_LOGIT  # components away from the prompt are dropped
+        np.testing.assert_allclose(logits[kept], best[kept], atol=1e-4)

@@ -89,7 +89,7 @@ def run(args) -> int:
         previous = os.environ.get("MRISEGASSIST_CACHE")
         os.environ["MRISEGASSIST_CACHE"] = cache
         worker = LocalWorker(device="cpu", env=env)
-        server = ServerProcess("--host", "127.0.0.1", "--token", token, "--device", "cpu",
+        server = ServerProcess("--host", "127.0.0.1", f"--token={token}", "--device", "cpu",
                                module="mrisegassist server", env=env)
         clients = {"in-process": InProcessClient(device="cpu"), "local worker": worker,
                    "server": HttpClient(server.base, token, compress=True)}

@@ -71,7 +71,7 @@ class LocalWorker(SegmentationClient):
         self._folder = Path(tempfile.mkdtemp(prefix="mrisegassist-worker-"))
         self._token = secrets.token_urlsafe(24)
         cmd = [self.python, "-m", "mrisegassist", "server", "--host", "127.0.0.1", "--port", "0",
-               "--token", self._token, "--ready-file", str(self._folder / "ready.json"), "--exit-with-stdin",
+               f"--token={self._token}", "--ready-file", str(self._folder / "ready.json"), "--exit-with-stdin",
                "--allow-local-files"]
         if self.device:
             cmd += ["--device", self.device]
