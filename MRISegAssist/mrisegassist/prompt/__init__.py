@@ -78,11 +78,6 @@ def engine_spec(name: str) -> EngineSpec:
     return spec
 
 
-def _check_device(device: str) -> str:
-    """The device rule (:func:`mrisegassist.devices.check_device`) for a device that will run an engine."""
-    return check_device(device)
-
-
 def get_engine(name: str = DEFAULT_ENGINE, device: str = "cpu",
                checkpoint: Optional[Union[str, Path]] = None, *, download: bool = False) -> PromptableEngine:
     """A loaded engine, cached per ``(name, device, checkpoint)``.
@@ -102,7 +97,7 @@ def get_engine(name: str = DEFAULT_ENGINE, device: str = "cpu",
             raise CheckpointError(f"checkpoint {path} for engine {name!r} does not exist")
         ckpt = str(path.resolve())
     if spec.needs_weights:
-        device = _check_device(device)
+        device = check_device(device)
     key = (name, str(device), ckpt)
     with _lock:
         engine = _cache.get(key)

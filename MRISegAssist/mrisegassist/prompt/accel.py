@@ -15,6 +15,7 @@ import contextlib
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence, TypeVar
 
+from ..devices import check_device
 from ..errors import InputError, MRISegAssistError
 
 T = TypeVar("T")
@@ -30,8 +31,8 @@ class DeviceMemoryError(MRISegAssistError, RuntimeError):
 
 
 def resolve_device(device: Optional[str] = "auto") -> str:
-    """``"auto"``/``None`` -> the best available torch device (``cuda`` > ``mps`` > ``cpu``); others are checked:
-    :class:`InputError` if unknown or not available here."""
+    """``"auto"``/``None`` -> the best available torch device (``cuda`` > ``mps`` > ``cpu``); others are checked by
+    :func:`mrisegassist.devices.check_device`: :class:`InputError` if unknown or not available here."""
     import torch
 
     device = "auto" if device is None else str(device)
@@ -40,14 +41,7 @@ def resolve_device(device: Optional[str] = "auto") -> str:
             return "cuda"
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available on this machine")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device 'mps' requested but Apple MPS is not available on this machine")
-    return device
+    return check_device(device)  # the one device rule (mrisegassist.devices)
 
 
 @dataclass(frozen=True)

@@ -308,9 +308,9 @@ def serve(host: str = auth.DEFAULT_HOST, port: int = 8765, token: Optional[str] 
         raise InputError(f"port {port} is outside 0..65535")
     token, generated = auth.access_token_for(host, token)
     if device is not None:
-        from ..prompt import _check_device
+        from ..devices import check_device
 
-        _check_device(device)
+        check_device(device)
     service = Service(device, confined=not allow_local_files)
     server = SegmentationServer(service, token, auth.is_loopback(host), max_request_mb, jobs)
 
