@@ -132,6 +132,37 @@ def test_atlas_prompts_engine_cascade_label_map(crop, tmp_path, monkeypatch):
     assert [o.first_pass_ml for o in ruled.objects] == [o.first_pass_ml for o in result.objects]
 
 
+def test_the_targets_registration_is_kept_for_the_next_request_on_it(crop, tmp_path, monkeypatch):
+    """Asking again on the same volume (here with one more structure) reuses its registration; other voxels, a
+    request with ``use_cache`` off and another client session's cache register it again."""
+    import mrisegassist.atlas.space as space
+    from mrisegassist.service.core import PreparedCache
+
+    monkeypatch.setenv("MRISEGASSIST_CACHE", str(tmp_path))
+    _, image = crop
+    calls = []
+    original = space.register
+
+    def counting(moving, *args, **kwargs):
+        calls.append(moving.label)
+        return original(moving, *args, **kwargs)
+
+    monkeypatch.setattr(space, "register", counting)
+    service = Service("cpu")
+    first = service.atlas_boxes(AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle"]))
+    assert calls == ["crop"] and first.timings["target_registration_s"] > 0.5
+    again = service.atlas_boxes(AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle",
+                                                                             "hippocampus-left"]))
+    assert calls == ["crop"] and again.timings["target_registration_s"] < 0.1
+    assert again.boxes.get("third-ventricle") == first.boxes.get("third-ventricle")
+    edited = image.with_array(image.array.copy())
+    edited.array[0, 0, 0] += 1
+    service.atlas_boxes(AtlasBoxesRequest(edited, "builtin:colin27", ["third-ventricle"]))
+    service.atlas_boxes(AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle"], use_cache=False))
+    service.atlas_boxes(AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle"]), cache=PreparedCache())
+    assert calls == ["crop"] * 4
+
+
 def test_service_applies_the_rules_shipped_for_a_builtin_set(crop, monkeypatch):
     """``builtin:brain`` (Colin27 + MNI152) with the classical engine: the rules come from the file shipped in
     the package, no learning run; each structure's label is what its shipped rule makes of the engine's own

@@ -114,13 +114,16 @@ def test_reprompting_reuses_the_prepared_volume(ms07):
     prepared = engine.prepare(flair.array)
     assert engine.prepare(flair.array) is prepared and engine.normalisations == 1
     assert np.array_equal(flair.array, before)  # the input is never modified
+    edited = flair.array.copy()
+    edited.flat[edited.size // 2 + 1] += 1  # one voxel changed (off any sampling stride): a new volume
+    assert engine.prepare(edited) is not prepared and engine.normalisations == 2
     _, lesion = objects_from_mask(lesions, min_voxels=10)[0]
     (box,) = boxes_for_object(lesion, "A")
     first = engine.segment(prepared, [ObjectPrompt(1, [box])])[0]
     misses, hits = prepared.slice_misses, prepared.slice_hits
     moved = Box2D(box.k, box.i0 + 1, box.j0, box.i1 + 1, box.j1 + 1)  # the user nudges the box
     second = engine.segment(prepared, [ObjectPrompt(1, [moved])])[0]
-    assert engine.normalisations == 1
+    assert engine.normalisations == 2
     assert prepared.slice_hits > hits
     new_slices = set(second.slices) - set(first.slices)
     assert prepared.slice_misses - misses <= len(new_slices) + 2
@@ -147,6 +150,7 @@ def test_service_reprompts_without_re_encoding(ms07):
     from mrisegassist.errors import InputError
     from mrisegassist.prompt.fusion import fuse
     from mrisegassist.service import PromptRequest, Service
+    from mrisegassist.service.core import PreparedCache
 
     flair, lesions = ms07
     service = Service("cpu")
@@ -164,6 +168,10 @@ def test_service_reprompts_without_re_encoding(ms07):
         service.prompt(PromptRequest(flair, [ObjectPrompt(2, [Box2D(500, 1, 1, 5, 5)])]))
     service.prompt(PromptRequest(flair.with_array(flair.array * 2.0), [ObjectPrompt(2, [moved])]))
     assert service.cache.prepared == 2
+    # a client session's own cache (the server's), used even while empty: nothing shared with the service's
+    session = PreparedCache()
+    service.prompt(PromptRequest(flair, [ObjectPrompt(2, [moved])]), cache=session)
+    assert session.prepared == 1 and len(session) == 1 and service.cache.prepared == 2
 
 
 def test_curved_dark_structure_over_a_bounded_z_range():

@@ -17,9 +17,9 @@ from mrisegassist.labels import LabelInfo
 from mrisegassist.prompt import get_engine
 from mrisegassist.prompt.base import Box2D, ObjectPrompt
 from mrisegassist.prompt.classical import ClassicalEngine
-from mrisegassist.prompt.fusion import fuse
+from mrisegassist.prompt.fusion import fuse, label_counts, union_bbox
 from mrisegassist.service import PromptRequest, Service, wire
-from mrisegassist.volume import read_volume, resample_to
+from mrisegassist.volume import Volume, read_volume, resample_to
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,65 @@ def test_wire_round_trip_and_volume_references(study):
     assert np.array_equal(again.volume.array, flair.array) and np.array_equal(again.extra["t1"].array, t1.array)
     with pytest.raises(wire.MissingVolume):
         wire.loads(second, 1 << 30, wire.VolumeStore())
+
+
+def test_wire_sends_label_maps_as_the_box_of_their_voxels():
+    """BraTS 2013 pat0001's expert labels (uint8 -> uint16 as results carry them): only the tumour's box travels,
+    the volume comes back voxel-identical; an empty map, a whole-filled one and an int16 MRI survive too."""
+    labels = read_volume(data_path("brats2013-deepmedic", "pat0001") / "labels.nii.gz", kind="label")
+    labels = labels.with_array(labels.array.astype(np.uint16))
+    assert 0 < np.count_nonzero(labels.array) < labels.array.size // 20
+    for compress in (False, True):
+        data = wire.dumps(labels, compress)
+        back = wire.loads(data, 1 << 30)
+        assert back.geometry == labels.geometry and back.array.dtype == np.uint16
+        assert np.array_equal(back.array, labels.array) and back.array.flags.writeable
+        assert len(data) < labels.array.nbytes // 4
+    box, nz = union_bbox([labels.array]), np.argwhere(labels.array)
+    assert [(s.start, s.stop) for s in box] == list(zip(nz.min(axis=0), nz.max(axis=0) + 1))
+    assert np.array_equal(label_counts(labels.array, 8)[1:], np.bincount(labels.array.ravel(), minlength=8)[1:])
+    empty = labels.with_array(np.zeros_like(labels.array))
+    assert union_bbox([empty.array]) is None and not label_counts(empty.array, 3)[1:].any()
+    assert np.array_equal(wire.loads(wire.dumps(empty), 1 << 30).array, empty.array)
+    full = labels.with_array(np.ones_like(labels.array))
+    assert np.array_equal(wire.loads(wire.dumps(full), 1 << 30).array, full.array)
+    mri = labels.with_array((labels.array.astype(np.int16) - 1) * 7)  # negative background: nothing to crop
+    assert np.array_equal(wire.loads(wire.dumps(mri), 1 << 30).array, mri.array)
+
+
+def _with_message(data: bytes, edit) -> bytes:
+    """``data`` (a wire archive) with its message.json edited by ``edit(dict)``."""
+    import json
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            body = src.read(info)
+            if info.filename == wire.MESSAGE:
+                message = json.loads(body)
+                edit(message)
+                body = json.dumps(message).encode()
+            dst.writestr(info.filename, body)
+    return out.getvalue()
+
+
+def test_wire_refuses_cropped_volumes_with_bad_boxes_or_over_the_limit():
+    geometry = read_volume(data_path("brats2013-deepmedic", "pat0001") / "labels.nii.gz", kind="label").geometry
+    array = np.zeros(geometry.shape, np.uint16)
+    array[10:20, 30:50, 40:60] = 3
+    data = bytes(wire.dumps(Volume(array, geometry)))
+
+    def outside(message):
+        message["__volume__"]["crop"] = [geometry.shape[0] - 5, 0, 0]
+
+    def huge(message):
+        message["__volume__"]["shape"] = [4096, 4096, 4096]
+
+    with pytest.raises(InputError, match="bad box"):
+        wire.loads(_with_message(data, outside), 1 << 30)
+    with pytest.raises(InputError, match="over the limit"):
+        wire.loads(_with_message(data, huge), 1 << 30)
+    assert np.array_equal(wire.loads(data, 1 << 30).array, array)
 
 
 def test_wire_refuses_damaged_oversized_and_foreign_messages(study):

@@ -5,7 +5,10 @@ a computation in a Python thread of Slicer's process only advances while the mai
 emulation here: the main thread sits in C code holding the GIL (``ctypes.PyDLL(None).usleep``: PyDLL keeps
 the lock) for 100 ms between timer ticks, and polls the runner on each tick. Through the local worker each
 workflow (auto-segmentation with the shipped U-Net, a box prompt, atlas boxes) must finish within 1.5x of the
-same job run directly in this process, both sides warm (worker started, models loaded, volumes prepared).
+same job run directly in this process, both sides warm (worker started, models loaded, volumes prepared). Atlas
+boxes are timed on a case new to both sides (each side keeps a volume's target registration, so a repeat on the
+same volume takes milliseconds, less than one 100 ms tick): the references' registrations come from the disk
+cache, the target's registration is computed again.
 Real data: BraTS 2013 pat0001 (240x240x155) and the ITK-SNAP T1 crop with its manual labels.
 """
 from __future__ import annotations
@@ -99,6 +102,9 @@ def test_workflow_through_worker_with_main_thread_holding_the_gil(scene, logics,
 
     make_job(direct).run()  # warm: model loaded, volume prepared, registration cached
     emulated_slicer_loop(make_job(worker))
+    if workflow == "atlas boxes":  # a new case: the kept target registration goes, the disk cache stays
+        direct.forget_scene()
+        worker.forget_scene()
     t0 = time.perf_counter()
     expected = make_job(direct).run()
     direct_s = time.perf_counter() - t0

@@ -187,3 +187,62 @@ def test_killed_worker_gives_a_clear_error_and_restarts(case):
     finally:
         worker.stop()
     assert not worker.alive
+
+
+def test_taken_port_is_bad_input_and_ctrl_c_stops_the_server(server):
+    """A second server on the first one's port ends with the bad-input status and a message naming the port; the
+    server (a fresh one here) stops cleanly on Ctrl-C, its HTTP thread and its main (job) thread both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mrisegassist.bench.processes import PACKAGE_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    taken = subprocess.run([sys.executable, "-m", "mrisegassist", "server", "--port", str(server.port),
+                            f"--token={TOKEN}"], capture_output=True, text=True, env=env, timeout=120)
+    assert taken.returncode == 2, taken.stderr
+    assert f"cannot listen on 127.0.0.1 port {server.port}" in taken.stderr and "Traceback" not in taken.stderr
+    fresh = server_process("--host", "127.0.0.1", f"--token={TOKEN}")
+    fresh.proc.send_signal(signal.SIGINT)
+    assert fresh.proc.wait(20) == 0
+    assert "Traceback" not in fresh.log
+
+
+def test_main_thread_executor_runs_jobs_in_order_on_the_calling_thread():
+    """`serve` computes on its main thread (as a script does) through this executor: jobs in order, errors and
+    cancellations kept per job, nothing accepted after shutdown."""
+    import threading
+
+    from mrisegassist.service.server import MainThreadExecutor
+
+    executor, order = MainThreadExecutor(), []
+    first = executor.submit(lambda: order.append(1) or threading.current_thread() is threading.main_thread())
+    failing = executor.submit(lambda: 1 / 0)
+    dropped = executor.submit(order.append, 3)
+    assert dropped.cancel()
+    last = executor.submit(order.append, 4)
+    executor.shutdown(wait=False)
+    executor.run(threading.Event())  # returns once the queue reaches the shutdown mark
+    assert first.result() is True and order == [1, 4] and last.done()
+    assert isinstance(failing.exception(), ZeroDivisionError) and dropped.cancelled()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(order.append, 5)
+
+
+def test_bench_service_reports_every_mode(capsys):
+    """`mrisegassist bench service` on BraTS 2013 pat0001 (box prompt, one round): in-process, local worker and
+    server rows with their wall, service and first-request seconds (figures only; the goal is the bench's)."""
+    from conftest import DATA
+
+    from mrisegassist.cli import main
+
+    assert main(["bench", "service", "--data", str(DATA), "--workflows", "box prompt", "--repeats", "1",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    row = summary["rows"]["box prompt"]
+    assert list(row) == ["in-process", "local worker", "server"]
+    for mode, r in row.items():
+        assert len(r["runs"]) == 1 and r["seconds"] >= r["service_seconds"] > 0 and r["first_seconds"] > 0
+        assert r["goal_met"] in (True, False) and (mode != "in-process" or r["overhead_s"] == 0)

@@ -15,6 +15,7 @@ stream CRC, voxel-count limit) and recorded as an input (:func:`mrisegassist.out
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -173,6 +174,16 @@ class Volume:
 
 
 # --------------------------------------------------------------------------------------------- reading
+def fingerprint(*arrays: np.ndarray) -> str:
+    """sha256 of the arrays' shapes, dtypes and voxels."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.shape}{a.dtype.str}".encode())
+        digest.update(memoryview(a).cast("B") if a.size else b"")
+    return digest.hexdigest()
+
+
 def _is_dicom_dir(path: Path) -> bool:
     return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 

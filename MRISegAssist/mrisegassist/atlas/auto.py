@@ -23,7 +23,7 @@ from .boxes import AtlasBoxes, boxes_from_scores, fuse_scores
 from .references import ReferenceSet
 from .refine import Refinement, refine_labels
 from .registration import FAST, RegistrationSettings
-from .space import CommonSpace
+from .space import CommonSpace, Memo
 
 
 def _sub(progress: Optional[ProgressFn], a: float, b: float) -> Optional[ProgressFn]:
@@ -33,16 +33,18 @@ def _sub(progress: Optional[ProgressFn], a: float, b: float) -> Optional[Progres
 def atlas_boxes(target: Volume, refset: ReferenceSet, strategy: str = "A", *,
                 settings: RegistrationSettings = FAST, thresholds: Optional[dict[str, float]] = None,
                 workers: Optional[int] = None, cache=None, space: Optional[CommonSpace] = None,
-                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> AtlasBoxes:
+                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                memo: Optional[Memo] = None) -> AtlasBoxes:
     """Register ``refset`` onto ``target`` and box every structure (strategy A or B): the references' score maps
     on the target (:meth:`.space.CommonSpace.target_scores`) thresholded and boxed (:func:`.boxes.boxes_from_scores`).
 
-    ``space`` reuses a :class:`CommonSpace` (and its in-memory transforms) across targets. Structures whose
-    thresholded score map is empty are returned with ``found=False`` and a reason.
+    ``space`` reuses a :class:`CommonSpace` (and its in-memory transforms) across targets; ``memo`` keeps the
+    target's registration for the next request on the same volume (:meth:`.space.CommonSpace.register_target`).
+    Structures whose thresholded score map is empty are returned with ``found=False`` and a reason.
     """
     t0 = time.perf_counter()
     space = space or CommonSpace(refset, settings, workers, cache)
-    scores = space.target_scores(target, refset.structures, _sub(progress, 0.0, 0.9), cancel)
+    scores = space.target_scores(target, refset.structures, _sub(progress, 0.0, 0.9), cancel, memo)
     check(cancel)
     report(progress, 0.9, "boxes")
     t1 = time.perf_counter()

@@ -24,14 +24,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, check, report
-from ..volume import Geometry, Volume, atomic_write
+from ..volume import Geometry, Volume, atomic_write, fingerprint
 from .boxes import ScoreMap, score_maps
 from .references import Reference, ReferenceSet, Structure, cache_dir
 from .registration import (FAST, RegistrationSettings, as_field, compose, load_transform, register,
@@ -44,6 +44,8 @@ FIELD_SPACING_MM = 2.0
 REGION_STEP_MM = 4.0
 #: bump when the common-space label maps or score maps change, so cached ones are redone
 COMMON_VERSION = 1
+#: ``memo(key, make)``: a cache returning the value kept under ``key``, else ``make()``'s (kept)
+Memo = Callable[[tuple, Callable[[], object]], object]
 
 
 def cpu_count() -> int:
@@ -283,16 +285,17 @@ class CommonSpace:
 
     # ---------------------------------------------------------------------------------------- target
     def target_scores(self, target: Volume, structures: Optional[Sequence[Structure]] = None,
-                      progress: Optional[ProgressFn] = None,
-                      cancel: Optional[CancelToken] = None) -> TargetScores:
+                      progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                      memo: Optional[Memo] = None) -> TargetScores:
         """The references' score maps on ``target``'s grid: common score maps (:meth:`common_scores`, cached),
-        one target registration, each structure's map resampled through it (see the module docstring)."""
+        one target registration (``memo``: see :meth:`register_target`), each structure's map resampled through
+        it (see the module docstring)."""
         sub = (lambda a, b: None if progress is None else (lambda f, m: report(progress, a + (b - a) * f, m)))
         structures = list(self.refset.structures if structures is None else structures)
         cold = not self.scores_cached(structures)
         common, geometry = self.common_scores(structures, sub(0.0, 0.5) if cold else None, cancel)
         t0 = time.perf_counter()
-        s = self.register_target(target, sub(0.5 if cold else 0.0, 0.9), cancel)
+        s = self.register_target(target, sub(0.5 if cold else 0.0, 0.9), cancel, memo)
         t1 = time.perf_counter()
         report(progress, 0.9, "score maps onto the target")
         scores = resample_scores(common, geometry, target.geometry, s, cancel)
@@ -301,11 +304,21 @@ class CommonSpace:
         return TargetScores(target.geometry, scores, s, dict(self.timings))
 
     def register_target(self, target: Volume, progress: Optional[ProgressFn] = None,
-                        cancel: Optional[CancelToken] = None) -> sitk.Transform:
-        """``S``: target -> common space (the only registration that depends on the patient)."""
+                        cancel: Optional[CancelToken] = None, memo: Optional[Memo] = None) -> sitk.Transform:
+        """``S``: target -> common space (the only registration that depends on the patient). ``memo(key,
+        make)``: a cache (e.g. the service's prepared-volume cache) that returns the transform made before for
+        the same target voxels and geometry, anchor and settings, or ``make()``s it."""
         settings = self.settings if self.settings.threads else replace(self.settings, threads=cpu_count())
-        return register(target, self.anchor_image(), settings, progress=progress, cancel=cancel,
-                        names=(target.label, self.anchor.name), fine=(None, self._fine_anchor()))
+
+        def make() -> sitk.Transform:
+            return register(target, self.anchor_image(), settings, progress=progress, cancel=cancel,
+                            names=(target.label, self.anchor.name), fine=(None, self._fine_anchor()))
+
+        if memo is None:
+            return make()
+        key = ("atlas target registration", self.settings.key(), self.anchor.key, fingerprint(target.array),
+               json.dumps(target.geometry.to_dict(), sort_keys=True))
+        return memo(key, make)
 
     def warp(self, target: Volume, progress: Optional[ProgressFn] = None,
              cancel: Optional[CancelToken] = None) -> WarpedReferences:

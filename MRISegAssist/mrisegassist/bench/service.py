@@ -10,9 +10,11 @@ T1c), on a real case (default BraTS 2013 pat0001, 240x240x155), the same request
 * **server**: a ``mrisegassist server`` process reached with :class:`~mrisegassist.service.HttpClient` and a
   token, results deflated as a remote client receives them.
 
-Every mode is warmed first (worker/server started, model loaded, volume prepared, registrations cached in
-one shared cache), then the modes take turns for ``--repeats`` rounds (so load from other processes hits all
-of them alike); the median wall time per mode is compared with in-process. Goal: at most +10 % and +0.3 s.
+Every mode is warmed first by one request, timed and shown as *first* (worker/server started, model loaded,
+volumes uploaded and prepared, the references' registrations cached in one shared cache, the target's
+registration kept by each mode's service), then the modes take turns for ``--repeats`` rounds (so load from
+other processes hits all of them alike); the median wall time per mode is compared with in-process. Goal: at
+most +10 % and +0.3 s.
 """
 from __future__ import annotations
 
@@ -99,8 +101,11 @@ def run(args) -> int:
             startup = time.perf_counter() - t0
             rows = {}
             for name, request in requests.items():
-                for client in clients.values():  # warm: models loaded, volume prepared, registrations cached
+                first = {}
+                for mode, client in clients.items():  # warm: models loaded, volume prepared, registrations kept
+                    t0 = time.perf_counter()
                     client.call(request)
+                    first[mode] = time.perf_counter() - t0
                 times = {mode: [] for mode in clients}
                 service_s = {mode: [] for mode in clients}
                 for _ in range(args.repeats):
@@ -109,7 +114,7 @@ def run(args) -> int:
                         result = client.call(request)
                         times[mode].append(time.perf_counter() - t0)
                         service_s[mode].append(result.timings.get("total_s", float("nan")))
-                rows[name] = {mode: {"seconds": statistics.median(times[mode]),
+                rows[name] = {mode: {"seconds": statistics.median(times[mode]), "first_seconds": first[mode],
                                      "service_seconds": statistics.median(service_s[mode]), "runs": times[mode]}
                               for mode in clients}
         finally:
@@ -141,13 +146,14 @@ def format_table(summary: dict) -> str:
     lines = [f"case: {summary['case']}; {summary['cpu_count']} CPU cores; median of {summary['repeats']} warm runs "
              f"per mode, modes interleaved; local worker started in {summary['worker_start_s']:.1f} s",
              "wall seconds per request; service: the computation inside the service; outside: wall - service "
-             "(encoding, transfer, polling); overhead: wall vs in-process; "
-             f"goal {summary['goal']}",
+             "(encoding, transfer, polling); overhead: wall vs in-process; first: the mode's first request "
+             f"(not in the goal); goal {summary['goal']}",
              f"{'workflow':<14}{'mode':<14}{'wall s':>8}{'service s':>10}{'outside':>9}{'overhead':>10}{'ratio':>8}"
-             f"  goal"]
+             f"{'first s':>9}  goal"]
     for name, row in summary["rows"].items():
         for mode, r in row.items():
             goal = "-" if mode == "in-process" else ("met" if r["goal_met"] else "NOT met")
             lines.append(f"{name:<14}{mode:<14}{r['seconds']:>8.2f}{r['service_seconds']:>10.2f}"
-                         f"{r['transfer_s']:>9.2f}{r['overhead_s']:>+10.2f}{r['overhead_ratio']:>+8.1%}  {goal}")
+                         f"{r['transfer_s']:>9.2f}{r['overhead_s']:>+10.2f}{r['overhead_ratio']:>+8.1%}"
+                         f"{r['first_seconds']:>9.2f}  {goal}")
     return "\n".join(lines)

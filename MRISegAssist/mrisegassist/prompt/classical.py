@@ -51,7 +51,6 @@ thick-slice post-contrast T1 lesions) and cross-checked on the synthetic failure
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections import OrderedDict
@@ -64,7 +63,7 @@ from skimage.segmentation import random_walker
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressFn, check, report
-from ..volume import validate_array
+from ..volume import fingerprint, validate_array
 from .base import OUTSIDE_LOGIT, ObjectPrompt, ObjectResult, SliceEngine
 from .fusion import union_bbox
 from .propagation import PropagationConfig, SlicePrior, touching
@@ -397,11 +396,6 @@ def enclosed(mask: np.ndarray) -> np.ndarray:
             return out & ~mask
 
 
-def _fingerprint(volume: np.ndarray) -> str:
-    flat = np.ascontiguousarray(volume.reshape(-1)[:: max(1, volume.size // 65536)])
-    return hashlib.sha1(flat.tobytes() + str(volume.shape).encode() + str(volume.dtype).encode()).hexdigest()
-
-
 class ClassicalEngine(SliceEngine):
     """Weights-free default engine (CPU, numpy/scipy/scikit-image). See the module docstring."""
 
@@ -435,7 +429,7 @@ class ClassicalEngine(SliceEngine):
         else:
             validate_array(volume, "prompt volume", "image")
         check(cancel)
-        key = _fingerprint(volume)
+        key = fingerprint(volume)  # every voxel: a small edit is a new volume
         cached = self._prepared.get(key)
         if cached is not None:
             self._prepared.move_to_end(key)

@@ -20,19 +20,34 @@ _FULL = np.ones((3, 3, 3), dtype=bool)
 
 
 def union_bbox(masks: Iterable[np.ndarray]) -> tuple[slice, slice, slice] | None:
-    """Smallest ``(k, j, i)`` slices holding every ``True`` voxel of ``masks``; ``None`` if all are empty."""
+    """Smallest ``(k, j, i)`` slices holding every non-zero voxel of ``masks`` (3D, any dtype); ``None`` if all
+    are empty. Reads each mask once along ``k``, then only its occupied slab (no full-size temporary)."""
     lo, hi = None, None
     for m in masks:
-        if not m.any():
+        if not m.size:
             continue
-        idx = [np.nonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))[0] for ax in range(3)]
-        mlo = np.array([i[0] for i in idx])
-        mhi = np.array([i[-1] for i in idx])
+        k = np.flatnonzero(m.reshape(m.shape[0], -1).any(axis=1))
+        if not k.size:
+            continue
+        slab = m[k[0]:k[-1] + 1]
+        j = np.flatnonzero(slab.any(axis=(0, 2)))
+        i = np.flatnonzero(slab[:, j[0]:j[-1] + 1].any(axis=(0, 1)))
+        mlo = np.array([k[0], j[0], i[0]])
+        mhi = np.array([k[-1], j[-1], i[-1]])
         lo = mlo if lo is None else np.minimum(lo, mlo)
         hi = mhi if hi is None else np.maximum(hi, mhi)
     if lo is None:
         return None
     return tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+
+
+def label_counts(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Voxels per value of an integer label map ``[k, j, i]`` (``np.bincount`` of its non-zero box; index 0
+    counts only the background inside that box)."""
+    box = union_bbox([labels])
+    if box is None:
+        return np.zeros(max(minlength, 1), dtype=np.int64)
+    return np.bincount(labels[box].ravel(), minlength=minlength)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

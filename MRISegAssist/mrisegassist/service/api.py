@@ -78,7 +78,9 @@ class AtlasBoxesRequest:
 
     ``reference``: ``builtin:NAME`` (default: the first built-in set), or a folder / CSV / JSON manifest (files
     only in-process or with ``--allow-local-files``). ``deformable`` / ``resolution_mm`` change the registration
-    settings, ``augment`` adds N deformed copies of the references, ``thresholds`` per structure name."""
+    settings, ``augment`` adds N deformed copies of the references, ``thresholds`` per structure name.
+    ``use_cache``: reuse the references' registrations cached on disk and this volume's registration kept by
+    the service from an earlier request (off: register everything again)."""
 
     volume: Volume
     reference: Optional[str] = None

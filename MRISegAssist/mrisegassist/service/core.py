@@ -3,7 +3,7 @@ the worker process and the batch runner.
 
 :class:`Service` owns the loaded U-Net models and promptable engines (kept between calls until
 :meth:`Service.release`) and the prepared-volume cache (:class:`PreparedCache`: re-prompting the same voxels
-never re-encodes them). Its methods take a typed request (:mod:`.api`) and return a typed result::
+never re-encodes them, asking for atlas boxes again on them never registers them again). Its methods take a typed request (:mod:`.api`) and return a typed result::
 
     service = Service(device="cpu")
     result = service.prompt(PromptRequest(volume, [ObjectPrompt(1, [Box2D(80, 100, 90, 140, 130)])]))
@@ -32,10 +32,10 @@ from ..errors import InputError
 from ..labels import LabelInfo, LabelMap, default_color
 from ..progress import CancelToken, ProgressFn, check, report
 from ..prompt.base import Box2D, ObjectPrompt, Point2D
-from ..volume import Volume, resample_to
+from ..prompt.fusion import label_counts
+from ..volume import Volume, fingerprint, resample_to
 from .checks import check_request, unused_sequences
 from .views import ViewGrid, unit, view_grid
-from .wire import fingerprint
 from .api import (ATLAS_ENGINE, AtlasBoxesRequest, AtlasBoxesResult, AutoRequest, AutoSegmentRequest,
                   DownloadWeightsRequest, EngineInfo, ModelInfo, NotFound, ObjectSummary, PromptRequest,
                   SegmentationResult, ServiceInfo, WeightsStatus)
@@ -186,6 +186,10 @@ class Service:
         self._segmenters: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
 
+    def _cache(self, cache: Optional[PreparedCache]) -> PreparedCache:
+        """``cache`` (a client session's, even while empty), else the service's own."""
+        return self.cache if cache is None else cache
+
     # ------------------------------------------------------------------------------------ dispatch
     def run(self, request, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
             cache: Optional[PreparedCache] = None):
@@ -196,7 +200,7 @@ class Service:
         if isinstance(request, PromptRequest):
             return self.prompt(request, progress, cancel, cache)
         if isinstance(request, AtlasBoxesRequest):
-            return self.atlas_boxes(request, progress, cancel)
+            return self.atlas_boxes(request, progress, cancel, cache)
         if isinstance(request, AutoRequest):
             return self.auto(request, progress, cancel, cache)
         if isinstance(request, DownloadWeightsRequest):
@@ -303,8 +307,7 @@ class Service:
                           **{s: request.inputs[s] for s in entry.inputs if s != reference}}, reference)
         labelmap = segmenter.segment(case, progress=sub_progress(progress, 0.05, 1.0), cancel=cancel)
         ml = labelmap.geometry.voxel_volume_ml
-        counts = np.bincount(labelmap.volume.array.ravel().astype(np.int64),
-                             minlength=max([i.value for i in labelmap.labels], default=0) + 1)
+        counts = label_counts(labelmap.volume.array, max([i.value for i in labelmap.labels], default=0) + 1)
         objects = [ObjectSummary(i.value, i.name, int(counts[i.value]), float(counts[i.value]) * ml)
                    for i in labelmap.labels]
         return SegmentationResult("auto-segment", labelmap, objects, model=entry.name,
@@ -371,7 +374,7 @@ class Service:
             image = volume.array if grid.order == (0, 1, 2) else grid.to_view(volume.array)
             array = self._engine_input(Volume(image, grid.geometry, volume.name), dict(extra or {}), engine)
             ta = time.perf_counter()
-            prepared = (cache or self.cache).get(
+            prepared = self._cache(cache).get(
                 (engine_name, str(device), checkpoint, fingerprint(array)),
                 lambda: engine.prepare(array, progress=sub_progress(progress, base, base + 0.3 * share),
                                        cancel=cancel))
@@ -410,7 +413,7 @@ class Service:
         infos = [given.get(i) or LabelInfo(i, used[i].name or f"object-{i}", default_color(i)) for i in ids]
         labelmap = LabelMap(volume.with_array(fused, f"{volume.label} labels"), infos)
         ml = volume.geometry.voxel_volume_ml
-        counts = np.bincount(fused.ravel(), minlength=max(ids) + 1)
+        counts = label_counts(fused, max(ids) + 1)
         skipped = set(int(v) for v in no_cascade)
         objects = []
         for i, info in zip(ids, infos):
@@ -460,8 +463,11 @@ class Service:
         reference, refset = self._reference_set(request, progress, cancel)
         return reference, refset, settings
 
-    def _atlas(self, request: AtlasBoxesRequest, progress, cancel, setup=None):
-        """``(reference, AtlasBoxes with score maps)``; ``setup``: :meth:`_atlas_setup`'s result if made."""
+    def _atlas(self, request: AtlasBoxesRequest, progress, cancel, setup=None, cache=None):
+        """``(reference, AtlasBoxes with score maps)``; ``setup``: :meth:`_atlas_setup`'s result if made. The
+        target's registration is kept in ``cache`` (default: the service's) with the prepared volumes unless
+        ``request.use_cache`` is off: asking again on the same volume (other structures, thresholds or
+        strategy) does not register it again."""
         from ..atlas.auto import atlas_boxes
 
         start = 0.0 if setup is not None else 0.2
@@ -469,7 +475,7 @@ class Service:
         boxes = atlas_boxes(request.volume, refset, request.strategy, settings=settings,
                             thresholds=dict(request.thresholds) or None, workers=request.workers,
                             cache=None if request.use_cache else False, progress=sub_progress(progress, start, 1.0),
-                            cancel=cancel)
+                            cancel=cancel, memo=self._cache(cache).get if request.use_cache else None)
         return reference, boxes
 
     def _atlas_rules(self, request: AtlasBoxesRequest, setup, engine: str, device: Optional[str],
@@ -509,7 +515,7 @@ class Service:
         engine = result.engine != ATLAS_ENGINE
         refined = refine_labels(boxes, result.array if engine else None, rules)
         volume = result.labels.volume
-        counts = np.bincount(refined.ravel(), minlength=max([o.label for o in result.objects], default=0) + 1)
+        counts = label_counts(refined, max([o.label for o in result.objects], default=0) + 1)
         ml = volume.geometry.voxel_volume_ml
         structures = {score.structure.name: score.structure for score in boxes.scores}
         objects = [dataclasses.replace(o, voxels=int(counts[o.label]), volume_ml=float(counts[o.label]) * ml,
@@ -519,10 +525,10 @@ class Service:
         return dataclasses.replace(result, labels=labels, objects=objects, rules=how)
 
     def atlas_boxes(self, request: AtlasBoxesRequest, progress: Optional[ProgressFn] = None,
-                    cancel: Optional[CancelToken] = None) -> AtlasBoxesResult:
+                    cancel: Optional[CancelToken] = None, cache: Optional[PreparedCache] = None) -> AtlasBoxesResult:
         """Atlas boxes of every structure (those not found carry their reason)."""
         t0 = time.perf_counter()
-        reference, boxes = self._atlas(request, progress, cancel)
+        reference, boxes = self._atlas(request, progress, cancel, cache=cache)
         return AtlasBoxesResult(dataclasses.replace(boxes, scores=None), reference,
                                 {**boxes.timings, "total_s": time.perf_counter() - t0})
 
@@ -563,10 +569,10 @@ class Service:
                 start = 0.5 if learnt else start  # a learning run took the first half
             split = (start + 1.0) / 2  # boxes, then the engine
             stop = 0.95 if request.engine == ATLAS_ENGINE else split
-            _, boxes = self._atlas(atlas, sub_progress(progress, start, stop), cancel, setup)
+            _, boxes = self._atlas(atlas, sub_progress(progress, start, stop), cancel, setup, cache)
             if request.engine == ATLAS_ENGINE:
                 labelmap = atlas_result(target, boxes)
-                counts = np.bincount(labelmap.volume.array.ravel(), minlength=len(boxes.structures) + 1)
+                counts = label_counts(labelmap.volume.array, len(boxes.structures) + 1)
                 ml = target.geometry.voxel_volume_ml
                 objects = [ObjectSummary(s.value, s.name, int(counts[s.value]), float(counts[s.value]) * ml,
                                          list(s.boxes), s.z_range, first_pass_ml=s.volume_ml)

@@ -1,7 +1,10 @@
 """``mrisegassist server``: the segmentation service over HTTP (aiohttp), holding models between calls.
 
-The protocol is described in :mod:`.protocol`. Jobs run in a pool of ``jobs`` threads (default 1: one job at
-a time on the device, others queue); each client session has its own jobs and prepared-volume cache. Requests
+The protocol is described in :mod:`.protocol`. With ``jobs=1`` (the default: one job at a time on the device,
+others queue) :func:`serve` computes on the process's main thread and runs the HTTP event loop in a second
+thread, so a job allocates its volume-sized arrays as the same job in a script does (glibc's main heap: a job
+thread's own arena made them ~4-8 % slower on 2 cores, `bench service`); ``jobs > 1``: a pool of threads. Each
+client session has its own jobs and prepared-volume cache. Requests
 carry volumes, never paths: a server started without ``allow_local_files`` reaches nothing on its disk but its
 installed models, weights and atlas cache. Bound off loopback it requires a token; with ``loopback_only`` (the
 default on loopback) requests whose ``Host`` is not a loopback name are refused (DNS-rebinding guard).
@@ -11,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import secrets
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -79,6 +83,55 @@ class _Session:
     last_seen: float = field(default_factory=time.monotonic)
 
 
+class MainThreadExecutor(Executor):
+    """Runs submitted calls one at a time on the thread that calls :meth:`run` (the server's main thread)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new jobs after shutdown")
+            future: Future = Future()
+            self._queue.put((future, fn, args, kwargs))
+            return future
+
+    def run(self, stop: threading.Event) -> None:
+        """Run calls as they come until ``stop`` is set or :meth:`shutdown` is called (a running call finishes
+        first). ``KeyboardInterrupt`` inside a call ends the loop after failing that call."""
+        while not stop.is_set():
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+        while cancel_futures:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        self._queue.put(None)
+
+
 def _error(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": {"kind": kind, "message": message}}, status=status)
 
@@ -87,14 +140,16 @@ class SegmentationServer:
     """The aiohttp application around a :class:`~.core.Service` (see module docstring)."""
 
     def __init__(self, service: Service, token: Optional[str] = None, loopback_only: bool = True,
-                 max_request_mb: float = DEFAULT_MAX_REQUEST_MB, jobs: int = 1) -> None:
+                 max_request_mb: float = DEFAULT_MAX_REQUEST_MB, jobs: int = 1,
+                 executor: Optional[Executor] = None) -> None:
         if max_request_mb <= 0:
             raise InputError("--max-request-mb must be positive")
         self.service = service
         self.token = token
         self.loopback_only = loopback_only
         self.max_request_bytes = int(max_request_mb * 2 ** 20)
-        self.executor = ThreadPoolExecutor(max_workers=max(int(jobs), 1), thread_name_prefix="mrisegassist-job")
+        self.executor = executor or ThreadPoolExecutor(max_workers=max(int(jobs), 1),
+                                                       thread_name_prefix="mrisegassist-job")
         self.sessions: dict[str, _Session] = {}
         self.app = web.Application(middlewares=[self._guard], client_max_size=self.max_request_bytes)
         p = PREFIX
@@ -236,6 +291,8 @@ class SegmentationServer:
 
                 traceback.print_exc()
             job.set(JobStatus("cancelled" if kind == "cancelled" else "failed", 0.0, "", kind, error_message(exc)))
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # the server is being stopped
+                raise
         finally:
             job.request = None  # the volumes are not needed any more
 
@@ -312,17 +369,27 @@ def serve(host: str = auth.DEFAULT_HOST, port: int = 8765, token: Optional[str] 
 
         check_device(device)
     service = Service(device, confined=not allow_local_files)
-    server = SegmentationServer(service, token, auth.is_loopback(host), max_request_mb, jobs)
+    executor = MainThreadExecutor() if jobs <= 1 else None
+    server = SegmentationServer(service, token, auth.is_loopback(host), max_request_mb, jobs, executor)
+    control: dict = {}  # the event loop and its stop event, once running
+    ended = threading.Event()  # the event loop has ended
+    failure: list = []
 
     async def main() -> None:
         runner = web.AppRunner(server.app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, int(port))
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise InputError(f"cannot listen on {host} port {port}: {exc.strerror or exc} (another server there? "
+                             f"choose another --port, or 0 for a free one)") from None
         bound = site._server.sockets[0].getsockname()[1]
         url = page_url(host, bound)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        control.update(loop=loop, stop=stop)
         if exit_with_stdin:
             threading.Thread(target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)),
                              daemon=True, name="stdin-watch").start()
@@ -338,8 +405,30 @@ def serve(host: str = auth.DEFAULT_HOST, port: int = 8765, token: Optional[str] 
         finally:
             await runner.cleanup()
 
+    def http_thread() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # e.g. the port is taken: raised again on the main thread
+            failure.append(exc)
+        finally:
+            ended.set()
+
+    thread = threading.Thread(target=http_thread, name="mrisegassist-http", daemon=True)
+    thread.start()
     try:
-        asyncio.run(main())
+        if executor is not None:
+            executor.run(ended)  # jobs on this (main) thread until the event loop ends
+        else:
+            ended.wait()
     except KeyboardInterrupt:
         pass
+    finally:
+        if "loop" in control and not ended.is_set():
+            try:
+                control["loop"].call_soon_threadsafe(control["stop"].set)
+            except RuntimeError:  # the loop has just closed
+                pass
+        ended.wait(30)
+    if failure and not isinstance(failure[0], KeyboardInterrupt):
+        raise failure[0]
     return 0

@@ -5,13 +5,14 @@
 ``{"__array__": "arrays/N.npy"}``, a member holding it in NumPy's ``.npy`` format (dtype and shape in its
 header; read with ``allow_pickle=False``). A :class:`~mrisegassist.volume.Volume` is its array plus its geometry
 (``Geometry.to_dict``: ITK size, spacing, LPS origin and direction); atlas boxes use their JSON form
-(``AtlasBoxes.to_json``). Only the registered types are ever built from a message. Readers refuse archives
-whose members add up to more than their size limit before anything is decompressed.
+(``AtlasBoxes.to_json``). An integer volume (a label map) travels as the box around its non-zero voxels plus
+the whole volume's shape. Only the registered types are ever built from a message. Readers refuse archives
+whose members, or cropped volumes once restored, add up to more than their size limit before anything is
+decompressed or restored.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import struct
@@ -26,7 +27,8 @@ import numpy as np
 from ..errors import InputError
 from ..labels import LabelInfo, LabelMap
 from ..prompt.base import Box2D, ObjectPrompt, Point2D
-from ..volume import Geometry, Volume
+from ..prompt.fusion import union_bbox
+from ..volume import Geometry, Volume, fingerprint
 from . import api
 
 MESSAGE = "message.json"
@@ -41,16 +43,6 @@ def _atlas_boxes_class():
     from ..atlas.boxes import AtlasBoxes
 
     return AtlasBoxes
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-    """sha256 of the arrays' shapes, dtypes and voxels."""
-    digest = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.shape}{a.dtype.str}".encode())
-        digest.update(memoryview(a).cast("B") if a.size else b"")
-    return digest.hexdigest()
 
 
 class VolumeStore:
@@ -104,6 +96,18 @@ class _Writer:
             fh.write(memoryview(a).cast("B") if a.size else b"")
         return {"__array__": name}
 
+    def voxels(self, a: np.ndarray) -> dict:
+        """A volume's voxels: integer volumes (label maps, often int16 MRI) as the box holding their non-zero
+        voxels (``crop``: its [k, j, i] start; ``shape``: the whole volume's), so a label map of a few objects
+        costs what its objects' boxes do; other volumes whole."""
+        if a.dtype.kind not in "biu" or a.ndim != 3 or not a.size:
+            return {"array": self.array(a)}
+        box = union_bbox([a]) or (slice(0, 0),) * 3
+        crop = a[box]
+        if crop.size * 2 > a.size:  # mostly filled: whole
+            return {"array": self.array(a)}
+        return {"array": self.array(crop), "crop": [s.start for s in box], "shape": [int(v) for v in a.shape]}
+
     def encode(self, obj: Any) -> Any:
         if obj is None or isinstance(obj, (bool, str)):
             return obj
@@ -116,12 +120,12 @@ class _Writer:
         if isinstance(obj, Volume):
             volume = {"geometry": obj.geometry.to_dict(), "name": obj.name}
             if self.known is None:
-                return {"__volume__": {"array": self.array(obj.array), **volume}}
+                return {"__volume__": {**self.voxels(obj.array), **volume}}
             key = fingerprint(obj.array)
             if key in self.known:
                 return {"__volume__": {"ref": key, **volume}}
             self.sent.append(key)
-            return {"__volume__": {"array": self.array(obj.array), "sha256": key, **volume}}
+            return {"__volume__": {**self.voxels(obj.array), "sha256": key, **volume}}
         if isinstance(obj, Geometry):
             return {"__geometry__": obj.to_dict()}
         if isinstance(obj, tuple):
@@ -158,8 +162,9 @@ def dumps(obj: Any, compress: bool = False, known: Optional[set] = None) -> memo
 
 class _Reader:
     def __init__(self, archive: Optional[zipfile.ZipFile], data: bytes = b"",
-                 store: Optional[VolumeStore] = None) -> None:
-        self.archive, self.data, self.store = archive, data, store
+                 store: Optional[VolumeStore] = None, max_bytes: int = 0, unpacked: int = 0) -> None:
+        self.archive, self.data, self.store, self.max_bytes = archive, data, store, max(max_bytes, 1 << 20)
+        self.unpacked = unpacked  # bytes the message holds once unpacked, so far
 
     def _member(self, info: zipfile.ZipInfo) -> memoryview:
         """A member's bytes: a view into the message for stored members (CRC checked), else decompressed."""
@@ -194,6 +199,22 @@ class _Reader:
             raise InputError(f"array {name}: not a valid .npy member ({exc})") from None
         return flat.reshape(shape, order="F" if fortran else "C")
 
+    def uncrop(self, crop: np.ndarray, start: Any, shape: Any) -> np.ndarray:
+        """The whole volume of a cropped integer volume (zeros outside ``crop``), within the size limit."""
+        ok = (isinstance(start, list) and isinstance(shape, list) and len(start) == len(shape) == crop.ndim == 3
+              and all(type(v) is int and v >= 0 for v in start + shape)
+              and all(b + n <= s for b, n, s in zip(start, crop.shape, shape)))
+        if not ok:
+            raise InputError(f"a cropped volume has a bad box: start {start!r}, shape {shape!r}, "
+                             f"crop {crop.shape}")
+        self.unpacked += (int(np.prod(shape, dtype=np.int64)) - crop.size) * crop.dtype.itemsize
+        if self.unpacked > self.max_bytes:
+            raise InputError(f"the message holds {self.unpacked / 2 ** 20:.1f} MB once unpacked, over the limit of "
+                             f"{self.max_bytes / 2 ** 20:.1f} MB")
+        whole = np.zeros(shape, dtype=crop.dtype)
+        whole[tuple(slice(b, b + n) for b, n in zip(start, crop.shape))] = crop
+        return whole
+
     def decode(self, obj: Any) -> Any:
         if isinstance(obj, list):
             return [self.decode(v) for v in obj]
@@ -211,6 +232,8 @@ class _Reader:
                 array = self.store.get(str(v["ref"]))
             else:
                 array = self.array(v["array"])
+                if "crop" in v:
+                    array = self.uncrop(array, v.get("crop"), v.get("shape"))
                 if self.store is not None and isinstance(v.get("sha256"), str):
                     self.store.put(v["sha256"], array)
             return Volume(array, Geometry.from_dict(v["geometry"]), str(v.get("name", "")))
@@ -254,7 +277,7 @@ def loads(data: bytes, max_bytes: int, store: Optional[VolumeStore] = None) -> A
         except (ValueError, zipfile.BadZipFile) as exc:
             raise InputError(f"message.json is damaged ({exc})") from None
         try:
-            return _Reader(archive, data, store).decode(message)
+            return _Reader(archive, data, store, max_bytes, total).decode(message)
         except (zipfile.BadZipFile, EOFError, OSError) as exc:
             raise InputError(f"the archive is damaged ({exc})") from None
 
