@@ -134,7 +134,7 @@ def test_atlas_prompts_engine_cascade_label_map(crop, tmp_path, monkeypatch):
 
 def test_the_targets_registration_is_kept_for_the_next_request_on_it(crop, tmp_path, monkeypatch):
     """Asking again on the same volume (here with one more structure) reuses its registration; other voxels, a
-    request with ``use_cache`` off and another client session's cache register it again."""
+    request with ``use_cache`` off, another client session's cache and a cleared cache register it again."""
     import mrisegassist.atlas.space as space
     from mrisegassist.service.core import PreparedCache
 
@@ -161,6 +161,9 @@ def test_the_targets_registration_is_kept_for_the_next_request_on_it(crop, tmp_p
     service.atlas_boxes(AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle"], use_cache=False))
     service.atlas_boxes(AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle"]), cache=PreparedCache())
     assert calls == ["crop"] * 4
+    service.cache.clear()  # the scene was closed (the in-process client's forget_volumes)
+    service.atlas_boxes(AtlasBoxesRequest(image, "builtin:colin27", ["third-ventricle"]))
+    assert calls == ["crop"] * 5
 
 
 def test_service_applies_the_rules_shipped_for_a_builtin_set(crop, monkeypatch):
