@@ -173,7 +173,6 @@ class Volume:
         return Volume(array, self.geometry, self.name if name is None else name)
 
 
-# --------------------------------------------------------------------------------------------- reading
 def fingerprint(*arrays: np.ndarray) -> str:
     """sha256 of the arrays' shapes, dtypes and voxels."""
     digest = hashlib.sha256()
@@ -184,6 +183,7 @@ def fingerprint(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+# --------------------------------------------------------------------------------------------- reading
 def _is_dicom_dir(path: Path) -> bool:
     return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 

@@ -74,6 +74,15 @@ def _requests(folder: Path, workflows: list[str], model: str) -> dict:
     return out, flair
 
 
+def _timed(client, request, new_case: bool) -> tuple[float, object]:
+    """``(wall seconds, result)`` of one request; ``new_case``: the client forgets its volumes first (untimed)."""
+    if new_case:
+        client.forget_volumes()
+    t0 = time.perf_counter()
+    result = client.call(request)
+    return time.perf_counter() - t0, result
+
+
 def run(args) -> int:
     import os
 
@@ -110,20 +119,13 @@ def run(args) -> int:
             for name, request in requests.items():
                 first = {}
                 for mode, client in clients.items():  # warm: models loaded, volume prepared, registrations kept
-                    if name in NEW_CASE:
-                        client.forget_volumes()
-                    t0 = time.perf_counter()
-                    client.call(request)
-                    first[mode] = time.perf_counter() - t0
+                    first[mode], _ = _timed(client, request, name in NEW_CASE)
                 times = {mode: [] for mode in clients}
                 service_s = {mode: [] for mode in clients}
                 for _ in range(args.repeats):
                     for mode, client in clients.items():
-                        if name in NEW_CASE:
-                            client.forget_volumes()
-                        t0 = time.perf_counter()
-                        result = client.call(request)
-                        times[mode].append(time.perf_counter() - t0)
+                        seconds, result = _timed(client, request, name in NEW_CASE)
+                        times[mode].append(seconds)
                         service_s[mode].append(result.timings.get("total_s", float("nan")))
                 rows[name] = {mode: {"seconds": statistics.median(times[mode]), "first_seconds": first[mode],
                                      "service_seconds": statistics.median(service_s[mode]), "runs": times[mode]}

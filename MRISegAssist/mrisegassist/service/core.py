@@ -3,7 +3,8 @@ the worker process and the batch runner.
 
 :class:`Service` owns the loaded U-Net models and promptable engines (kept between calls until
 :meth:`Service.release`) and the prepared-volume cache (:class:`PreparedCache`: re-prompting the same voxels
-never re-encodes them, asking for atlas boxes again on them never registers them again). Its methods take a typed request (:mod:`.api`) and return a typed result::
+never re-encodes them, asking for atlas boxes again on them never registers them again). Its methods take a
+typed request (:mod:`.api`) and return a typed result::
 
     service = Service(device="cpu")
     result = service.prompt(PromptRequest(volume, [ObjectPrompt(1, [Box2D(80, 100, 90, 140, 130)])]))
@@ -140,8 +141,9 @@ def weights_status(engine: str) -> WeightsStatus:
 
 # ----------------------------------------------------------------------------------------------- caches
 class PreparedCache:
-    """Engines' prepared volumes, keyed by ``(engine, device, checkpoint, voxel fingerprint)``; the least
-    recently used beyond ``size`` are dropped. Thread-safe; ``prepared`` counts actual preparations."""
+    """Engines' prepared volumes, keyed by ``(engine, device, checkpoint, voxel fingerprint)``, and targets'
+    atlas registrations (:meth:`mrisegassist.atlas.space.CommonSpace.register_target`); the least recently used
+    beyond ``size`` are dropped. Thread-safe; ``prepared`` counts actual preparations."""
 
     def __init__(self, size: int = 2) -> None:
         self.size = int(size)
